@@ -1,0 +1,138 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+#include "autoglm/core/tensor.hpp"
+
+namespace autoglm {
+
+/// How router logits become expert scores.
+enum class ScoreFunc : std::uint8_t {
+  softmax,  ///< Mixtral, Qwen, OLMoE: softmax over experts
+  sigmoid,  ///< DeepSeek-V3, GLM-4.5: independent sigmoid per expert
+};
+
+/// Value given to experts of groups that group-limited routing discards.
+enum class GroupMask : std::uint8_t {
+  zero,     ///< transformers (DeepseekV3TopkRouter, Glm4MoeTopkRouter)
+  neg_inf,  ///< DeepSeek reference, llama.cpp, vLLM
+};
+
+/// Token-choice routing parameters (see docs/architecture.md for the order of operations).
+struct RouteParams {
+  ScoreFunc score = ScoreFunc::softmax;  ///< logits -> scores
+  int top_k = 2;                         ///< experts per token, in [1, E]
+  bool renormalize = true;               ///< divide the k weights by their sum
+  float renorm_epsilon = 0.0f;           ///< added to the sum before dividing (HF sigmoid: 1e-20)
+  float routed_scaling = 1.0f;           ///< weights *= this after renormalisation
+  int n_group = 1;                       ///< expert groups (E % n_group == 0)
+  int topk_group = 1;                    ///< groups kept per token, in [1, n_group]
+  GroupMask group_mask = GroupMask::zero;  ///< fill for discarded groups
+  float noise_std = 0.0f;                ///< Gaussian noise on logits (noisy top-k); 0 = none
+  std::uint64_t seed = 0;                ///< noise seed; noise depends on (seed, token, expert)
+};
+
+/// C = alpha * A * B^T + beta * C, weights stored [out, in] as Hugging Face does.
+struct GemmParams {
+  float alpha = 1.0f;  ///< scale of the product
+  float beta = 0.0f;   ///< scale of the previous C; 0 ignores C's contents
+};
+
+/// Activation of an elementwise row scale in Backend::add_scaled_rows.
+enum class RowScale : std::uint8_t { identity, sigmoid };
+
+/// The primitive set every backend implements, at MoE grain: one call covers a whole routing,
+/// permutation or grouped GEMM, so a device backend keeps its kernels in its own translation
+/// units. All tensors are dense row-major views on this backend's device; every entry point
+/// validates shapes and dtypes and throws autoglm::Error on a mismatch.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  /// Short name, e.g. "cpu".
+  virtual std::string_view name() const noexcept = 0;
+  /// Device of the buffers this backend allocates.
+  virtual Device device() const noexcept = 0;
+  /// Worker threads the backend computes with.
+  virtual int num_threads() const noexcept = 0;
+
+  /// 64-byte aligned buffer of `bytes` (may be 0).
+  virtual void* allocate(std::size_t bytes) = 0;
+  /// Frees a buffer from allocate().
+  virtual void deallocate(void* ptr) noexcept = 0;
+  /// Waits for all queued work.
+  virtual void synchronize() = 0;
+
+  /// dst <- host bytes (dst.nbytes() of them).
+  virtual void copy_from_host(TensorView dst, const void* src) = 0;
+  /// host bytes <- src (src.nbytes() of them).
+  virtual void copy_to_host(void* dst, TensorView src) = 0;
+  /// dst <- src with dtype conversion (f32/f16/bf16 among themselves; same dtype for ints).
+  virtual void convert(TensorView src, TensorView dst) = 0;
+  /// Every element of dst (f32) set to value.
+  virtual void fill(TensorView dst, float value) = 0;
+  /// dst (f32) <- uniform in [-scale, scale], a function of (seed, element index) only.
+  virtual void fill_uniform(TensorView dst, std::uint64_t seed, float scale) = 0;
+
+  // a: [M, K], b: [N, K], c: [M, N]; all f32.
+  /// Dense GEMM, C = alpha A B^T + beta C.
+  virtual void gemm(TensorView a, TensorView b, TensorView c, GemmParams p = {}) = 0;
+  // x: [R, K] rows grouped by expert; w: [E, N, K]; offsets: [E + 1] i32; out: [R, N].
+  /// Grouped GEMM: out[offsets[e]:offsets[e+1]] = x[same rows] * w[e]^T for every expert.
+  virtual void grouped_gemm(TensorView x, TensorView w, TensorView offsets, TensorView out) = 0;
+
+  // logits: [T, E] f32; bias: [E] f32 or empty (selection only); ids/weights: [T, k]
+  // i32/f32; stats: [E + 1] f32 <- per-expert sum of scores, then sum of logsumexp^2.
+  /// Token-choice top-k routing (softmax or sigmoid, group-limited, renormalised, scaled).
+  virtual void route_topk(TensorView logits, TensorView bias, const RouteParams& p,
+                          TensorView ids, TensorView weights, TensorView stats) = 0;
+  // logits: [T, E]; ids/weights: [T, E] (slot j of token t: j-th expert that chose t, or -1).
+  /// Expert-choice routing: each expert takes the `capacity` tokens with its highest softmax
+  /// probability; a token may be taken by zero or many experts.
+  virtual void route_expert_choice(TensorView logits, std::int64_t capacity, TensorView ids,
+                                   TensorView weights, TensorView stats) = 0;
+  // ids: [T, k] i32 (-1 = no expert); counts: [E]; offsets: [E + 1]; row_token: [T * k];
+  // slot_row: [T * k] (row of each slot, -1 when dropped). All i32.
+  /// Groups (token, slot) pairs by expert with a counting sort. An expert keeps at most
+  /// `capacity` rows (capacity <= 0: unlimited), first slots before second slots, earlier tokens
+  /// first within a slot; the rest are dropped.
+  virtual void plan_dispatch(TensorView ids, std::int64_t capacity, TensorView counts,
+                             TensorView offsets, TensorView row_token, TensorView slot_row) = 0;
+  // x: [T, d]; row_token: [R]; out: [R, d].
+  /// out[r] = x[row_token[r]].
+  virtual void gather_rows(TensorView x, TensorView row_token, TensorView out) = 0;
+  // y: [R, d]; slot_row/weights: [T, k]; out: [T, d].
+  /// out[t] (+)= sum_j weights[t, j] * y[slot_row[t, j]], slots in order; deterministic.
+  virtual void combine(TensorView y, TensorView slot_row, TensorView weights, TensorView out,
+                       bool accumulate) = 0;
+
+  // in: [R, 2F] (gate | up); out: [R, F].
+  /// SwiGLU: out = silu(gate) * up.
+  virtual void silu_mul(TensorView in, TensorView out) = 0;
+  /// out = gelu(in), erf form.
+  virtual void gelu(TensorView in, TensorView out) = 0;
+  /// Row-wise softmax over the last dimension, in place.
+  virtual void softmax(TensorView x) = 0;
+  // x, out: [T, d]; weight: [d].
+  /// out = x * rsqrt(mean(x^2) + eps) * weight.
+  virtual void rms_norm(TensorView x, TensorView weight, float eps, TensorView out) = 0;
+  /// out = a + b, same shapes.
+  virtual void add(TensorView a, TensorView b, TensorView out) = 0;
+  // out, x: [T, d]; scale: [T] or [T, 1].
+  /// out[t] += f(scale[t]) * x[t] with f identity or sigmoid.
+  virtual void add_scaled_rows(TensorView x, TensorView scale, RowScale f, TensorView out) = 0;
+  // table: [V, d]; ids: [T] i32; out: [T, d].
+  /// Embedding lookup; an id outside [0, V) is an Error naming it.
+  virtual void embedding(TensorView table, TensorView ids, TensorView out) = 0;
+};
+
+/// A backend type usable as a template argument: the Backend interface, or a final
+/// implementation of it whose calls the compiler can devirtualise.
+template <typename B>
+concept BackendLike = std::derived_from<B, Backend>;
+
+}  // namespace autoglm

@@ -1,0 +1,66 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <memory>
+
+#include "autoglm/backend/backend.hpp"
+
+namespace autoglm {
+
+/// Options of the CPU backend.
+struct CpuBackendOptions {
+  int threads = 0;  ///< worker threads; 0 = all hardware threads
+};
+
+/// CPU backend on Eigen (GEMM tiles) and oneTBB (parallel loops in a private task arena).
+/// Work is split into tiles whose shape never depends on the thread count, so results are
+/// bit-identical for any number of threads.
+class CpuBackend final : public Backend {
+ public:
+  /// Creates the backend; threads < 0 is an Error.
+  explicit CpuBackend(CpuBackendOptions options = {});
+  ~CpuBackend() override;
+  CpuBackend(const CpuBackend&) = delete;
+  CpuBackend& operator=(const CpuBackend&) = delete;
+
+  std::string_view name() const noexcept override { return "cpu"; }
+  Device device() const noexcept override { return Device{DeviceKind::cpu, 0}; }
+  int num_threads() const noexcept override;
+
+  void* allocate(std::size_t bytes) override;
+  void deallocate(void* ptr) noexcept override;
+  void synchronize() override {}
+
+  void copy_from_host(TensorView dst, const void* src) override;
+  void copy_to_host(void* dst, TensorView src) override;
+  void convert(TensorView src, TensorView dst) override;
+  void fill(TensorView dst, float value) override;
+  void fill_uniform(TensorView dst, std::uint64_t seed, float scale) override;
+
+  void gemm(TensorView a, TensorView b, TensorView c, GemmParams p = {}) override;
+  void grouped_gemm(TensorView x, TensorView w, TensorView offsets, TensorView out) override;
+
+  void route_topk(TensorView logits, TensorView bias, const RouteParams& p, TensorView ids,
+                  TensorView weights, TensorView stats) override;
+  void route_expert_choice(TensorView logits, std::int64_t capacity, TensorView ids,
+                           TensorView weights, TensorView stats) override;
+  void plan_dispatch(TensorView ids, std::int64_t capacity, TensorView counts,
+                     TensorView offsets, TensorView row_token, TensorView slot_row) override;
+  void gather_rows(TensorView x, TensorView row_token, TensorView out) override;
+  void combine(TensorView y, TensorView slot_row, TensorView weights, TensorView out,
+               bool accumulate) override;
+
+  void silu_mul(TensorView in, TensorView out) override;
+  void gelu(TensorView in, TensorView out) override;
+  void softmax(TensorView x) override;
+  void rms_norm(TensorView x, TensorView weight, float eps, TensorView out) override;
+  void add(TensorView a, TensorView b, TensorView out) override;
+  void add_scaled_rows(TensorView x, TensorView scale, RowScale f, TensorView out) override;
+  void embedding(TensorView table, TensorView ids, TensorView out) override;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace autoglm

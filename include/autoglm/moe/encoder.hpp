@@ -1,0 +1,77 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <span>
+#include <utility>
+
+#include "autoglm/backend/backend.hpp"
+
+namespace autoglm {
+
+/// Turns token ids into hidden states: encode(backend, ids [T] i32, out [T, d]).
+template <typename Enc, typename B = Backend>
+concept Encoder = BackendLike<B> && requires(const Enc& e, B& b, TensorView v) {
+  { e.hidden() } -> std::convertible_to<std::int64_t>;
+  { e.vocab_size() } -> std::convertible_to<std::int64_t>;
+  e.encode(b, v, v);
+};
+
+/// Embedding lookup with an optional RMSNorm of the result.
+class EmbeddingEncoder {
+ public:
+  // table: [V, d] f32; norm: [d] f32 or empty.
+  /// Validates shapes; eps must be > 0 when a norm is given.
+  EmbeddingEncoder(Tensor table, Tensor norm = {}, float eps = 1e-6f)
+      : table_(std::move(table)), norm_(std::move(norm)), eps_(eps) {
+    AUTOGLM_CHECK(table_.shape().rank() == 2 && table_.dtype() == DType::f32 && table_.dim(0) >= 1,
+                  shape_mismatch, "EmbeddingEncoder", "table must be f32 [V >= 1, d], got {}",
+                  table_.shape().str());
+    AUTOGLM_CHECK(norm_.numel() == 0 || norm_.numel() == table_.dim(1), shape_mismatch,
+                  "EmbeddingEncoder", "norm must hold {} values, got {}", table_.dim(1),
+                  norm_.numel());
+    AUTOGLM_CHECK(eps_ > 0.0f, invalid_argument, "EmbeddingEncoder", "eps={} must be > 0", eps_);
+  }
+
+  /// d.
+  std::int64_t hidden() const noexcept { return table_.dim(1); }
+  /// V.
+  std::int64_t vocab_size() const noexcept { return table_.dim(0); }
+  /// The embedding table [V, d].
+  const Tensor& table() const noexcept { return table_; }
+
+  // ids: [T] i32 on the backend; out: [T, d].
+  /// Looks the ids up; an id >= V is an Error naming it and its position.
+  template <BackendLike B>
+  void encode(B& backend, TensorView ids, TensorView out) const {
+    backend.embedding(table_, ids, out);
+    if (norm_.numel() > 0) backend.rms_norm(out, norm_, eps_, out);
+  }
+
+  /// A table uniform in +-1 drawn from `seed`, with a unit norm when `with_norm`.
+  template <BackendLike B>
+  static EmbeddingEncoder random(B& backend, std::int64_t vocab, std::int64_t hidden,
+                                 std::uint64_t seed, bool with_norm = false) {
+    AUTOGLM_CHECK(vocab >= 1 && hidden >= 1, invalid_argument, "EmbeddingEncoder::random",
+                  "vocab={} and hidden={} must be >= 1", vocab, hidden);
+    Tensor t(backend, DType::f32, Shape{vocab, hidden});
+    backend.fill_uniform(t, seed, 1.0f);
+    Tensor n;
+    if (with_norm) {
+      n = Tensor(backend, DType::f32, Shape{hidden});
+      backend.fill(n, 1.0f);
+    }
+    return EmbeddingEncoder(std::move(t), std::move(n));
+  }
+
+ private:
+  Tensor table_;
+  Tensor norm_;
+  float eps_;
+};
+
+static_assert(Encoder<EmbeddingEncoder>);
+
+}  // namespace autoglm

@@ -1,0 +1,70 @@
+// SPDX-License-Identifier: Apache-2.0
+// Argument validation shared by every backend: one place says what a primitive accepts.
+#pragma once
+
+#include <string_view>
+
+#include "autoglm/backend/backend.hpp"
+
+namespace autoglm::detail {
+
+/// Throws unless t has rank `rank`.
+inline void expect_rank(std::string_view fn, std::string_view arg, const TensorView& t, int rank) {
+  AUTOGLM_CHECK(t.rank() == rank, shape_mismatch, fn, "{} must have rank {}, got shape {}", arg,
+                rank, t.shape.str());
+}
+
+/// Throws unless t has dtype `dt`.
+inline void expect_dtype(std::string_view fn, std::string_view arg, const TensorView& t, DType dt) {
+  AUTOGLM_CHECK(t.dtype == dt, dtype_mismatch, fn, "{} must be {}, got {}", arg, dtype_name(dt),
+                dtype_name(t.dtype));
+}
+
+/// Throws unless t lives on device d and has a buffer when non-empty.
+inline void expect_device(std::string_view fn, std::string_view arg, const TensorView& t, Device d) {
+  AUTOGLM_CHECK(t.device == d, device, fn, "{} is on another device", arg);
+  AUTOGLM_CHECK(t.data != nullptr || t.numel() == 0, invalid_argument, fn, "{} has no buffer", arg);
+}
+
+/// Throws unless dimension i of t equals n.
+inline void expect_dim(std::string_view fn, std::string_view arg, const TensorView& t, int i,
+                       std::int64_t n) {
+  AUTOGLM_CHECK(t.rank() > i && t.dim(i) == n, shape_mismatch, fn,
+                "{} dimension {} must be {}, got shape {}", arg, i, n, t.shape.str());
+}
+
+/// Throws unless a and b have the same shape.
+inline void expect_same_shape(std::string_view fn, std::string_view an, const TensorView& a,
+                              std::string_view bn, const TensorView& b) {
+  AUTOGLM_CHECK(a.shape == b.shape, shape_mismatch, fn, "{} {} and {} {} must match", an,
+                a.shape.str(), bn, b.shape.str());
+}
+
+/// Rank-2 f32 on device d.
+inline void expect_matrix(std::string_view fn, std::string_view arg, const TensorView& t, Device d,
+                          DType dt = DType::f32) {
+  expect_device(fn, arg, t, d);
+  expect_rank(fn, arg, t, 2);
+  expect_dtype(fn, arg, t, dt);
+}
+
+/// Validates RouteParams against E experts.
+inline void check_route_params(std::string_view fn, const RouteParams& p, std::int64_t experts) {
+  AUTOGLM_CHECK(p.top_k >= 1 && p.top_k <= experts, invalid_argument, fn,
+                "top_k={} outside [1, num_experts={}]", p.top_k, experts);
+  AUTOGLM_CHECK(p.n_group >= 1 && experts % p.n_group == 0, invalid_argument, fn,
+                "n_group={} does not divide num_experts={}", p.n_group, experts);
+  AUTOGLM_CHECK(p.topk_group >= 1 && p.topk_group <= p.n_group, invalid_argument, fn,
+                "topk_group={} outside [1, n_group={}]", p.topk_group, p.n_group);
+  AUTOGLM_CHECK(p.n_group == 1 || p.top_k <= p.topk_group * (experts / p.n_group),
+                invalid_argument, fn, "top_k={} exceeds the {} experts of topk_group={} groups",
+                p.top_k, p.topk_group * (experts / p.n_group), p.topk_group);
+  AUTOGLM_CHECK(p.noise_std >= 0.0f && p.noise_std == p.noise_std, invalid_argument, fn,
+                "noise_std={} must be >= 0", p.noise_std);
+  AUTOGLM_CHECK(p.routed_scaling == p.routed_scaling, invalid_argument, fn,
+                "routed_scaling is NaN");
+  AUTOGLM_CHECK(p.renorm_epsilon >= 0.0f, invalid_argument, fn, "renorm_epsilon={} must be >= 0",
+                p.renorm_epsilon);
+}
+
+}  // namespace autoglm::detail

@@ -1,0 +1,20 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "autoglm/core/tensor.hpp"
+
+#include <limits>
+
+#include "autoglm/backend/backend.hpp"
+
+namespace autoglm {
+
+Tensor::Tensor(Backend& backend, DType dtype, Shape shape) : backend_(&backend) {
+  const std::int64_t n = shape.numel();
+  AUTOGLM_CHECK(n >= 0 && static_cast<std::uint64_t>(n) <=
+                              std::numeric_limits<std::size_t>::max() / 8,
+                invalid_argument, "Tensor", "shape {} is too large", shape.str());
+  void* p = backend.allocate(static_cast<std::size_t>(n) * dtype_size(dtype));
+  storage_ = std::shared_ptr<void>(p, [b = &backend](void* q) { b->deallocate(q); });
+  view_ = TensorView{p, dtype, backend.device(), shape};
+}
+
+}  // namespace autoglm

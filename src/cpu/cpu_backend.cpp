@@ -1,0 +1,641 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "autoglm/backend/cpu_backend.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include <Eigen/Core>
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
+
+#include "common/checks.hpp"
+#include "common/random.hpp"
+
+namespace autoglm {
+namespace {
+
+using detail::expect_dim;
+using detail::expect_dtype;
+using detail::expect_matrix;
+using detail::expect_rank;
+using detail::expect_same_shape;
+
+using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using ConstMap = Eigen::Map<const RowMajor, Eigen::Unaligned, Eigen::OuterStride<>>;
+using MutMap = Eigen::Map<RowMajor, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+// out[m, n] = alpha * x[m, k] * w[n, k]^T + beta * out. One single-threaded Eigen product; the
+// caller parallelises over tiles.
+void gemm_tile(const float* x, std::int64_t ldx, const float* w, std::int64_t ldw, float* out,
+               std::int64_t ldo, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+               float beta) {
+  ConstMap X(x, m, k, Eigen::OuterStride<>(ldx));
+  ConstMap W(w, n, k, Eigen::OuterStride<>(ldw));
+  MutMap O(out, m, n, Eigen::OuterStride<>(ldo));
+  if (beta == 0.0f) {
+    if (alpha == 1.0f) {
+      O.noalias() = X * W.transpose();
+    } else {
+      O.noalias() = alpha * (X * W.transpose());
+    }
+  } else {
+    O *= beta;
+    O.noalias() += alpha * (X * W.transpose());
+  }
+}
+
+// Tile widths are functions of the problem shape only (never of the thread count), which keeps
+// every output element's summation order, and so the result, independent of threading.
+struct TilePlan {
+  std::int64_t mb;  // rows of x per tile
+  std::int64_t nb;  // rows of w (output columns) per tile
+};
+
+TilePlan plan_tiles(std::int64_t m, std::int64_t n, std::int64_t k) {
+  TilePlan t{};
+  t.mb = std::min<std::int64_t>(std::max<std::int64_t>(m, 1), 256);
+  // Small m is bandwidth-bound: narrow tiles give many tasks to balance streaming the weights.
+  // Large m is compute-bound: wide tiles amortise Eigen's packing of x.
+  std::int64_t nb = m <= 8 ? 64 : (m <= 64 ? 128 : 256);
+  if (k <= 512) nb *= 2;
+  t.nb = std::min<std::int64_t>(std::max<std::int64_t>(n, 1), nb);
+  return t;
+}
+
+float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+}  // namespace
+
+struct CpuBackend::Impl {
+  explicit Impl(int threads) : arena(threads) {}
+  tbb::task_arena arena;
+
+  template <typename F>
+  void parallel(std::int64_t n, std::int64_t grain, F&& f) {
+    if (n <= 0) return;
+    arena.execute([&] {
+      tbb::parallel_for(tbb::blocked_range<std::int64_t>(0, n, std::max<std::int64_t>(grain, 1)),
+                        [&](const tbb::blocked_range<std::int64_t>& r) {
+                          for (std::int64_t i = r.begin(); i != r.end(); ++i) f(i);
+                        });
+    });
+  }
+};
+
+CpuBackend::CpuBackend(CpuBackendOptions options) {
+  AUTOGLM_CHECK(options.threads >= 0, invalid_argument, "CpuBackend", "threads={} must be >= 0",
+                options.threads);
+  const int n = options.threads == 0 ? tbb::info::default_concurrency() : options.threads;
+  impl_ = std::make_unique<Impl>(n);
+  Eigen::setNbThreads(1);
+}
+
+CpuBackend::~CpuBackend() = default;
+
+int CpuBackend::num_threads() const noexcept { return impl_->arena.max_concurrency(); }
+
+void* CpuBackend::allocate(std::size_t bytes) {
+  const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, rounded);
+  AUTOGLM_CHECK(p != nullptr, device, "CpuBackend::allocate", "out of memory for {} bytes", bytes);
+  return p;
+}
+
+void CpuBackend::deallocate(void* ptr) noexcept { std::free(ptr); }
+
+void CpuBackend::copy_from_host(TensorView dst, const void* src) {
+  detail::expect_device("CpuBackend::copy_from_host", "dst", dst, device());
+  if (dst.nbytes() > 0) std::memcpy(dst.data, src, dst.nbytes());
+}
+
+void CpuBackend::copy_to_host(void* dst, TensorView src) {
+  detail::expect_device("CpuBackend::copy_to_host", "src", src, device());
+  if (src.nbytes() > 0) std::memcpy(dst, src.data, src.nbytes());
+}
+
+void CpuBackend::convert(TensorView src, TensorView dst) {
+  constexpr std::string_view fn = "CpuBackend::convert";
+  detail::expect_device(fn, "src", src, device());
+  detail::expect_device(fn, "dst", dst, device());
+  AUTOGLM_CHECK(src.numel() == dst.numel(), shape_mismatch, fn, "src {} and dst {} sizes differ",
+                src.shape.str(), dst.shape.str());
+  auto is_float = [](DType t) { return t == DType::f32 || t == DType::f16 || t == DType::bf16; };
+  if (src.dtype == dst.dtype) {
+    if (src.data != dst.data && src.nbytes() > 0) std::memmove(dst.data, src.data, src.nbytes());
+    return;
+  }
+  AUTOGLM_CHECK(is_float(src.dtype) && is_float(dst.dtype), dtype_mismatch, fn,
+                "cannot convert {} to {}", dtype_name(src.dtype), dtype_name(dst.dtype));
+  auto load = [&](std::int64_t i) -> float {
+    switch (src.dtype) {
+      case DType::f16: return f16_to_float(src.as<std::uint16_t>()[i]);
+      case DType::bf16: return bf16_to_float(src.as<std::uint16_t>()[i]);
+      default: return src.as<float>()[i];
+    }
+  };
+  const std::int64_t n = src.numel();
+  constexpr std::int64_t block = 1 << 14;
+  impl_->parallel((n + block - 1) / block, 1, [&](std::int64_t b) {
+    const std::int64_t end = std::min(n, (b + 1) * block);
+    for (std::int64_t i = b * block; i < end; ++i) {
+      const float v = load(i);
+      switch (dst.dtype) {
+        case DType::f16: dst.as<std::uint16_t>()[i] = float_to_f16(v); break;
+        case DType::bf16: dst.as<std::uint16_t>()[i] = float_to_bf16(v); break;
+        default: dst.as<float>()[i] = v;
+      }
+    }
+  });
+}
+
+void CpuBackend::fill(TensorView dst, float value) {
+  detail::expect_device("CpuBackend::fill", "dst", dst, device());
+  expect_dtype("CpuBackend::fill", "dst", dst, DType::f32);
+  std::fill_n(dst.as<float>(), dst.numel(), value);
+}
+
+void CpuBackend::fill_uniform(TensorView dst, std::uint64_t seed, float scale) {
+  detail::expect_device("CpuBackend::fill_uniform", "dst", dst, device());
+  expect_dtype("CpuBackend::fill_uniform", "dst", dst, DType::f32);
+  const std::int64_t n = dst.numel();
+  constexpr std::int64_t block = 1 << 16;
+  float* d = dst.as<float>();
+  impl_->parallel((n + block - 1) / block, 1, [&](std::int64_t b) {
+    const std::int64_t end = std::min(n, (b + 1) * block);
+    for (std::int64_t i = b * block; i < end; ++i)
+      d[i] = scale * detail::uniform_pm1(seed, static_cast<std::uint64_t>(i));
+  });
+}
+
+void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
+  constexpr std::string_view fn = "CpuBackend::gemm";
+  expect_matrix(fn, "a", a, device());
+  expect_matrix(fn, "b", b, device());
+  expect_matrix(fn, "c", c, device());
+  expect_dim(fn, "b", b, 1, a.dim(1));
+  expect_dim(fn, "c", c, 0, a.dim(0));
+  expect_dim(fn, "c", c, 1, b.dim(0));
+  const std::int64_t m = a.dim(0), n = b.dim(0), k = a.dim(1);
+  if (m == 0 || n == 0) return;
+  const TilePlan t = plan_tiles(m, n, k);
+  const std::int64_t mt = (m + t.mb - 1) / t.mb, nt = (n + t.nb - 1) / t.nb;
+  const float* A = a.as<float>();
+  const float* B = b.as<float>();
+  float* C = c.as<float>();
+  impl_->parallel(mt * nt, 1, [&](std::int64_t tile) {
+    const std::int64_t i0 = (tile / nt) * t.mb, j0 = (tile % nt) * t.nb;
+    const std::int64_t mm = std::min(t.mb, m - i0), nn = std::min(t.nb, n - j0);
+    gemm_tile(A + i0 * k, k, B + j0 * k, k, C + i0 * n + j0, n, mm, nn, k, p.alpha, p.beta);
+  });
+}
+
+void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, TensorView out) {
+  constexpr std::string_view fn = "CpuBackend::grouped_gemm";
+  expect_matrix(fn, "x", x, device());
+  expect_matrix(fn, "out", out, device());
+  detail::expect_device(fn, "w", w, device());
+  expect_rank(fn, "w", w, 3);
+  expect_dtype(fn, "w", w, DType::f32);
+  detail::expect_device(fn, "offsets", offsets, device());
+  expect_dtype(fn, "offsets", offsets, DType::i32);
+  const std::int64_t E = w.dim(0), n = w.dim(1), k = w.dim(2);
+  expect_rank(fn, "offsets", offsets, 1);
+  expect_dim(fn, "offsets", offsets, 0, E + 1);
+  expect_dim(fn, "x", x, 1, k);
+  expect_dim(fn, "out", out, 1, n);
+  expect_dim(fn, "out", out, 0, x.dim(0));
+  const std::int32_t* off = offsets.as<std::int32_t>();
+  AUTOGLM_CHECK(off[0] == 0 && off[E] <= x.dim(0), invalid_argument, fn,
+                "offsets must start at 0 and end within {} rows, got [{}, {}]", x.dim(0), off[0],
+                off[E]);
+  for (std::int64_t e = 0; e < E; ++e)
+    AUTOGLM_CHECK(off[e] <= off[e + 1], invalid_argument, fn,
+                  "offsets decrease at expert {}: {} > {}", e, off[e], off[e + 1]);
+
+  // One task list across all experts, so a heavy expert is spread over every thread and light
+  // experts do not leave threads waiting at a per-expert barrier.
+  struct Task {
+    std::int32_t e;
+    std::int32_t row0, rows;
+    std::int32_t col0, cols;
+  };
+  std::vector<Task> tasks;
+  for (std::int64_t e = 0; e < E; ++e) {
+    const std::int64_t m = off[e + 1] - off[e];
+    if (m == 0) continue;
+    const TilePlan t = plan_tiles(m, n, k);
+    for (std::int64_t i0 = 0; i0 < m; i0 += t.mb)
+      for (std::int64_t j0 = 0; j0 < n; j0 += t.nb)
+        tasks.push_back({static_cast<std::int32_t>(e), static_cast<std::int32_t>(off[e] + i0),
+                         static_cast<std::int32_t>(std::min(t.mb, m - i0)),
+                         static_cast<std::int32_t>(j0),
+                         static_cast<std::int32_t>(std::min(t.nb, n - j0))});
+  }
+  const float* X = x.as<float>();
+  const float* W = w.as<float>();
+  float* O = out.as<float>();
+  impl_->parallel(static_cast<std::int64_t>(tasks.size()), 1, [&](std::int64_t i) {
+    const Task& t = tasks[static_cast<std::size_t>(i)];
+    gemm_tile(X + static_cast<std::int64_t>(t.row0) * k, k,
+              W + (static_cast<std::int64_t>(t.e) * n + t.col0) * k, k,
+              O + static_cast<std::int64_t>(t.row0) * n + t.col0, n, t.rows, t.cols, k, 1.0f,
+              0.0f);
+  });
+}
+
+namespace {
+
+// Scores and statistics of one token's logits row; returns logsumexp.
+float score_row(const float* logits, std::int64_t E, ScoreFunc f, float* scores) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (std::int64_t e = 0; e < E; ++e) mx = std::max(mx, logits[e]);
+  float sum = 0.0f;
+  for (std::int64_t e = 0; e < E; ++e) sum += std::exp(logits[e] - mx);
+  if (f == ScoreFunc::softmax) {
+    for (std::int64_t e = 0; e < E; ++e) scores[e] = std::exp(logits[e] - mx) / sum;
+  } else {
+    for (std::int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-logits[e]));
+  }
+  return mx + std::log(sum);
+}
+
+// Indices of the k largest values, descending; ties go to the lower index.
+void top_k_indices(const float* v, std::int64_t n, int k, std::int32_t* idx,
+                   std::vector<std::int32_t>& scratch) {
+  scratch.resize(static_cast<std::size_t>(n));
+  std::iota(scratch.begin(), scratch.end(), 0);
+  std::partial_sort(scratch.begin(), scratch.begin() + k, scratch.end(),
+                    [&](std::int32_t a, std::int32_t b) {
+                      return v[a] > v[b] || (v[a] == v[b] && a < b);
+                    });
+  std::copy_n(scratch.begin(), k, idx);
+}
+
+constexpr std::int64_t kStatBlock = 64;  // tokens per partial-statistics block
+
+}  // namespace
+
+void CpuBackend::route_topk(TensorView logits, TensorView bias, const RouteParams& p,
+                            TensorView ids, TensorView weights, TensorView stats) {
+  constexpr std::string_view fn = "CpuBackend::route_topk";
+  expect_matrix(fn, "logits", logits, device());
+  const std::int64_t T = logits.dim(0), E = logits.dim(1);
+  detail::check_route_params(fn, p, E);
+  expect_matrix(fn, "ids", ids, device(), DType::i32);
+  expect_matrix(fn, "weights", weights, device());
+  expect_dim(fn, "ids", ids, 0, T);
+  expect_dim(fn, "ids", ids, 1, p.top_k);
+  expect_same_shape(fn, "ids", ids, "weights", weights);
+  detail::expect_device(fn, "stats", stats, device());
+  expect_dtype(fn, "stats", stats, DType::f32);
+  AUTOGLM_CHECK(stats.numel() == E + 1, shape_mismatch, fn, "stats must hold {} values, got {}",
+                E + 1, stats.numel());
+  const float* B = nullptr;
+  if (!bias.empty()) {
+    detail::expect_device(fn, "bias", bias, device());
+    expect_dtype(fn, "bias", bias, DType::f32);
+    AUTOGLM_CHECK(bias.numel() == E, shape_mismatch, fn, "bias must hold {} values, got {}", E,
+                  bias.numel());
+    B = bias.as<float>();
+  }
+  const float* L = logits.as<float>();
+  for (std::int64_t i = 0; i < T * E; ++i)
+    AUTOGLM_CHECK(std::isfinite(L[i]), numeric, fn, "router logit [{}, {}] is {}", i / E, i % E,
+                  L[i]);
+
+  const int k = p.top_k;
+  const std::int64_t gsize = E / p.n_group;
+  const std::int64_t nblocks = (T + kStatBlock - 1) / kStatBlock;
+  std::vector<float> partial(static_cast<std::size_t>(nblocks * (E + 1)), 0.0f);
+  impl_->parallel(nblocks, 1, [&](std::int64_t blk) {
+    std::vector<float> row(E), scores(E), sel(E), gscore(p.n_group);
+    std::vector<std::int32_t> scratch, idx(k), gidx(p.topk_group);
+    float* part = partial.data() + blk * (E + 1);
+    for (std::int64_t t = blk * kStatBlock; t < std::min(T, (blk + 1) * kStatBlock); ++t) {
+      std::copy_n(L + t * E, E, row.data());
+      if (p.noise_std > 0.0f)
+        for (std::int64_t e = 0; e < E; ++e)
+          row[e] += p.noise_std * detail::normal(p.seed, static_cast<std::uint64_t>(t * E + e));
+      const float lse = score_row(row.data(), E, p.score, scores.data());
+      part[E] += lse * lse;
+      float ssum = 0.0f;
+      for (std::int64_t e = 0; e < E; ++e) ssum += scores[e];
+      for (std::int64_t e = 0; e < E; ++e) part[e] += scores[e] / ssum;
+      for (std::int64_t e = 0; e < E; ++e) sel[e] = scores[e] + (B ? B[e] : 0.0f);
+      if (p.n_group > 1) {
+        for (int g = 0; g < p.n_group; ++g) {
+          // Group score: sum of the group's two best selection scores (one if the group has one).
+          const float* s = sel.data() + g * gsize;
+          float b1 = -std::numeric_limits<float>::infinity(), b2 = b1;
+          for (std::int64_t j = 0; j < gsize; ++j) {
+            if (s[j] > b1) {
+              b2 = b1;
+              b1 = s[j];
+            } else if (s[j] > b2) {
+              b2 = s[j];
+            }
+          }
+          gscore[g] = gsize >= 2 ? b1 + b2 : b1;
+        }
+        top_k_indices(gscore.data(), p.n_group, p.topk_group, gidx.data(), scratch);
+        std::vector<char> keep(p.n_group, 0);
+        for (int g : gidx) keep[g] = 1;
+        const float fillv = p.group_mask == GroupMask::zero ? 0.0f
+                                                            : -std::numeric_limits<float>::infinity();
+        for (int g = 0; g < p.n_group; ++g)
+          if (!keep[g]) std::fill_n(sel.data() + g * gsize, gsize, fillv);
+      }
+      top_k_indices(sel.data(), E, k, idx.data(), scratch);
+      float wsum = 0.0f;
+      for (int j = 0; j < k; ++j) wsum += scores[idx[j]];
+      const float norm = p.renormalize ? 1.0f / (wsum + p.renorm_epsilon) : 1.0f;
+      for (int j = 0; j < k; ++j) {
+        ids.as<std::int32_t>()[t * k + j] = idx[j];
+        weights.as<float>()[t * k + j] = scores[idx[j]] * norm * p.routed_scaling;
+      }
+    }
+  });
+  float* S = stats.as<float>();
+  std::fill_n(S, E + 1, 0.0f);
+  for (std::int64_t b = 0; b < nblocks; ++b)
+    for (std::int64_t e = 0; e <= E; ++e) S[e] += partial[b * (E + 1) + e];
+}
+
+void CpuBackend::route_expert_choice(TensorView logits, std::int64_t capacity, TensorView ids,
+                                     TensorView weights, TensorView stats) {
+  constexpr std::string_view fn = "CpuBackend::route_expert_choice";
+  expect_matrix(fn, "logits", logits, device());
+  const std::int64_t T = logits.dim(0), E = logits.dim(1);
+  AUTOGLM_CHECK(capacity >= 1, invalid_argument, fn, "capacity={} must be >= 1", capacity);
+  expect_matrix(fn, "ids", ids, device(), DType::i32);
+  expect_matrix(fn, "weights", weights, device());
+  expect_dim(fn, "ids", ids, 0, T);
+  expect_dim(fn, "ids", ids, 1, E);
+  expect_same_shape(fn, "ids", ids, "weights", weights);
+  AUTOGLM_CHECK(stats.numel() == E + 1 && stats.dtype == DType::f32, shape_mismatch, fn,
+                "stats must be {} f32 values", E + 1);
+  const float* L = logits.as<float>();
+  for (std::int64_t i = 0; i < T * E; ++i)
+    AUTOGLM_CHECK(std::isfinite(L[i]), numeric, fn, "router logit [{}, {}] is {}", i / E, i % E,
+                  L[i]);
+  std::vector<float> probs(static_cast<std::size_t>(T * E));
+  std::vector<float> lse(static_cast<std::size_t>(T));
+  impl_->parallel(T, 16, [&](std::int64_t t) {
+    lse[t] = score_row(L + t * E, E, ScoreFunc::softmax, probs.data() + t * E);
+  });
+  const std::int64_t C = std::min(capacity, T);
+  // chosen[e * C + c]: c-th token expert e takes.
+  std::vector<std::int32_t> chosen(static_cast<std::size_t>(E * C));
+  impl_->parallel(E, 1, [&](std::int64_t e) {
+    std::vector<float> col(T);
+    std::vector<std::int32_t> scratch;
+    for (std::int64_t t = 0; t < T; ++t) col[t] = probs[t * E + e];
+    top_k_indices(col.data(), T, static_cast<int>(C), chosen.data() + e * C, scratch);
+  });
+  std::int32_t* I = ids.as<std::int32_t>();
+  float* W = weights.as<float>();
+  std::fill_n(I, T * E, -1);
+  std::fill_n(W, T * E, 0.0f);
+  std::vector<std::int32_t> fillc(static_cast<std::size_t>(T), 0);
+  for (std::int64_t e = 0; e < E; ++e)  // expert order within a token's slots
+    for (std::int64_t c = 0; c < C; ++c) {
+      const std::int32_t t = chosen[e * C + c];
+      const std::int32_t j = fillc[t]++;
+      I[t * E + j] = static_cast<std::int32_t>(e);
+      W[t * E + j] = probs[t * E + e];
+    }
+  float* S = stats.as<float>();
+  std::fill_n(S, E + 1, 0.0f);
+  for (std::int64_t t = 0; t < T; ++t) {
+    for (std::int64_t e = 0; e < E; ++e) S[e] += probs[t * E + e];
+    S[E] += lse[t] * lse[t];
+  }
+}
+
+void CpuBackend::plan_dispatch(TensorView ids, std::int64_t capacity, TensorView counts,
+                               TensorView offsets, TensorView row_token, TensorView slot_row) {
+  constexpr std::string_view fn = "CpuBackend::plan_dispatch";
+  expect_matrix(fn, "ids", ids, device(), DType::i32);
+  const std::int64_t T = ids.dim(0), k = ids.dim(1);
+  for (auto [name, v] : {std::pair{"counts", &counts}, {"offsets", &offsets},
+                         {"row_token", &row_token}, {"slot_row", &slot_row}}) {
+    detail::expect_device(fn, name, *v, device());
+    expect_dtype(fn, name, *v, DType::i32);
+  }
+  const std::int64_t E = counts.numel();
+  AUTOGLM_CHECK(offsets.numel() == E + 1, shape_mismatch, fn, "offsets must hold {} values, got {}",
+                E + 1, offsets.numel());
+  AUTOGLM_CHECK(row_token.numel() >= T * k && slot_row.numel() == T * k, shape_mismatch, fn,
+                "row_token and slot_row must hold {} values", T * k);
+  const std::int32_t* I = ids.as<std::int32_t>();
+  for (std::int64_t i = 0; i < T * k; ++i)
+    AUTOGLM_CHECK(I[i] >= -1 && I[i] < E, out_of_range, fn, "expert id {} at token {} outside [0, {})",
+                  I[i], i / std::max<std::int64_t>(k, 1), E);
+  const std::int64_t cap = capacity <= 0 ? std::numeric_limits<std::int64_t>::max() : capacity;
+  std::int32_t* cnt = counts.as<std::int32_t>();
+  std::int32_t* off = offsets.as<std::int32_t>();
+  std::int32_t* srow = slot_row.as<std::int32_t>();
+  std::fill_n(cnt, E, 0);
+  // Pass 1 decides who fits (slot-major so first choices win), pass 2 places rows.
+  for (std::int64_t j = 0; j < k; ++j)
+    for (std::int64_t t = 0; t < T; ++t) {
+      const std::int32_t e = I[t * k + j];
+      if (e < 0) {
+        srow[t * k + j] = -1;
+      } else if (cnt[e] < cap) {
+        srow[t * k + j] = cnt[e]++;  // position within the expert for now
+      } else {
+        srow[t * k + j] = -1;
+      }
+    }
+  off[0] = 0;
+  for (std::int64_t e = 0; e < E; ++e) off[e + 1] = off[e] + cnt[e];
+  std::int32_t* rt = row_token.as<std::int32_t>();
+  for (std::int64_t i = 0; i < T * k; ++i) {
+    if (srow[i] < 0) continue;
+    srow[i] += off[I[i]];
+    rt[srow[i]] = static_cast<std::int32_t>(i / k);
+  }
+}
+
+void CpuBackend::gather_rows(TensorView x, TensorView row_token, TensorView out) {
+  constexpr std::string_view fn = "CpuBackend::gather_rows";
+  expect_matrix(fn, "x", x, device());
+  expect_matrix(fn, "out", out, device());
+  detail::expect_device(fn, "row_token", row_token, device());
+  expect_dtype(fn, "row_token", row_token, DType::i32);
+  expect_dim(fn, "out", out, 1, x.dim(1));
+  AUTOGLM_CHECK(row_token.numel() >= out.dim(0), shape_mismatch, fn,
+                "row_token holds {} rows, out needs {}", row_token.numel(), out.dim(0));
+  const std::int64_t R = out.dim(0), d = x.dim(1), T = x.dim(0);
+  const std::int32_t* rt = row_token.as<std::int32_t>();
+  for (std::int64_t r = 0; r < R; ++r)
+    AUTOGLM_CHECK(rt[r] >= 0 && rt[r] < T, out_of_range, fn, "row {} names token {} of {}", r,
+                  rt[r], T);
+  impl_->parallel(R, 16, [&](std::int64_t r) {
+    std::memcpy(out.as<float>() + r * d, x.as<float>() + rt[r] * d, sizeof(float) * d);
+  });
+}
+
+void CpuBackend::combine(TensorView y, TensorView slot_row, TensorView weights, TensorView out,
+                         bool accumulate) {
+  constexpr std::string_view fn = "CpuBackend::combine";
+  expect_matrix(fn, "y", y, device());
+  expect_matrix(fn, "out", out, device());
+  expect_matrix(fn, "weights", weights, device());
+  detail::expect_device(fn, "slot_row", slot_row, device());
+  expect_dtype(fn, "slot_row", slot_row, DType::i32);
+  const std::int64_t T = out.dim(0), d = out.dim(1), k = weights.dim(1), R = y.dim(0);
+  expect_dim(fn, "y", y, 1, d);
+  expect_dim(fn, "weights", weights, 0, T);
+  AUTOGLM_CHECK(slot_row.numel() == T * k, shape_mismatch, fn, "slot_row must hold {} values",
+                T * k);
+  const std::int32_t* sr = slot_row.as<std::int32_t>();
+  for (std::int64_t i = 0; i < T * k; ++i)
+    AUTOGLM_CHECK(sr[i] >= -1 && sr[i] < R, out_of_range, fn, "slot {} names row {} of {}", i,
+                  sr[i], R);
+  const float* W = weights.as<float>();
+  const float* Y = y.as<float>();
+  impl_->parallel(T, 4, [&](std::int64_t t) {
+    float* o = out.as<float>() + t * d;
+    if (!accumulate) std::fill_n(o, d, 0.0f);
+    for (std::int64_t j = 0; j < k; ++j) {
+      const std::int32_t r = sr[t * k + j];
+      if (r < 0) continue;
+      const float w = W[t * k + j];
+      const float* yr = Y + static_cast<std::int64_t>(r) * d;
+      for (std::int64_t c = 0; c < d; ++c) o[c] += w * yr[c];
+    }
+  });
+}
+
+void CpuBackend::silu_mul(TensorView in, TensorView out) {
+  constexpr std::string_view fn = "CpuBackend::silu_mul";
+  expect_matrix(fn, "in", in, device());
+  expect_matrix(fn, "out", out, device());
+  const std::int64_t R = in.dim(0), F = out.dim(1);
+  expect_dim(fn, "out", out, 0, R);
+  expect_dim(fn, "in", in, 1, 2 * F);
+  impl_->parallel(R, 4, [&](std::int64_t r) {
+    const float* g = in.as<float>() + r * 2 * F;
+    const float* u = g + F;
+    float* o = out.as<float>() + r * F;
+    for (std::int64_t c = 0; c < F; ++c) o[c] = silu(g[c]) * u[c];
+  });
+}
+
+void CpuBackend::gelu(TensorView in, TensorView out) {
+  constexpr std::string_view fn = "CpuBackend::gelu";
+  detail::expect_device(fn, "in", in, device());
+  detail::expect_device(fn, "out", out, device());
+  expect_dtype(fn, "in", in, DType::f32);
+  expect_dtype(fn, "out", out, DType::f32);
+  expect_same_shape(fn, "in", in, "out", out);
+  const std::int64_t n = in.numel();
+  constexpr std::int64_t block = 4096;
+  impl_->parallel((n + block - 1) / block, 1, [&](std::int64_t b) {
+    for (std::int64_t i = b * block; i < std::min(n, (b + 1) * block); ++i) {
+      const float v = in.as<float>()[i];
+      out.as<float>()[i] = 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    }
+  });
+}
+
+void CpuBackend::softmax(TensorView x) {
+  constexpr std::string_view fn = "CpuBackend::softmax";
+  detail::expect_device(fn, "x", x, device());
+  expect_dtype(fn, "x", x, DType::f32);
+  AUTOGLM_CHECK(x.rank() >= 1, shape_mismatch, fn, "x must have rank >= 1");
+  const std::int64_t n = x.dim(x.rank() - 1);
+  const std::int64_t rows = n == 0 ? 0 : x.numel() / n;
+  impl_->parallel(rows, 4, [&](std::int64_t r) {
+    float* v = x.as<float>() + r * n;
+    const float mx = *std::max_element(v, v + n);
+    float s = 0.0f;
+    for (std::int64_t i = 0; i < n; ++i) s += (v[i] = std::exp(v[i] - mx));
+    for (std::int64_t i = 0; i < n; ++i) v[i] /= s;
+  });
+}
+
+void CpuBackend::rms_norm(TensorView x, TensorView weight, float eps, TensorView out) {
+  constexpr std::string_view fn = "CpuBackend::rms_norm";
+  expect_matrix(fn, "x", x, device());
+  expect_matrix(fn, "out", out, device());
+  expect_same_shape(fn, "x", x, "out", out);
+  detail::expect_device(fn, "weight", weight, device());
+  expect_dtype(fn, "weight", weight, DType::f32);
+  const std::int64_t T = x.dim(0), d = x.dim(1);
+  AUTOGLM_CHECK(weight.numel() == d, shape_mismatch, fn, "weight must hold {} values, got {}", d,
+                weight.numel());
+  AUTOGLM_CHECK(eps > 0.0f, invalid_argument, fn, "eps={} must be > 0", eps);
+  const float* w = weight.as<float>();
+  impl_->parallel(T, 4, [&](std::int64_t t) {
+    const float* xi = x.as<float>() + t * d;
+    float* o = out.as<float>() + t * d;
+    float ss = 0.0f;
+    for (std::int64_t c = 0; c < d; ++c) ss += xi[c] * xi[c];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+    for (std::int64_t c = 0; c < d; ++c) o[c] = xi[c] * inv * w[c];
+  });
+}
+
+void CpuBackend::add(TensorView a, TensorView b, TensorView out) {
+  constexpr std::string_view fn = "CpuBackend::add";
+  for (auto [name, v] : {std::pair{"a", &a}, {"b", &b}, {"out", &out}}) {
+    detail::expect_device(fn, name, *v, device());
+    expect_dtype(fn, name, *v, DType::f32);
+  }
+  expect_same_shape(fn, "a", a, "b", b);
+  expect_same_shape(fn, "a", a, "out", out);
+  const std::int64_t n = a.numel();
+  constexpr std::int64_t block = 1 << 14;
+  impl_->parallel((n + block - 1) / block, 1, [&](std::int64_t blk) {
+    for (std::int64_t i = blk * block; i < std::min(n, (blk + 1) * block); ++i)
+      out.as<float>()[i] = a.as<float>()[i] + b.as<float>()[i];
+  });
+}
+
+void CpuBackend::add_scaled_rows(TensorView x, TensorView scale, RowScale f, TensorView out) {
+  constexpr std::string_view fn = "CpuBackend::add_scaled_rows";
+  expect_matrix(fn, "x", x, device());
+  expect_matrix(fn, "out", out, device());
+  expect_same_shape(fn, "x", x, "out", out);
+  detail::expect_device(fn, "scale", scale, device());
+  expect_dtype(fn, "scale", scale, DType::f32);
+  const std::int64_t T = x.dim(0), d = x.dim(1);
+  AUTOGLM_CHECK(scale.numel() == T, shape_mismatch, fn, "scale must hold {} values, got {}", T,
+                scale.numel());
+  impl_->parallel(T, 4, [&](std::int64_t t) {
+    float s = scale.as<float>()[t];
+    if (f == RowScale::sigmoid) s = 1.0f / (1.0f + std::exp(-s));
+    const float* xi = x.as<float>() + t * d;
+    float* o = out.as<float>() + t * d;
+    for (std::int64_t c = 0; c < d; ++c) o[c] += s * xi[c];
+  });
+}
+
+void CpuBackend::embedding(TensorView table, TensorView ids, TensorView out) {
+  constexpr std::string_view fn = "CpuBackend::embedding";
+  expect_matrix(fn, "table", table, device());
+  expect_matrix(fn, "out", out, device());
+  detail::expect_device(fn, "ids", ids, device());
+  expect_dtype(fn, "ids", ids, DType::i32);
+  const std::int64_t V = table.dim(0), d = table.dim(1), T = ids.numel();
+  expect_dim(fn, "out", out, 0, T);
+  expect_dim(fn, "out", out, 1, d);
+  const std::int32_t* I = ids.as<std::int32_t>();
+  for (std::int64_t t = 0; t < T; ++t)
+    AUTOGLM_CHECK(I[t] >= 0 && I[t] < V, out_of_range, fn,
+                  "token id {} at position {} outside vocabulary [0, {})", I[t], t, V);
+  impl_->parallel(T, 16, [&](std::int64_t t) {
+    std::memcpy(out.as<float>() + t * d, table.as<float>() + I[t] * d, sizeof(float) * d);
+  });
+}
+
+}  // namespace autoglm
