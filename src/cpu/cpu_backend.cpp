@@ -9,13 +9,13 @@
 #include <numeric>
 #include <vector>
 
-#include <Eigen/Core>
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
 #include "common/checks.hpp"
 #include "common/random.hpp"
+#include "cpu/gemm_kernels.hpp"
 
 namespace autoglm {
 namespace {
@@ -26,30 +26,6 @@ using detail::expect_matrix;
 using detail::expect_rank;
 using detail::expect_same_shape;
 
-using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using ConstMap = Eigen::Map<const RowMajor, Eigen::Unaligned, Eigen::OuterStride<>>;
-using MutMap = Eigen::Map<RowMajor, Eigen::Unaligned, Eigen::OuterStride<>>;
-
-// out[m, n] = alpha * x[m, k] * w[n, k]^T + beta * out. One single-threaded Eigen product; the
-// caller parallelises over tiles.
-void gemm_tile(const float* x, std::int64_t ldx, const float* w, std::int64_t ldw, float* out,
-               std::int64_t ldo, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
-               float beta) {
-  ConstMap X(x, m, k, Eigen::OuterStride<>(ldx));
-  ConstMap W(w, n, k, Eigen::OuterStride<>(ldw));
-  MutMap O(out, m, n, Eigen::OuterStride<>(ldo));
-  if (beta == 0.0f) {
-    if (alpha == 1.0f) {
-      O.noalias() = X * W.transpose();
-    } else {
-      O.noalias() = alpha * (X * W.transpose());
-    }
-  } else {
-    O *= beta;
-    O.noalias() += alpha * (X * W.transpose());
-  }
-}
-
 // Tile widths are functions of the problem shape only (never of the thread count), which keeps
 // every output element's summation order, and so the result, independent of threading.
 struct TilePlan {
@@ -59,14 +35,22 @@ struct TilePlan {
 
 TilePlan plan_tiles(std::int64_t m, std::int64_t n, std::int64_t k) {
   TilePlan t{};
-  t.mb = std::min<std::int64_t>(std::max<std::int64_t>(m, 1), 256);
-  // Small m is bandwidth-bound: narrow tiles give many tasks to balance streaming the weights.
-  // Large m is compute-bound: wide tiles amortise Eigen's packing of x.
-  std::int64_t nb = m <= 8 ? 64 : (m <= 64 ? 128 : 256);
+  // Row tiles are whole packing blocks (64 rows) so a tile's packed rows start on a block.
+  t.mb = std::min<std::int64_t>(std::max<std::int64_t>(m, 1), 4 * detail::PackedRows::kPackRows);
+  // Few rows are bandwidth-bound: narrower tiles give more tasks to spread the weight stream.
+  std::int64_t nb = m <= 8 ? 96 : 192;
   if (k <= 512) nb *= 2;
   t.nb = std::min<std::int64_t>(std::max<std::int64_t>(n, 1), nb);
   return t;
 }
+
+// Packs x^T for the broadcast kernel once per GEMM (per expert), shared by all its tiles.
+struct RowPacking {
+  std::vector<float> buffer;
+  std::vector<std::int64_t> start;  // offset of each group's packed rows, -1 when unpacked
+};
+
+constexpr std::int64_t kPackMinRows = 5;
 
 float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
@@ -93,7 +77,6 @@ CpuBackend::CpuBackend(CpuBackendOptions options) {
                 options.threads);
   const int n = options.threads == 0 ? tbb::info::default_concurrency() : options.threads;
   impl_ = std::make_unique<Impl>(n);
-  Eigen::setNbThreads(1);
 }
 
 CpuBackend::~CpuBackend() = default;
@@ -188,10 +171,17 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
   const float* A = a.as<float>();
   const float* B = b.as<float>();
   float* C = c.as<float>();
+  std::vector<float> packed;
+  if (m >= kPackMinRows && detail::have_simd_kernels()) {
+    packed.resize(static_cast<std::size_t>(detail::packed_rows_size(m, k)));
+    detail::pack_rows(A, k, m, k, packed.data());
+  }
   impl_->parallel(mt * nt, 1, [&](std::int64_t tile) {
     const std::int64_t i0 = (tile / nt) * t.mb, j0 = (tile % nt) * t.nb;
     const std::int64_t mm = std::min(t.mb, m - i0), nn = std::min(t.nb, n - j0);
-    gemm_tile(A + i0 * k, k, B + j0 * k, k, C + i0 * n + j0, n, mm, nn, k, p.alpha, p.beta);
+    detail::PackedRows pr{packed.empty() ? nullptr : packed.data() + i0 * k, mm, k};
+    detail::gemm_nt_tile(A + i0 * k, k, packed.empty() ? nullptr : &pr, B + j0 * k, k,
+                         C + i0 * n + j0, n, mm, nn, k, p.alpha, p.beta);
   });
 }
 
@@ -240,12 +230,33 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   const float* X = x.as<float>();
   const float* W = w.as<float>();
   float* O = out.as<float>();
+  std::vector<float> packed;
+  std::vector<std::int64_t> pstart(static_cast<std::size_t>(E), -1);
+  if (detail::have_simd_kernels()) {
+    std::int64_t total = 0;
+    for (std::int64_t e = 0; e < E; ++e) {
+      const std::int64_t m = off[e + 1] - off[e];
+      if (m < kPackMinRows) continue;
+      pstart[e] = total;
+      total += detail::packed_rows_size(m, k);
+    }
+    packed.resize(static_cast<std::size_t>(total));
+    impl_->parallel(E, 1, [&](std::int64_t e) {
+      if (pstart[e] < 0) return;
+      detail::pack_rows(X + static_cast<std::int64_t>(off[e]) * k, k, off[e + 1] - off[e], k,
+                        packed.data() + pstart[e]);
+    });
+  }
   impl_->parallel(static_cast<std::int64_t>(tasks.size()), 1, [&](std::int64_t i) {
     const Task& t = tasks[static_cast<std::size_t>(i)];
-    gemm_tile(X + static_cast<std::int64_t>(t.row0) * k, k,
-              W + (static_cast<std::int64_t>(t.e) * n + t.col0) * k, k,
-              O + static_cast<std::int64_t>(t.row0) * n + t.col0, n, t.rows, t.cols, k, 1.0f,
-              0.0f);
+    const std::int64_t local_row = t.row0 - off[t.e];
+    detail::PackedRows pr{pstart[t.e] < 0 ? nullptr : packed.data() + pstart[t.e] + local_row * k,
+                          t.rows, k};
+    detail::gemm_nt_tile(X + static_cast<std::int64_t>(t.row0) * k, k,
+                         pstart[t.e] < 0 ? nullptr : &pr,
+                         W + (static_cast<std::int64_t>(t.e) * n + t.col0) * k, k,
+                         O + static_cast<std::int64_t>(t.row0) * n + t.col0, n, t.rows, t.cols, k,
+                         1.0f, 0.0f);
   });
 }
 
