@@ -20,9 +20,13 @@ inline void expect_dtype(std::string_view fn, std::string_view arg, const Tensor
                 dtype_name(t.dtype));
 }
 
-/// Throws unless t lives on device d and has a buffer when non-empty.
-inline void expect_device(std::string_view fn, std::string_view arg, const TensorView& t, Device d) {
+/// Throws unless t lives on device d, has a buffer when non-empty and is row-major (unless
+/// `any_layout`: only weight operands and copies take other layouts).
+inline void expect_device(std::string_view fn, std::string_view arg, const TensorView& t, Device d,
+                          bool any_layout = false) {
   AUTOGLM_CHECK(t.device == d, device, fn, "{} is on another device", arg);
+  AUTOGLM_CHECK(any_layout || t.layout == Layout::row_major, invalid_argument, fn,
+                "{} must be row-major", arg);
   AUTOGLM_CHECK(t.data != nullptr || t.numel() == 0, invalid_argument, fn, "{} has no buffer", arg);
 }
 
@@ -42,8 +46,8 @@ inline void expect_same_shape(std::string_view fn, std::string_view an, const Te
 
 /// Rank-2 f32 on device d.
 inline void expect_matrix(std::string_view fn, std::string_view arg, const TensorView& t, Device d,
-                          DType dt = DType::f32) {
-  expect_device(fn, arg, t, d);
+                          DType dt = DType::f32, bool any_layout = false) {
+  expect_device(fn, arg, t, d, any_layout);
   expect_rank(fn, arg, t, 2);
   expect_dtype(fn, arg, t, dt);
 }

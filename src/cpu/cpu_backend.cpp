@@ -26,32 +26,6 @@ using detail::expect_matrix;
 using detail::expect_rank;
 using detail::expect_same_shape;
 
-// Tile widths are functions of the problem shape only (never of the thread count), which keeps
-// every output element's summation order, and so the result, independent of threading.
-struct TilePlan {
-  std::int64_t mb;  // rows of x per tile
-  std::int64_t nb;  // rows of w (output columns) per tile
-};
-
-TilePlan plan_tiles(std::int64_t m, std::int64_t n, std::int64_t k) {
-  TilePlan t{};
-  // Row tiles are whole packing blocks (64 rows) so a tile's packed rows start on a block.
-  t.mb = std::min<std::int64_t>(std::max<std::int64_t>(m, 1), 4 * detail::PackedRows::kPackRows);
-  // Few rows are bandwidth-bound: narrower tiles give more tasks to spread the weight stream.
-  std::int64_t nb = m <= 8 ? 96 : 192;
-  if (k <= 512) nb *= 2;
-  t.nb = std::min<std::int64_t>(std::max<std::int64_t>(n, 1), nb);
-  return t;
-}
-
-// Packs x^T for the broadcast kernel once per GEMM (per expert), shared by all its tiles.
-struct RowPacking {
-  std::vector<float> buffer;
-  std::vector<std::int64_t> start;  // offset of each group's packed rows, -1 when unpacked
-};
-
-constexpr std::int64_t kPackMinRows = 5;
-
 float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 }  // namespace
@@ -92,14 +66,77 @@ void* CpuBackend::allocate(std::size_t bytes) {
 
 void CpuBackend::deallocate(void* ptr) noexcept { std::free(ptr); }
 
+namespace {
+
+// Calls f(matrix index, n, k) for every [n, k] matrix of a panel32 view.
+template <typename F>
+void for_each_matrix(const TensorView& t, F&& f) {
+  const std::int64_t n = t.dim(t.rank() - 2), k = t.dim(t.rank() - 1);
+  const std::int64_t count = n * k == 0 ? 0 : t.numel() / (n * k);
+  for (std::int64_t i = 0; i < count; ++i) f(i, n, k);
+}
+
+std::int64_t panel_floats(std::int64_t n, std::int64_t k) {
+  return (n + kPanelRows - 1) / kPanelRows * kPanelRows * k;
+}
+
+}  // namespace
+
 void CpuBackend::copy_from_host(TensorView dst, const void* src) {
-  detail::expect_device("CpuBackend::copy_from_host", "dst", dst, device());
+  detail::expect_device("CpuBackend::copy_from_host", "dst", dst, device(), true);
+  if (dst.layout == Layout::panel32) {
+    expect_dtype("CpuBackend::copy_from_host", "dst", dst, DType::f32);
+    for_each_matrix(dst, [&](std::int64_t i, std::int64_t n, std::int64_t k) {
+      detail::to_panels(static_cast<const float*>(src) + i * n * k, n, k,
+                        dst.as<float>() + i * panel_floats(n, k));
+    });
+    return;
+  }
   if (dst.nbytes() > 0) std::memcpy(dst.data, src, dst.nbytes());
 }
 
 void CpuBackend::copy_to_host(void* dst, TensorView src) {
-  detail::expect_device("CpuBackend::copy_to_host", "src", src, device());
+  detail::expect_device("CpuBackend::copy_to_host", "src", src, device(), true);
+  if (src.layout == Layout::panel32) {
+    expect_dtype("CpuBackend::copy_to_host", "src", src, DType::f32);
+    for_each_matrix(src, [&](std::int64_t i, std::int64_t n, std::int64_t k) {
+      detail::from_panels(src.as<float>() + i * panel_floats(n, k), n, k,
+                          static_cast<float*>(dst) + i * n * k);
+    });
+    return;
+  }
   if (src.nbytes() > 0) std::memcpy(dst, src.data, src.nbytes());
+}
+
+Layout CpuBackend::weight_layout() const noexcept {
+#if defined(__AVX512F__)
+  return Layout::panel32;
+#else
+  return Layout::row_major;
+#endif
+}
+
+void CpuBackend::relayout(TensorView src, TensorView dst) {
+  constexpr std::string_view fn = "CpuBackend::relayout";
+  detail::expect_device(fn, "src", src, device(), true);
+  detail::expect_device(fn, "dst", dst, device(), true);
+  expect_dtype(fn, "src", src, DType::f32);
+  expect_dtype(fn, "dst", dst, DType::f32);
+  expect_same_shape(fn, "src", src, "dst", dst);
+  AUTOGLM_CHECK(src.rank() >= 2, shape_mismatch, fn, "weights need rank >= 2, got {}",
+                src.shape.str());
+  if (src.layout == dst.layout) {
+    if (src.data != dst.data && src.nbytes() > 0) std::memmove(dst.data, src.data, src.nbytes());
+    return;
+  }
+  const std::int64_t n = src.dim(src.rank() - 2), k = src.dim(src.rank() - 1);
+  const std::int64_t count = n * k == 0 ? 0 : src.numel() / (n * k);
+  impl_->parallel(count, 1, [&](std::int64_t i) {
+    if (dst.layout == Layout::panel32)
+      detail::to_panels(src.as<float>() + i * n * k, n, k, dst.as<float>() + i * panel_floats(n, k));
+    else
+      detail::from_panels(src.as<float>() + i * panel_floats(n, k), n, k, dst.as<float>() + i * n * k);
+  });
 }
 
 void CpuBackend::convert(TensorView src, TensorView dst) {
@@ -156,32 +193,85 @@ void CpuBackend::fill_uniform(TensorView dst, std::uint64_t seed, float scale) {
   });
 }
 
+namespace {
+
+// Packs each group's rows of x for the panel kernel, in parallel; start[g] is the group's
+// offset in the returned buffer.
+template <typename Parallel>
+std::vector<float> pack_groups(Parallel&& parallel, const float* x, std::int64_t k,
+                               const std::vector<std::int64_t>& row0,
+                               const std::vector<std::int64_t>& rows,
+                               std::vector<std::int64_t>& start) {
+  const auto G = static_cast<std::int64_t>(rows.size());
+  start.assign(static_cast<std::size_t>(G), 0);
+  std::int64_t total = 0;
+  for (std::int64_t g = 0; g < G; ++g) {
+    start[g] = total;
+    total += detail::packed_x_size(rows[g], k);
+  }
+  std::vector<float> packed(static_cast<std::size_t>(total));
+  parallel(G, [&](std::int64_t g) {
+    if (rows[g] > 0) detail::pack_x(x + row0[g] * k, k, rows[g], k, packed.data() + start[g]);
+  });
+  return packed;
+}
+
+// One GEMM tile of a (grouped) product: rows [row0, row0 + rows) of group e, output columns
+// [col0, col0 + cols).
+struct Tile {
+  std::int64_t e, row0, rows, col0, cols;
+};
+
+// Tiles of one group of m rows and n columns: widths depend on the shape only (never on the
+// thread count), so every output element's summation order is fixed.
+void add_tiles(std::vector<Tile>& tiles, std::int64_t e, std::int64_t row0, std::int64_t m,
+               std::int64_t n, std::int64_t k, bool panels) {
+  if (m == 0 || n == 0) return;
+  // Row tiles hold whole packed blocks (12 rows) when panels are in use.
+  const std::int64_t mb = panels ? (m <= 6 ? m : 21 * 12) : std::min<std::int64_t>(m, 256);
+  // Few rows are bandwidth-bound: narrower tiles give more tasks to spread the weight stream.
+  std::int64_t nb = m <= 8 ? 96 : 192;
+  if (k <= 512) nb *= 2;
+  for (std::int64_t i0 = 0; i0 < m; i0 += mb)
+    for (std::int64_t j0 = 0; j0 < n; j0 += nb)
+      tiles.push_back({e, row0 + i0, std::min(mb, m - i0), j0, std::min(nb, n - j0)});
+}
+
+}  // namespace
+
 void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
   constexpr std::string_view fn = "CpuBackend::gemm";
   expect_matrix(fn, "a", a, device());
-  expect_matrix(fn, "b", b, device());
+  expect_matrix(fn, "b", b, device(), DType::f32, /*any_layout=*/true);
   expect_matrix(fn, "c", c, device());
   expect_dim(fn, "b", b, 1, a.dim(1));
   expect_dim(fn, "c", c, 0, a.dim(0));
   expect_dim(fn, "c", c, 1, b.dim(0));
   const std::int64_t m = a.dim(0), n = b.dim(0), k = a.dim(1);
   if (m == 0 || n == 0) return;
-  const TilePlan t = plan_tiles(m, n, k);
-  const std::int64_t mt = (m + t.mb - 1) / t.mb, nt = (n + t.nb - 1) / t.nb;
+  const bool panels = b.layout == Layout::panel32;
+  std::vector<Tile> tiles;
+  add_tiles(tiles, 0, 0, m, n, k, panels);
   const float* A = a.as<float>();
   const float* B = b.as<float>();
   float* C = c.as<float>();
   std::vector<float> packed;
-  if (m >= kPackMinRows && detail::have_simd_kernels()) {
-    packed.resize(static_cast<std::size_t>(detail::packed_rows_size(m, k)));
-    detail::pack_rows(A, k, m, k, packed.data());
+  if (panels) {
+    std::vector<std::int64_t> start;
+    packed = pack_groups([&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, A, k, {0},
+                         {m}, start);
   }
-  impl_->parallel(mt * nt, 1, [&](std::int64_t tile) {
-    const std::int64_t i0 = (tile / nt) * t.mb, j0 = (tile % nt) * t.nb;
-    const std::int64_t mm = std::min(t.mb, m - i0), nn = std::min(t.nb, n - j0);
-    detail::PackedRows pr{packed.empty() ? nullptr : packed.data() + i0 * k, mm, k};
-    detail::gemm_nt_tile(A + i0 * k, k, packed.empty() ? nullptr : &pr, B + j0 * k, k,
-                         C + i0 * n + j0, n, mm, nn, k, p.alpha, p.beta);
+  impl_->parallel(static_cast<std::int64_t>(tiles.size()), 1, [&](std::int64_t i) {
+    const Tile& t = tiles[static_cast<std::size_t>(i)];
+    if (panels) {
+      detail::gemm_panel_tile(packed.data() + t.row0 * k, t.rows,
+                              B + t.col0 / kPanelRows * kPanelRows * k, k,
+                              (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
+                              C + t.row0 * n + t.col0, n, p.alpha, p.beta);
+    } else {
+      detail::gemm_nt_tile(A + t.row0 * k, k, B + t.col0 * k, k, C + t.row0 * n + t.col0, n,
+                           t.rows, t.cols, k, p.alpha, p.beta);
+    }
   });
 }
 
@@ -189,7 +279,7 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   constexpr std::string_view fn = "CpuBackend::grouped_gemm";
   expect_matrix(fn, "x", x, device());
   expect_matrix(fn, "out", out, device());
-  detail::expect_device(fn, "w", w, device());
+  detail::expect_device(fn, "w", w, device(), /*any_layout=*/true);
   expect_rank(fn, "w", w, 3);
   expect_dtype(fn, "w", w, DType::f32);
   detail::expect_device(fn, "offsets", offsets, device());
@@ -207,56 +297,37 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   for (std::int64_t e = 0; e < E; ++e)
     AUTOGLM_CHECK(off[e] <= off[e + 1], invalid_argument, fn,
                   "offsets decrease at expert {}: {} > {}", e, off[e], off[e + 1]);
-
+  const bool panels = w.layout == Layout::panel32;
   // One task list across all experts, so a heavy expert is spread over every thread and light
   // experts do not leave threads waiting at a per-expert barrier.
-  struct Task {
-    std::int32_t e;
-    std::int32_t row0, rows;
-    std::int32_t col0, cols;
-  };
-  std::vector<Task> tasks;
+  std::vector<Tile> tiles;
+  std::vector<std::int64_t> row0(static_cast<std::size_t>(E)), rows(static_cast<std::size_t>(E));
   for (std::int64_t e = 0; e < E; ++e) {
-    const std::int64_t m = off[e + 1] - off[e];
-    if (m == 0) continue;
-    const TilePlan t = plan_tiles(m, n, k);
-    for (std::int64_t i0 = 0; i0 < m; i0 += t.mb)
-      for (std::int64_t j0 = 0; j0 < n; j0 += t.nb)
-        tasks.push_back({static_cast<std::int32_t>(e), static_cast<std::int32_t>(off[e] + i0),
-                         static_cast<std::int32_t>(std::min(t.mb, m - i0)),
-                         static_cast<std::int32_t>(j0),
-                         static_cast<std::int32_t>(std::min(t.nb, n - j0))});
+    row0[e] = off[e];
+    rows[e] = off[e + 1] - off[e];
+    add_tiles(tiles, e, off[e], rows[e], n, k, panels);
   }
   const float* X = x.as<float>();
   const float* W = w.as<float>();
   float* O = out.as<float>();
+  const std::int64_t wstride = panels ? panel_floats(n, k) : n * k;
   std::vector<float> packed;
-  std::vector<std::int64_t> pstart(static_cast<std::size_t>(E), -1);
-  if (detail::have_simd_kernels()) {
-    std::int64_t total = 0;
-    for (std::int64_t e = 0; e < E; ++e) {
-      const std::int64_t m = off[e + 1] - off[e];
-      if (m < kPackMinRows) continue;
-      pstart[e] = total;
-      total += detail::packed_rows_size(m, k);
+  std::vector<std::int64_t> start;
+  if (panels)
+    packed = pack_groups([&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, X, k, row0,
+                         rows, start);
+  impl_->parallel(static_cast<std::int64_t>(tiles.size()), 1, [&](std::int64_t i) {
+    const Tile& t = tiles[static_cast<std::size_t>(i)];
+    const float* We = W + t.e * wstride;
+    if (panels) {
+      detail::gemm_panel_tile(packed.data() + start[t.e] + (t.row0 - row0[t.e]) * k, t.rows,
+                              We + t.col0 / kPanelRows * kPanelRows * k, k,
+                              (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
+                              O + t.row0 * n + t.col0, n, 1.0f, 0.0f);
+    } else {
+      detail::gemm_nt_tile(X + t.row0 * k, k, We + t.col0 * k, k, O + t.row0 * n + t.col0, n,
+                           t.rows, t.cols, k, 1.0f, 0.0f);
     }
-    packed.resize(static_cast<std::size_t>(total));
-    impl_->parallel(E, 1, [&](std::int64_t e) {
-      if (pstart[e] < 0) return;
-      detail::pack_rows(X + static_cast<std::int64_t>(off[e]) * k, k, off[e + 1] - off[e], k,
-                        packed.data() + pstart[e]);
-    });
-  }
-  impl_->parallel(static_cast<std::int64_t>(tasks.size()), 1, [&](std::int64_t i) {
-    const Task& t = tasks[static_cast<std::size_t>(i)];
-    const std::int64_t local_row = t.row0 - off[t.e];
-    detail::PackedRows pr{pstart[t.e] < 0 ? nullptr : packed.data() + pstart[t.e] + local_row * k,
-                          t.rows, k};
-    detail::gemm_nt_tile(X + static_cast<std::int64_t>(t.row0) * k, k,
-                         pstart[t.e] < 0 ? nullptr : &pr,
-                         W + (static_cast<std::int64_t>(t.e) * n + t.col0) * k, k,
-                         O + static_cast<std::int64_t>(t.row0) * n + t.col0, n, t.rows, t.cols, k,
-                         1.0f, 0.0f);
   });
 }
 
@@ -365,10 +436,11 @@ void CpuBackend::route_topk(TensorView logits, TensorView bias, const RouteParam
       top_k_indices(sel.data(), E, k, idx.data(), scratch);
       float wsum = 0.0f;
       for (int j = 0; j < k; ++j) wsum += scores[idx[j]];
-      const float norm = p.renormalize ? 1.0f / (wsum + p.renorm_epsilon) : 1.0f;
+      // Divide (not multiply by the reciprocal): a single renormalised weight is then exactly 1.
+      const float denom = p.renormalize ? wsum + p.renorm_epsilon : 1.0f;
       for (int j = 0; j < k; ++j) {
         ids.as<std::int32_t>()[t * k + j] = idx[j];
-        weights.as<float>()[t * k + j] = scores[idx[j]] * norm * p.routed_scaling;
+        weights.as<float>()[t * k + j] = scores[idx[j]] / denom * p.routed_scaling;
       }
     }
   });

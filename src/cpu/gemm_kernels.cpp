@@ -1,8 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "cpu/gemm_kernels.hpp"
 
+#include "autoglm/core/tensor.hpp"
+
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include <Eigen/Core>
 
@@ -30,6 +33,10 @@ void eigen_tile(const float* x, std::int64_t ldx, const float* w, std::int64_t l
     O.noalias() += alpha * (X * W.transpose());
   }
 }
+
+constexpr std::int64_t kSmallRows = 6;   // up to this many rows pack as one block
+constexpr std::int64_t kBlockRows = 12;  // rows per packed block above that
+constexpr std::int64_t kStreamAhead = 48;  // k steps of software prefetch when streaming
 
 inline float finish(float acc, float alpha, float beta, const float* old) {
   return beta == 0.0f ? alpha * acc : alpha * acc + beta * *old;
@@ -93,53 +100,67 @@ void dot_tile(const float* x, std::int64_t ldx, const float* w, std::int64_t ldw
   }
 }
 
-// Broadcast kernel: vectors run along the (packed, transposed) token rows; each weight element is
-// broadcast once and multiplies up to 64 rows, so weights are read from memory exactly once per
-// 64 rows. xp: [k][16 * MV]; acc[j][v] holds weight row j against rows 16v..16v+15.
-template <int MV, int NR>
-void bcast_kernel(const float* xp, const float* w, std::int64_t ldw, float* out, std::int64_t ldo,
-                  std::int64_t rows, std::int64_t k, float alpha, float beta) {
-  __m512 acc[NR][MV];
-  for (int j = 0; j < NR; ++j)
-    for (int v = 0; v < MV; ++v) acc[j][v] = _mm512_setzero_ps();
-  constexpr std::int64_t stride = 16 * MV;
-  for (std::int64_t p = 0; p < k; ++p) {
-    __m512 xv[MV];
-    for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_ps(xp + p * stride + 16 * v);
-    if ((p & 15) == 0)
-      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + p + 256), _MM_HINT_T0);
-    for (int j = 0; j < NR; ++j) {
-      const __m512 wb = _mm512_set1_ps(w[j * ldw + p]);
-      for (int v = 0; v < MV; ++v) acc[j][v] = _mm512_fmadd_ps(xv[v], wb, acc[j][v]);
+// Panel kernel: w is Layout::panel32, so one k step reads 32 consecutive floats of a panel and
+// each weight element is loaded once per row block. xp holds the block's rows packed [k][xs],
+// broadcast one at a time. acc[i][v]: row i against panel columns 16v..16v+15.
+// pf/pf_lines: cache lines of weights needed next, fetched into L2 spread over this call's k steps
+// so that memory keeps streaming while row blocks after the first compute from L1.
+template <int MR, int NP>
+void panel_kernel(const float* xp, std::int64_t xs, const float* wp, std::int64_t pstride,
+                  float* out, std::int64_t ldo, std::int64_t kc, std::int64_t cols, float alpha,
+                  float beta, const char* pf, std::int64_t pf_lines) {
+  const std::int64_t pf_step = pf_lines <= 0 ? 0 : (pf_lines + kc - 1) / kc;
+  std::int64_t pf_done = 0;
+  constexpr int NV = 2 * NP;
+  __m512 acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (std::int64_t p = 0; p < kc; ++p) {
+    __m512 wv[NV];
+    for (int q = 0; q < NP; ++q) {
+      wv[2 * q] = _mm512_loadu_ps(wp + q * pstride + p * kPanelRows);
+      wv[2 * q + 1] = _mm512_loadu_ps(wp + q * pstride + p * kPanelRows + 16);
+    }
+    for (std::int64_t q = 0; q < pf_step && pf_done < pf_lines; ++q, ++pf_done)
+      _mm_prefetch(pf + 64 * pf_done, _MM_HINT_T1);
+    if (pf_lines < 0)  // streaming: fetch each panel kStreamAhead steps ahead
+      for (int q = 0; q < NP; ++q) {
+        const char* a = reinterpret_cast<const char*>(wp + q * pstride + (p + kStreamAhead) * kPanelRows);
+        _mm_prefetch(a, _MM_HINT_T0);
+        _mm_prefetch(a + 64, _MM_HINT_T0);
+      }
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xb = _mm512_set1_ps(xp[p * xs + i]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(xb, wv[v], acc[i][v]);
     }
   }
-  alignas(64) float buf[16];
-  for (int j = 0; j < NR; ++j)
-    for (int v = 0; v < MV; ++v) {
-      _mm512_store_ps(buf, acc[j][v]);
-      const std::int64_t r0 = 16 * v;
-      const std::int64_t cnt = std::min<std::int64_t>(16, rows - r0);
-      for (std::int64_t r = 0; r < cnt; ++r) {
-        float* o = out + (r0 + r) * ldo + j;
-        *o = finish(buf[r], alpha, beta, o);
-      }
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  for (int v = 0; v < NV; ++v) {
+    const std::int64_t c0 = 16 * v;
+    if (c0 >= cols) break;
+    const std::int64_t cnt = std::min<std::int64_t>(16, cols - c0);
+    const __mmask16 mask = static_cast<__mmask16>(cnt == 16 ? 0xffffu : (1u << cnt) - 1u);
+    for (int i = 0; i < MR; ++i) {
+      float* o = out + i * ldo + c0;
+      __m512 r = _mm512_mul_ps(va, acc[i][v]);
+      if (beta != 0.0f) r = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask, o), r);
+      _mm512_mask_storeu_ps(o, mask, r);
     }
+  }
 }
 
-template <int MV>
-constexpr int bcast_nr() {
-  return MV == 1 ? 16 : (MV == 2 ? 12 : (MV == 3 ? 8 : 6));
-}
-
-// Runs bcast_kernel<MV, nr> for a weight-group width nr chosen by the widest row block.
-template <int MV>
-void bcast_width(int nr, const float* xp, const float* w, std::int64_t ldw, float* out,
-                 std::int64_t ldo, std::int64_t rows, std::int64_t kc, float alpha, float beta) {
-  switch (nr) {
-    case 16: bcast_kernel<MV, 16>(xp, w, ldw, out, ldo, rows, kc, alpha, beta); break;
-    case 12: bcast_kernel<MV, 12>(xp, w, ldw, out, ldo, rows, kc, alpha, beta); break;
-    case 8: bcast_kernel<MV, 8>(xp, w, ldw, out, ldo, rows, kc, alpha, beta); break;
-    default: bcast_kernel<MV, 6>(xp, w, ldw, out, ldo, rows, kc, alpha, beta); break;
+// Compile-time dispatch of panel_kernel<R, NP> for a run-time row count r in [1, MaxR].
+template <int NP, int R = 1, int MaxR = 12>
+void panel_rows(int r, const float* xp, std::int64_t xs, const float* wp, std::int64_t pstride,
+                float* out, std::int64_t ldo, std::int64_t kc, std::int64_t cols, float alpha,
+                float beta, const char* pf = nullptr, std::int64_t pf_lines = 0) {
+  if constexpr (R <= MaxR) {
+    if (r == R) {
+      panel_kernel<R, NP>(xp, xs, wp, pstride, out, ldo, kc, cols, alpha, beta, pf, pf_lines);
+      return;
+    }
+    panel_rows<NP, R + 1, MaxR>(r, xp, xs, wp, pstride, out, ldo, kc, cols, alpha, beta, pf,
+                                pf_lines);
   }
 }
 
@@ -147,78 +168,127 @@ void bcast_width(int nr, const float* xp, const float* w, std::int64_t ldw, floa
 
 }  // namespace
 
-bool have_simd_kernels() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
+std::int64_t pack_block_rows(std::int64_t m) { return m <= kSmallRows ? std::max<std::int64_t>(m, 1) : kBlockRows; }
+
+std::int64_t packed_x_size(std::int64_t m, std::int64_t k) {
+  const std::int64_t mr = pack_block_rows(m);
+  return (m + mr - 1) / mr * mr * k;
 }
 
-std::int64_t packed_rows_size(std::int64_t m, std::int64_t k) {
-  const std::int64_t full = m / PackedRows::kPackRows, rest = m % PackedRows::kPackRows;
-  return full * k * PackedRows::kPackRows + (rest ? k * ((rest + 15) / 16 * 16) : 0);
-}
-
-void pack_rows(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k, float* dst) {
-  for (std::int64_t b0 = 0; b0 < m; b0 += PackedRows::kPackRows) {
-    const std::int64_t rows = std::min(PackedRows::kPackRows, m - b0);
-    const std::int64_t stride = (rows + 15) / 16 * 16;
-    float* d = dst + b0 * k;  // earlier blocks are full: 64 * k floats each
-    for (std::int64_t p = 0; p < k; ++p) {
-      float* dp = d + p * stride;
-      for (std::int64_t r = 0; r < rows; ++r) dp[r] = x[(b0 + r) * ldx + p];
-      for (std::int64_t r = rows; r < stride; ++r) dp[r] = 0.0f;
+void pack_x(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k, float* dst) {
+  const std::int64_t mr = pack_block_rows(m);
+  for (std::int64_t r0 = 0; r0 < m; r0 += mr) {
+    const std::int64_t rows = std::min(mr, m - r0);
+    float* d = dst + r0 * k;
+    for (std::int64_t i = 0; i < rows; ++i) {
+      const float* xi = x + (r0 + i) * ldx;
+      for (std::int64_t p = 0; p < k; ++p) d[p * mr + i] = xi[p];
     }
+    for (std::int64_t i = rows; i < mr; ++i)
+      for (std::int64_t p = 0; p < k; ++p) d[p * mr + i] = 0.0f;
   }
 }
 
-void gemm_nt_tile(const float* x, std::int64_t ldx, const PackedRows* packed, const float* w,
-                  std::int64_t ldw, float* out, std::int64_t ldo, std::int64_t m, std::int64_t n,
-                  std::int64_t k, float alpha, float beta) {
-  if (m == 0 || n == 0) return;
+void gemm_panel_tile(const float* xp, std::int64_t m, const float* wp, std::int64_t k,
+                     std::int64_t panels, std::int64_t cols, float* out, std::int64_t ldo,
+                     float alpha, float beta) {
+  if (m == 0 || cols == 0) return;
 #if defined(__AVX512F__)
-  if (m < 5 || packed == nullptr || packed->rows != m || packed->k != k) {
-    if (m <= 8) {
-      dot_tile(x, ldx, w, ldw, out, ldo, m, n, k, alpha, beta);
-      return;
-    }
-    eigen_tile(x, ldx, w, ldw, out, ldo, m, n, k, alpha, beta);
-    return;
-  }
-  // All row blocks share one register-tile width so each weight group is loaded into L1 once
-  // per depth block and reused by every row block; depth blocks keep a packed row block in L2.
-  const int mv_max = static_cast<int>((std::min(m, PackedRows::kPackRows) + 15) / 16);
-  const int nr = mv_max == 1 ? bcast_nr<1>() : mv_max == 2 ? bcast_nr<2>() : mv_max == 3 ? bcast_nr<3>() : bcast_nr<4>();
-  const std::int64_t n_full = n / nr * nr;
+  const std::int64_t mr = pack_block_rows(m);
+  const std::int64_t pstride = k * kPanelRows;
+  // Depth blocks keep a 32 KB slice of a panel in L1 while every row block of the tile uses it.
   constexpr std::int64_t kc_max = 256;
-  for (std::int64_t k0 = 0; k0 < k; k0 += kc_max) {
+  for (std::int64_t k0 = 0; k0 < k && mr <= kSmallRows; k0 += kc_max) {
     const std::int64_t kc = std::min(kc_max, k - k0);
     const float b = k0 == 0 ? beta : 1.0f;
-    for (std::int64_t j = 0; j < n_full; j += nr) {
-      for (std::int64_t b0 = 0; b0 < m; b0 += PackedRows::kPackRows) {
-        const std::int64_t rows = std::min(PackedRows::kPackRows, m - b0);
-        const std::int64_t stride = (rows + 15) / 16 * 16;
-        const float* xp = packed->data + b0 * k + k0 * stride;
-        const float* wj = w + j * ldw + k0;
-        float* o = out + b0 * ldo + j;
-        const int mv = static_cast<int>(stride / 16);
-        // A narrower last row block keeps the weight-group width and uses fewer vectors.
-        switch (mv) {
-          case 1: bcast_width<1>(nr, xp, wj, ldw, o, ldo, rows, kc, alpha, b); break;
-          case 2: bcast_width<2>(nr, xp, wj, ldw, o, ldo, rows, kc, alpha, b); break;
-          case 3: bcast_width<3>(nr, xp, wj, ldw, o, ldo, rows, kc, alpha, b); break;
-          default: bcast_width<4>(nr, xp, wj, ldw, o, ldo, rows, kc, alpha, b); break;
-        }
+    {
+      // Few rows: two panels per step give 4 independent weight streams per row.
+      for (std::int64_t p = 0; p < panels; p += 2) {
+        const std::int64_t c = std::min(cols - p * kPanelRows, 2 * kPanelRows);
+        const float* w = wp + p * pstride + k0 * kPanelRows;
+        const float* x = xp + k0 * mr;
+        if (p + 1 < panels)
+          panel_rows<2, 1, kSmallRows>(static_cast<int>(m), x, mr, w, pstride, out + p * kPanelRows,
+                                       ldo, kc, c, alpha, b, nullptr, -1);
+        else
+          panel_rows<1, 1, kSmallRows>(static_cast<int>(m), x, mr, w, pstride, out + p * kPanelRows,
+                                       ldo, kc, c, alpha, b, nullptr, -1);
       }
     }
   }
-  if (n_full < n)
-    dot_tile(x, ldx, w + n_full * ldw, ldw, out + n_full, ldo, m, n - n_full, k, alpha, beta);
+  if (mr <= kSmallRows) return;
+  // Many rows: a panel's depth blocks in order, so the tile's weights are one sequential stream;
+  // the next block is prefetched while the row blocks compute on the current one.
+  const std::int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
+  const std::int64_t end_floats = panels * pstride;
+  for (std::int64_t p = 0; p < panels; ++p) {
+    const std::int64_t c = std::min(cols - p * kPanelRows, kPanelRows);
+    for (std::int64_t k0 = 0; k0 < k; k0 += kc_max) {
+      const std::int64_t kc = std::min(kc_max, k - k0);
+      const float b = k0 == 0 ? beta : 1.0f;
+      const std::int64_t here = p * pstride + k0 * kPanelRows;
+      const std::int64_t next = std::min(here + kc * kPanelRows, end_floats);
+      const std::int64_t next_lines =
+          (std::min(next + kc * kPanelRows, end_floats) - next) * 4 / 64;
+      const std::int64_t per_block = (next_lines + blocks - 1) / blocks;
+      for (std::int64_t r0 = 0, rb = 0; r0 < m; r0 += kBlockRows, ++rb) {
+        const int rows = static_cast<int>(std::min(kBlockRows, m - r0));
+        const std::int64_t first = std::min(rb * per_block, next_lines);
+        panel_rows<1>(rows, xp + r0 * k + k0 * kBlockRows, kBlockRows, wp + here, pstride,
+                      out + r0 * ldo + p * kPanelRows, ldo, kc, c, alpha, b,
+                      reinterpret_cast<const char*>(wp + next) + 64 * first,
+                      std::min(per_block, next_lines - first));
+      }
+    }
+  }
 #else
-  (void)packed;
-  eigen_tile(x, ldx, w, ldw, out, ldo, m, n, k, alpha, beta);
+  // Portable path: unpack the tile's panels and let Eigen compute.
+  std::vector<float> w(static_cast<std::size_t>(cols * k)), x(static_cast<std::size_t>(m * k));
+  for (std::int64_t c = 0; c < cols; ++c)
+    for (std::int64_t p = 0; p < k; ++p)
+      w[c * k + p] = wp[(c / kPanelRows) * k * kPanelRows + p * kPanelRows + c % kPanelRows];
+  const std::int64_t mr = pack_block_rows(m);
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t p = 0; p < k; ++p) x[i * k + p] = xp[(i / mr) * mr * k + p * mr + i % mr];
+  eigen_tile(x.data(), k, w.data(), k, out, ldo, m, cols, k, alpha, beta);
+  (void)panels;
 #endif
+}
+
+void gemm_nt_tile(const float* x, std::int64_t ldx, const float* w, std::int64_t ldw, float* out,
+                  std::int64_t ldo, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                  float beta) {
+  if (m == 0 || n == 0) return;
+#if defined(__AVX512F__)
+  if (m <= 8) {
+    dot_tile(x, ldx, w, ldw, out, ldo, m, n, k, alpha, beta);
+    return;
+  }
+#endif
+  eigen_tile(x, ldx, w, ldw, out, ldo, m, n, k, alpha, beta);
+}
+
+void to_panels(const float* src, std::int64_t n, std::int64_t k, float* dst) {
+  const std::int64_t panels = (n + kPanelRows - 1) / kPanelRows;
+  for (std::int64_t p = 0; p < panels; ++p)
+    for (std::int64_t r = 0; r < kPanelRows; ++r) {
+      const std::int64_t row = p * kPanelRows + r;
+      float* d = dst + p * k * kPanelRows + r;
+      if (row < n) {
+        const float* s = src + row * k;
+        for (std::int64_t c = 0; c < k; ++c) d[c * kPanelRows] = s[c];
+      } else {
+        for (std::int64_t c = 0; c < k; ++c) d[c * kPanelRows] = 0.0f;
+      }
+    }
+}
+
+void from_panels(const float* src, std::int64_t n, std::int64_t k, float* dst) {
+  for (std::int64_t row = 0; row < n; ++row) {
+    const float* s = src + (row / kPanelRows) * k * kPanelRows + row % kPanelRows;
+    float* d = dst + row * k;
+    for (std::int64_t c = 0; c < k; ++c) d[c] = s[c * kPanelRows];
+  }
 }
 
 }  // namespace autoglm::detail

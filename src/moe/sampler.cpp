@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "autoglm/moe/decoder.hpp"
@@ -31,6 +32,8 @@ std::int32_t Sampler::sample(std::span<const float> logits) {
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(),
                    [&](std::int32_t a, std::int32_t b) { return logits[a] > logits[b]; });
+  // An infinite logit takes all the probability (exp(inf - inf) would poison the sums below).
+  if (logits[order[0]] == std::numeric_limits<float>::infinity()) return order[0];
   std::size_t keep = order.size();
   if (options_.top_k > 0) keep = std::min<std::size_t>(keep, static_cast<std::size_t>(options_.top_k));
   std::vector<double> p(keep);

@@ -73,15 +73,26 @@ class Backend {
   virtual void copy_to_host(void* dst, TensorView src) = 0;
   /// dst <- src with dtype conversion (f32/f16/bf16 among themselves; same dtype for ints).
   virtual void convert(TensorView src, TensorView dst) = 0;
+  /// The layout this backend's GEMMs read weights fastest in (see prepare_weights).
+  virtual Layout weight_layout() const noexcept { return Layout::row_major; }
+  /// dst <- src in dst's layout; same f32 shape, rank >= 2. Backends that only use row_major
+  /// need not implement it.
+  virtual void relayout(TensorView src, TensorView dst) {
+    (void)src;
+    (void)dst;
+    detail::fail(ErrorCode::unsupported, "Backend::relayout", "backend {} has no other layouts",
+                 name());
+  }
   /// Every element of dst (f32) set to value.
   virtual void fill(TensorView dst, float value) = 0;
   /// dst (f32) <- uniform in [-scale, scale], a function of (seed, element index) only.
   virtual void fill_uniform(TensorView dst, std::uint64_t seed, float scale) = 0;
 
-  // a: [M, K], b: [N, K], c: [M, N]; all f32.
+  // a: [M, K], b: [N, K] (any layout), c: [M, N]; all f32.
   /// Dense GEMM, C = alpha A B^T + beta C.
   virtual void gemm(TensorView a, TensorView b, TensorView c, GemmParams p = {}) = 0;
-  // x: [R, K] rows grouped by expert; w: [E, N, K]; offsets: [E + 1] i32; out: [R, N].
+  // x: [R, K] rows grouped by expert; w: [E, N, K] (any layout); offsets: [E + 1] i32;
+  // out: [R, N].
   /// Grouped GEMM: out[offsets[e]:offsets[e+1]] = x[same rows] * w[e]^T for every expert.
   virtual void grouped_gemm(TensorView x, TensorView w, TensorView offsets, TensorView out) = 0;
 
@@ -129,6 +140,24 @@ class Backend {
   /// Embedding lookup; an id outside [0, V) is an Error naming it.
   virtual void embedding(TensorView table, TensorView ids, TensorView out) = 0;
 };
+
+/// w in the backend's preferred weight layout: w itself when it already is (or is not an f32
+/// matrix stack), else a re-laid-out copy. Expert banks and heads call this once at build time.
+template <typename B>
+Tensor prepare_weights(B& backend, Tensor w) {
+  if (w.dtype() != DType::f32 || w.shape().rank() < 2 || w.layout() == backend.weight_layout())
+    return w;
+  Tensor out(backend, DType::f32, w.shape(), backend.weight_layout());
+  backend.relayout(w, out);
+  return out;
+}
+
+namespace detail {
+/// prepare_weights through the tensor's own backend (no-op for a tensor without one).
+inline Tensor prepared(Tensor w) {
+  return w.backend() ? prepare_weights(*w.backend(), std::move(w)) : w;
+}
+}  // namespace detail
 
 /// A backend type usable as a template argument: the Backend interface, or a final
 /// implementation of it whose calls the compiler can devirtualise.

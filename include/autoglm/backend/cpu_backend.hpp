@@ -35,6 +35,8 @@ class CpuBackend final : public Backend {
   void copy_to_host(void* dst, TensorView src) override;
   void convert(TensorView src, TensorView dst) override;
   void fill(TensorView dst, float value) override;
+  Layout weight_layout() const noexcept override;
+  void relayout(TensorView src, TensorView dst) override;
   void fill_uniform(TensorView dst, std::uint64_t seed, float scale) override;
 
   void gemm(TensorView a, TensorView b, TensorView c, GemmParams p = {}) override;

@@ -28,6 +28,19 @@ struct Device {
   friend bool operator==(const Device&, const Device&) = default;
 };
 
+/// How a tensor's bytes are arranged. Only weight operands of Backend::gemm and
+/// Backend::grouped_gemm accept a layout other than row_major; copy_to_host / copy_from_host
+/// always speak the logical row-major order.
+enum class Layout : std::uint8_t {
+  row_major,  ///< dense, last dimension contiguous
+  /// Weights [..., N, K] as panels of 32 rows: [..., ceil(N/32), K, 32], rows past N zero. A
+  /// GEMM then streams each panel once, in order, whatever the number of tokens.
+  panel32,
+};
+
+/// Rows per panel of Layout::panel32.
+inline constexpr std::int64_t kPanelRows = 32;
+
 /// Up to four extents; extents are int64 so products of real model sizes cannot overflow.
 class Shape {
  public:
@@ -77,11 +90,12 @@ struct TensorView {
   DType dtype = DType::f32;
   Device device{};
   Shape shape = Shape{0};  ///< a default view is empty, not a scalar
+  Layout layout = Layout::row_major;  ///< byte arrangement (see Layout)
 
   /// Elements in the view.
   std::int64_t numel() const noexcept { return shape.numel(); }
   /// Bytes in the view.
-  std::size_t nbytes() const noexcept { return static_cast<std::size_t>(numel()) * dtype_size(dtype); }
+  std::size_t nbytes() const noexcept { return storage_bytes(layout, dtype, shape); }
   /// Extent of dimension i.
   std::int64_t dim(int i) const noexcept { return shape[i]; }
   /// Number of dimensions.
@@ -93,8 +107,22 @@ struct TensorView {
   template <typename T>
   T* as() const noexcept { return static_cast<T*>(data); }
 
-  /// Rows [begin, end) of dimension 0.
+  /// Bytes a tensor of this layout, dtype and shape occupies.
+  static std::size_t storage_bytes(Layout l, DType dt, const Shape& s) noexcept {
+    if (l == Layout::panel32 && s.rank() >= 2) {
+      const std::int64_t n = s[s.rank() - 2], k = s[s.rank() - 1];
+      const std::int64_t outer = n * k == 0 ? 0 : s.numel() / (n * k);
+      const std::int64_t padded = (n + kPanelRows - 1) / kPanelRows * kPanelRows;
+      return static_cast<std::size_t>(outer * padded * k) * dtype_size(dt);
+    }
+    return static_cast<std::size_t>(s.numel()) * dtype_size(dt);
+  }
+
+  /// Rows [begin, end) of dimension 0 (for panel32: whole matrices of a rank >= 3 stack).
   TensorView slice(std::int64_t begin, std::int64_t end) const {
+    AUTOGLM_CHECK(layout == Layout::row_major || rank() >= 3, invalid_argument,
+                  "TensorView::slice", "a panel32 {} view slices only along a stack dimension",
+                  shape.str());
     AUTOGLM_CHECK(rank() >= 1 && begin >= 0 && begin <= end && end <= dim(0), out_of_range,
                   "TensorView::slice", "rows [{}, {}) of shape {}", begin, end, shape.str());
     TensorView v = *this;
@@ -110,6 +138,8 @@ struct TensorView {
   }
   /// Same bytes, new shape with the same element count.
   TensorView reshaped(Shape s) const {
+    AUTOGLM_CHECK(layout == Layout::row_major, invalid_argument, "TensorView::reshaped",
+                  "cannot reshape a panel32 view");
     AUTOGLM_CHECK(s.numel() == numel(), shape_mismatch, "TensorView::reshaped", "{} -> {}",
                   shape.str(), s.str());
     TensorView v = *this;
@@ -145,8 +175,8 @@ struct TensorView {
 class Tensor {
  public:
   Tensor() = default;
-  /// Allocates shape × dtype on the backend; contents are uninitialised.
-  Tensor(Backend& backend, DType dtype, Shape shape);
+  /// Allocates shape × dtype on the backend in `layout`; contents are uninitialised.
+  Tensor(Backend& backend, DType dtype, Shape shape, Layout layout = Layout::row_major);
 
   /// The view over the whole buffer.
   const TensorView& view() const noexcept { return view_; }
@@ -158,6 +188,8 @@ class Tensor {
   DType dtype() const noexcept { return view_.dtype; }
   /// Extents.
   const Shape& shape() const noexcept { return view_.shape; }
+  /// Byte arrangement.
+  Layout layout() const noexcept { return view_.layout; }
   /// Extent of dimension i.
   std::int64_t dim(int i) const noexcept { return view_.dim(i); }
   /// Elements.

@@ -35,6 +35,7 @@ class LmHeadDecoder {
     AUTOGLM_CHECK(norm_.numel() == 0 || norm_.numel() == head_.dim(1), shape_mismatch,
                   "LmHeadDecoder", "norm must hold {} values, got {}", head_.dim(1), norm_.numel());
     AUTOGLM_CHECK(eps_ > 0.0f, invalid_argument, "LmHeadDecoder", "eps={} must be > 0", eps_);
+    head_ = detail::prepared(std::move(head_));
   }
 
   /// d.
@@ -120,6 +121,7 @@ class ClassifierHead {
                       weight_.dim(0) >= 1,
                   shape_mismatch, "ClassifierHead", "weight must be f32 [C >= 1, d], got {}",
                   weight_.shape().str());
+    weight_ = detail::prepared(std::move(weight_));
   }
   /// Number of classes.
   std::int64_t num_classes() const noexcept { return weight_.dim(0); }

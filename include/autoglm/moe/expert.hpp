@@ -41,6 +41,7 @@ class SwiGluExperts {
  public:
   // gate_up: [E, 2F, d]; down: [E, d, F]; both f32.
   /// Validates the shapes.
+  /// The weights are moved into their backend's preferred layout (prepare_weights).
   SwiGluExperts(Tensor gate_up, Tensor down) : gate_up_(std::move(gate_up)), down_(std::move(down)) {
     constexpr std::string_view fn = "SwiGluExperts";
     AUTOGLM_CHECK(gate_up_.shape().rank() == 3 && down_.shape().rank() == 3 &&
@@ -53,6 +54,8 @@ class SwiGluExperts {
     AUTOGLM_CHECK(down_.dim(0) == E && down_.dim(1) == d && down_.dim(2) == F2 / 2,
                   shape_mismatch, fn, "down must be [{}, {}, {}], got {}", E, d, F2 / 2,
                   down_.shape().str());
+    gate_up_ = detail::prepared(std::move(gate_up_));
+    down_ = detail::prepared(std::move(down_));
   }
 
   /// E.
@@ -61,7 +64,7 @@ class SwiGluExperts {
   std::int64_t hidden() const noexcept { return gate_up_.dim(2); }
   /// F, the width of one expert.
   std::int64_t ffn() const noexcept { return down_.dim(2); }
-  /// Fused gate/up weights [E, 2F, d].
+  /// Fused gate/up weights [E, 2F, d] (read them with Backend::copy_to_host).
   const Tensor& gate_up() const noexcept { return gate_up_; }
   /// Down weights [E, d, F].
   const Tensor& down() const noexcept { return down_; }
@@ -104,6 +107,7 @@ class GeluExperts {
  public:
   // w1: [E, F, d]; w2: [E, d, F]; both f32.
   /// Validates the shapes.
+  /// The weights are moved into their backend's preferred layout (prepare_weights).
   GeluExperts(Tensor w1, Tensor w2) : w1_(std::move(w1)), w2_(std::move(w2)) {
     constexpr std::string_view fn = "GeluExperts";
     AUTOGLM_CHECK(w1_.shape().rank() == 3 && w2_.shape().rank() == 3 &&
@@ -115,6 +119,8 @@ class GeluExperts {
                   w1_.shape().str());
     AUTOGLM_CHECK(w2_.dim(0) == E && w2_.dim(1) == d && w2_.dim(2) == F, shape_mismatch, fn,
                   "w2 must be [{}, {}, {}], got {}", E, d, F, w2_.shape().str());
+    w1_ = detail::prepared(std::move(w1_));
+    w2_ = detail::prepared(std::move(w2_));
   }
 
   /// E.

@@ -78,6 +78,7 @@ class GateNetwork {
                   weight_.shape().str());
     const std::int64_t E = weight_.dim(0);
     AUTOGLM_CHECK(E >= 1, invalid_argument, fn, "num_experts={} must be >= 1", E);
+    if (options_.policy == GatePolicy::argmax) options_.top_k = 1;  // before top_k is checked
     AUTOGLM_CHECK(options_.top_k >= 1 && options_.top_k <= E, invalid_argument, fn,
                   "top_k={} outside [1, num_experts={}]", options_.top_k, E);
     AUTOGLM_CHECK(bias_.numel() == 0 || bias_.numel() == E, shape_mismatch, fn,
@@ -87,7 +88,7 @@ class GateNetwork {
       AUTOGLM_CHECK(cf > 0.0f && std::isfinite(cf), invalid_argument, fn,
                     "capacity_factor={} must be > 0", cf);
     }
-    if (options_.policy == GatePolicy::argmax) options_.top_k = 1;
+    weight_ = detail::prepared(std::move(weight_));
     AUTOGLM_CHECK(options_.policy != GatePolicy::noisy_topk || options_.noise_std >= 0.0f,
                   invalid_argument, fn, "noise_std={} must be >= 0", options_.noise_std);
   }
@@ -110,7 +111,7 @@ class GateNetwork {
   }
   /// The options in force.
   const GateOptions& options() const noexcept { return options_; }
-  /// Router weight [E, d].
+  /// Router weight [E, d], in the backend's weight layout.
   const Tensor& weight() const noexcept { return weight_; }
   /// Selection bias [E] (may be empty).
   const Tensor& bias() const noexcept { return bias_; }

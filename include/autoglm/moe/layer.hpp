@@ -97,9 +97,12 @@ class MoELayer {
   template <BackendLike B>
   void forward(B& backend, TensorView x, TensorView out, RoutingStats* stats = nullptr) const {
     check_input("MoELayer::forward", x);
-    AUTOGLM_CHECK(out.shape == x.shape && out.dtype == DType::f32, shape_mismatch,
-                  "MoELayer::forward", "out must be f32 {}, got {} {}", x.shape.str(),
-                  dtype_name(out.dtype), out.shape.str());
+    AUTOGLM_CHECK(out.shape == x.shape, shape_mismatch, "MoELayer::forward",
+                  "out must be f32 {}, got {} {}", x.shape.str(), dtype_name(out.dtype),
+                  out.shape.str());
+    AUTOGLM_CHECK(out.dtype == DType::f32, dtype_mismatch, "MoELayer::forward",
+                  "out must be f32 {}, got {} {}", x.shape.str(), dtype_name(out.dtype),
+                  out.shape.str());
     if (x.dim(0) == 0) {
       if (stats) *stats = RoutingStats{std::vector<std::int32_t>(num_experts(), 0)};
       return;
@@ -123,9 +126,11 @@ class MoELayer {
 
  private:
   void check_input(std::string_view fn, const TensorView& x) const {
-    AUTOGLM_CHECK(x.rank() == 2 && x.dim(1) == hidden() && x.dtype == DType::f32, shape_mismatch,
-                  fn, "x must be f32 [tokens, {}], got {} {}", hidden(), dtype_name(x.dtype),
+    AUTOGLM_CHECK(x.rank() == 2 && x.dim(1) == hidden(), shape_mismatch, fn,
+                  "x must be f32 [tokens, {}], got {} {}", hidden(), dtype_name(x.dtype),
                   x.shape.str());
+    AUTOGLM_CHECK(x.dtype == DType::f32, dtype_mismatch, fn, "x must be f32 [tokens, {}], got {} {}",
+                  hidden(), dtype_name(x.dtype), x.shape.str());
   }
 
   G gate_;
