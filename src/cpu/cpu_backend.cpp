@@ -6,6 +6,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <unordered_map>
 #include <numeric>
 #include <vector>
 
@@ -31,8 +34,60 @@ float silu(float v) { return v / (1.0f + std::exp(-v)); }
 }  // namespace
 
 struct CpuBackend::Impl {
-  explicit Impl(int threads) : arena(threads) {}
+  explicit Impl(int threads, std::size_t cache_limit) : arena(threads), cache_limit(cache_limit) {}
+  ~Impl() {
+    for (auto& [size, p] : free_blocks) std::free(p);
+  }
   tbb::task_arena arena;
+
+  // A caching pool for large buffers: a forward pass allocates the same activation sizes every
+  // call, and returning them to the OS would page-fault them in again each time.
+  static constexpr std::size_t kPoolMin = std::size_t{1} << 16;
+  static constexpr std::size_t kPoolMax = std::size_t{1} << 28;
+  std::mutex pool_mutex;
+  std::unordered_map<void*, std::size_t> block_size;   // live pooled blocks
+  std::multimap<std::size_t, void*> free_blocks;       // cached, by size
+  std::size_t cached = 0;
+  std::size_t cache_limit;
+
+  void* take(std::size_t bytes) {
+    if (bytes >= kPoolMin && bytes <= kPoolMax) {
+      std::lock_guard lock(pool_mutex);
+      auto it = free_blocks.lower_bound(bytes);
+      if (it != free_blocks.end() && it->first <= 2 * bytes) {
+        void* p = it->second;
+        block_size[p] = it->first;
+        cached -= it->first;
+        free_blocks.erase(it);
+        return p;
+      }
+    }
+    const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, rounded);
+    if (p && bytes >= kPoolMin && bytes <= kPoolMax) {
+      std::lock_guard lock(pool_mutex);
+      block_size[p] = rounded;
+    }
+    return p;
+  }
+
+  void give(void* p) noexcept {
+    if (!p) return;
+    {
+      std::lock_guard lock(pool_mutex);
+      auto it = block_size.find(p);
+      if (it != block_size.end()) {
+        const std::size_t size = it->second;
+        block_size.erase(it);
+        if (cached + size <= cache_limit) {
+          free_blocks.emplace(size, p);
+          cached += size;
+          return;
+        }
+      }
+    }
+    std::free(p);
+  }
 
   template <typename F>
   void parallel(std::int64_t n, std::int64_t grain, F&& f) {
@@ -50,7 +105,7 @@ CpuBackend::CpuBackend(CpuBackendOptions options) {
   AUTOGLM_CHECK(options.threads >= 0, invalid_argument, "CpuBackend", "threads={} must be >= 0",
                 options.threads);
   const int n = options.threads == 0 ? tbb::info::default_concurrency() : options.threads;
-  impl_ = std::make_unique<Impl>(n);
+  impl_ = std::make_unique<Impl>(n, options.cache_bytes);
 }
 
 CpuBackend::~CpuBackend() = default;
@@ -58,13 +113,12 @@ CpuBackend::~CpuBackend() = default;
 int CpuBackend::num_threads() const noexcept { return impl_->arena.max_concurrency(); }
 
 void* CpuBackend::allocate(std::size_t bytes) {
-  const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, rounded);
+  void* p = impl_->take(bytes);
   AUTOGLM_CHECK(p != nullptr, device, "CpuBackend::allocate", "out of memory for {} bytes", bytes);
   return p;
 }
 
-void CpuBackend::deallocate(void* ptr) noexcept { std::free(ptr); }
+void CpuBackend::deallocate(void* ptr) noexcept { impl_->give(ptr); }
 
 namespace {
 
@@ -198,7 +252,7 @@ namespace {
 // Packs each group's rows of x for the panel kernel, in parallel; start[g] is the group's
 // offset in the returned buffer.
 template <typename Parallel>
-std::vector<float> pack_groups(Parallel&& parallel, const float* x, std::int64_t k,
+Tensor pack_groups(Backend& backend, Parallel&& parallel, const float* x, std::int64_t k,
                                const std::vector<std::int64_t>& row0,
                                const std::vector<std::int64_t>& rows,
                                std::vector<std::int64_t>& start) {
@@ -209,9 +263,9 @@ std::vector<float> pack_groups(Parallel&& parallel, const float* x, std::int64_t
     start[g] = total;
     total += detail::packed_x_size(rows[g], k);
   }
-  std::vector<float> packed(static_cast<std::size_t>(total));
+  Tensor packed(backend, DType::f32, Shape{total});
   parallel(G, [&](std::int64_t g) {
-    if (rows[g] > 0) detail::pack_x(x + row0[g] * k, k, rows[g], k, packed.data() + start[g]);
+    if (rows[g] > 0) detail::pack_x(x + row0[g] * k, k, rows[g], k, packed.data<float>() + start[g]);
   });
   return packed;
 }
@@ -255,16 +309,16 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
   const float* A = a.as<float>();
   const float* B = b.as<float>();
   float* C = c.as<float>();
-  std::vector<float> packed;
+  Tensor packed;
   if (panels) {
     std::vector<std::int64_t> start;
-    packed = pack_groups([&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, A, k, {0},
-                         {m}, start);
+    packed = pack_groups(*this, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, A, k,
+                         {0}, {m}, start);
   }
   impl_->parallel(static_cast<std::int64_t>(tiles.size()), 1, [&](std::int64_t i) {
     const Tile& t = tiles[static_cast<std::size_t>(i)];
     if (panels) {
-      detail::gemm_panel_tile(packed.data() + t.row0 * k, t.rows,
+      detail::gemm_panel_tile(packed.data<float>() + t.row0 * k, t.rows,
                               B + t.col0 / kPanelRows * kPanelRows * k, k,
                               (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
                               C + t.row0 * n + t.col0, n, p.alpha, p.beta);
@@ -311,16 +365,16 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   const float* W = w.as<float>();
   float* O = out.as<float>();
   const std::int64_t wstride = panels ? panel_floats(n, k) : n * k;
-  std::vector<float> packed;
+  Tensor packed;
   std::vector<std::int64_t> start;
   if (panels)
-    packed = pack_groups([&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, X, k, row0,
-                         rows, start);
+    packed = pack_groups(*this, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, X, k,
+                         row0, rows, start);
   impl_->parallel(static_cast<std::int64_t>(tiles.size()), 1, [&](std::int64_t i) {
     const Tile& t = tiles[static_cast<std::size_t>(i)];
     const float* We = W + t.e * wstride;
     if (panels) {
-      detail::gemm_panel_tile(packed.data() + start[t.e] + (t.row0 - row0[t.e]) * k, t.rows,
+      detail::gemm_panel_tile(packed.data<float>() + start[t.e] + (t.row0 - row0[t.e]) * k, t.rows,
                               We + t.col0 / kPanelRows * kPanelRows * k, k,
                               (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
                               O + t.row0 * n + t.col0, n, 1.0f, 0.0f);

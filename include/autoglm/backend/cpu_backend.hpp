@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 
+#include <cstddef>
 #include <memory>
 
 #include "autoglm/backend/backend.hpp"
@@ -10,11 +11,13 @@ namespace autoglm {
 /// Options of the CPU backend.
 struct CpuBackendOptions {
   int threads = 0;  ///< worker threads; 0 = all hardware threads
+  /// Bytes of freed large buffers kept for reuse (activations of the next forward pass).
+  std::size_t cache_bytes = std::size_t{1} << 30;
 };
 
 /// CPU backend on Eigen (GEMM tiles) and oneTBB (parallel loops in a private task arena).
 /// Work is split into tiles whose shape never depends on the thread count, so results are
-/// bit-identical for any number of threads.
+/// bit-identical for any number of threads. Tensors must not outlive the backend that made them.
 class CpuBackend final : public Backend {
  public:
   /// Creates the backend; threads < 0 is an Error.
