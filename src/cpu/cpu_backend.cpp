@@ -18,6 +18,7 @@
 
 #include "common/checks.hpp"
 #include "common/random.hpp"
+#include "cpu/cpu_backend_impl.hpp"
 #include "cpu/gemm_kernels.hpp"
 
 namespace autoglm {
@@ -32,74 +33,6 @@ using detail::expect_same_shape;
 float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 }  // namespace
-
-struct CpuBackend::Impl {
-  explicit Impl(int threads, std::size_t cache_limit) : arena(threads), cache_limit(cache_limit) {}
-  ~Impl() {
-    for (auto& [size, p] : free_blocks) std::free(p);
-  }
-  tbb::task_arena arena;
-
-  // A caching pool for large buffers: a forward pass allocates the same activation sizes every
-  // call, and returning them to the OS would page-fault them in again each time.
-  static constexpr std::size_t kPoolMin = std::size_t{1} << 16;
-  static constexpr std::size_t kPoolMax = std::size_t{1} << 28;
-  std::mutex pool_mutex;
-  std::unordered_map<void*, std::size_t> block_size;   // live pooled blocks
-  std::multimap<std::size_t, void*> free_blocks;       // cached, by size
-  std::size_t cached = 0;
-  std::size_t cache_limit;
-
-  void* take(std::size_t bytes) {
-    if (bytes >= kPoolMin && bytes <= kPoolMax) {
-      std::lock_guard lock(pool_mutex);
-      auto it = free_blocks.lower_bound(bytes);
-      if (it != free_blocks.end() && it->first <= 2 * bytes) {
-        void* p = it->second;
-        block_size[p] = it->first;
-        cached -= it->first;
-        free_blocks.erase(it);
-        return p;
-      }
-    }
-    const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + 63) / 64 * 64;
-    void* p = std::aligned_alloc(64, rounded);
-    if (p && bytes >= kPoolMin && bytes <= kPoolMax) {
-      std::lock_guard lock(pool_mutex);
-      block_size[p] = rounded;
-    }
-    return p;
-  }
-
-  void give(void* p) noexcept {
-    if (!p) return;
-    {
-      std::lock_guard lock(pool_mutex);
-      auto it = block_size.find(p);
-      if (it != block_size.end()) {
-        const std::size_t size = it->second;
-        block_size.erase(it);
-        if (cached + size <= cache_limit) {
-          free_blocks.emplace(size, p);
-          cached += size;
-          return;
-        }
-      }
-    }
-    std::free(p);
-  }
-
-  template <typename F>
-  void parallel(std::int64_t n, std::int64_t grain, F&& f) {
-    if (n <= 0) return;
-    arena.execute([&] {
-      tbb::parallel_for(tbb::blocked_range<std::int64_t>(0, n, std::max<std::int64_t>(grain, 1)),
-                        [&](const tbb::blocked_range<std::int64_t>& r) {
-                          for (std::int64_t i = r.begin(); i != r.end(); ++i) f(i);
-                        });
-    });
-  }
-};
 
 CpuBackend::CpuBackend(CpuBackendOptions options) {
   AUTOGLM_CHECK(options.threads >= 0, invalid_argument, "CpuBackend", "threads={} must be >= 0",
