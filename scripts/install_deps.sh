@@ -3,7 +3,7 @@
 # Installs the Debian 12 packages autoglm builds, tests and benchmarks with; only what is missing.
 set -euo pipefail
 pkgs=(build-essential cmake ninja-build ccache libeigen3-dev libtbb-dev libfmt-dev catch2
-      libbenchmark-dev nlohmann-json3-dev libopenblas-dev)
+      libbenchmark-dev nlohmann-json3-dev libopenblas-dev clang libclang-rt-14-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,6 +2,7 @@
 #include "autoglm/backend/cpu_backend.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -30,7 +31,26 @@ using detail::expect_matrix;
 using detail::expect_rank;
 using detail::expect_same_shape;
 
-float silu(float v) { return v / (1.0f + std::exp(-v)); }
+// exp(x) for x in float range, within ~2 ulp: Cody-Waite reduction x = n ln2 + r and a degree-6
+// polynomial for e^r; branch-free and call-free so loops over it vectorise.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  // Round x / ln2 to an integer by the 1.5 * 2^23 trick: no float-to-int conversion, so a NaN
+  // input propagates as NaN instead of being undefined behaviour.
+  constexpr float kShift = 12582912.0f;
+  const float t = x * 1.44269504088896341f + kShift;
+  const float n = t - kShift;
+  const std::int32_t ni = std::bit_cast<std::int32_t>(t) - std::bit_cast<std::int32_t>(kShift);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * std::bit_cast<float>(static_cast<std::uint32_t>(ni + 127) << 23);
+}
 
 }  // namespace
 
@@ -168,11 +188,31 @@ void CpuBackend::fill(TensorView dst, float value) {
 }
 
 void CpuBackend::fill_uniform(TensorView dst, std::uint64_t seed, float scale) {
-  detail::expect_device("CpuBackend::fill_uniform", "dst", dst, device());
+  detail::expect_device("CpuBackend::fill_uniform", "dst", dst, device(), /*any_layout=*/true);
   expect_dtype("CpuBackend::fill_uniform", "dst", dst, DType::f32);
+  float* d = dst.as<float>();
+  if (dst.layout == Layout::panel32) {
+    // Values follow the logical (row-major) element index, so a panel32 tensor holds exactly
+    // what a row-major one filled with the same seed would, without a second copy.
+    const std::int64_t n = dst.dim(dst.rank() - 2), k = dst.dim(dst.rank() - 1);
+    const std::int64_t panels = (n + kPanelRows - 1) / kPanelRows;
+    const std::int64_t count = n * k == 0 ? 0 : dst.numel() / (n * k);
+    impl_->parallel(count * panels, 1, [&](std::int64_t job) {
+      const std::int64_t m = job / panels, p = job % panels;
+      float* out = d + m * panel_floats(n, k) + p * k * kPanelRows;
+      for (std::int64_t c = 0; c < k; ++c)
+        for (std::int64_t r = 0; r < kPanelRows; ++r) {
+          const std::int64_t row = p * kPanelRows + r;
+          out[c * kPanelRows + r] =
+              row < n ? scale * detail::uniform_pm1(
+                                    seed, static_cast<std::uint64_t>((m * n + row) * k + c))
+                      : 0.0f;
+        }
+    });
+    return;
+  }
   const std::int64_t n = dst.numel();
   constexpr std::int64_t block = 1 << 16;
-  float* d = dst.as<float>();
   impl_->parallel((n + block - 1) / block, 1, [&](std::int64_t b) {
     const std::int64_t end = std::min(n, (b + 1) * block);
     for (std::int64_t i = b * block; i < end; ++i)
@@ -596,7 +636,7 @@ void CpuBackend::silu_mul(TensorView in, TensorView out) {
     const float* g = in.as<float>() + r * 2 * F;
     const float* u = g + F;
     float* o = out.as<float>() + r * F;
-    for (std::int64_t c = 0; c < F; ++c) o[c] = silu(g[c]) * u[c];
+    for (std::int64_t c = 0; c < F; ++c) o[c] = g[c] / (1.0f + exp_approx(-g[c])) * u[c];
   });
 }
 

@@ -45,6 +45,26 @@ struct GemmParams {
 /// Activation of an elementwise row scale in Backend::add_scaled_rows.
 enum class RowScale : std::uint8_t { identity, sigmoid };
 
+/// Rotary position embedding of Backend::rope. Each head's dimensions [offset, offset +
+/// rotary_dim) are rotated by the angles position * inv_freq[i]; the others pass through.
+struct RopeParams {
+  std::int64_t offset = 0;      ///< first rotated dimension of each head (DeepSeek MLA: nope)
+  std::int64_t rotary_dim = 0;  ///< rotated dimensions, even; 0 = head_dim - offset
+  /// false: rotate_half (NEOX) pairs, element i with i + rotary_dim/2 (transformers default).
+  /// true: adjacent pairs (2i, 2i+1) as DeepSeek's reference rotates them, written
+  /// de-interleaved as transformers' rope_interleave does: [x_even rotated | x_odd rotated].
+  bool interleaved = false;
+  float attention_factor = 1.0f;  ///< cos and sin are multiplied by it (yarn mscale)
+};
+
+/// Scaled dot-product attention of Backend::attention.
+struct AttentionParams {
+  float scale = 1.0f;   ///< score multiplier, usually head_dim^-0.5
+  bool causal = true;   ///< query at position p sees keys 0 ... p only
+  /// Sliding window: a query at position p sees key s only if p - s < window; 0 = unlimited.
+  std::int64_t window = 0;
+};
+
 /// The primitive set every backend implements, at MoE grain: one call covers a whole routing,
 /// permutation or grouped GEMM, so a device backend keeps its kernels in its own translation
 /// units. All tensors are dense row-major views on this backend's device; every entry point
@@ -85,7 +105,7 @@ class Backend {
   }
   /// Every element of dst (f32) set to value.
   virtual void fill(TensorView dst, float value) = 0;
-  /// dst (f32) <- uniform in [-scale, scale], a function of (seed, element index) only.
+  /// dst (f32, any layout) <- uniform in [-scale, scale], a function of (seed, logical index).
   virtual void fill_uniform(TensorView dst, std::uint64_t seed, float scale) = 0;
 
   // a: [M, K], b: [N, K] (any layout), c: [M, N]; all f32.
@@ -139,6 +159,28 @@ class Backend {
   // table: [V, d]; ids: [T] i32; out: [T, d].
   /// Embedding lookup; an id outside [0, V) is an Error naming it.
   virtual void embedding(TensorView table, TensorView ids, TensorView out) = 0;
+
+  // x, out: [R, N]; bias: [N].
+  /// out[r] = x[r] + bias (out may be x).
+  virtual void add_bias(TensorView x, TensorView bias, TensorView out) = 0;
+  /// x = clamp(x, lo, hi) elementwise, in place (OLMoE clip_qkv); lo <= hi.
+  virtual void clamp(TensorView x, float lo, float hi) = 0;
+  // src: [R, Cs]; dst: [R * g, Cd] for an integer g >= 1.
+  /// dst[r, dst_col + j] = src[r / g, src_col + j] for j < width: moves a column block between
+  /// row-major matrices, repeating each source row g times (one k_rope head shared by g heads).
+  virtual void copy_columns(TensorView src, std::int64_t src_col, TensorView dst,
+                            std::int64_t dst_col, std::int64_t width) = 0;
+  // x: [T, H, D] f32, rotated in place; positions: [T] i32 (>= 0); inv_freq: [rotary_dim / 2].
+  /// Rotary position embedding (see RopeParams); angles are float(position) * inv_freq in f32,
+  /// as transformers computes them.
+  virtual void rope(TensorView x, TensorView positions, TensorView inv_freq,
+                    const RopeParams& p) = 0;
+  // q: [T, Hq, D]; k: [S, Hkv, D]; v: [S, Hkv, Dv]; positions: [T] i32 (query t sits at
+  // positions[t], key s at position s); out: [T, Hq, Dv]. Hq % Hkv == 0.
+  /// Multi-head attention with grouped KV heads (KV head j serves query heads j*g ... j*g+g-1,
+  /// g = Hq / Hkv), f32 scores and softmax. A query that sees no key gets zeros.
+  virtual void attention(TensorView q, TensorView k, TensorView v, TensorView positions,
+                         const AttentionParams& p, TensorView out) = 0;
 };
 
 /// w in the backend's preferred weight layout: w itself when it already is (or is not an f32

@@ -62,6 +62,14 @@ class CpuBackend final : public Backend {
   void add(TensorView a, TensorView b, TensorView out) override;
   void add_scaled_rows(TensorView x, TensorView scale, RowScale f, TensorView out) override;
   void embedding(TensorView table, TensorView ids, TensorView out) override;
+  // Attention primitives (src/cpu/cpu_attention.cpp).
+  void add_bias(TensorView x, TensorView bias, TensorView out) override;
+  void clamp(TensorView x, float lo, float hi) override;
+  void copy_columns(TensorView src, std::int64_t src_col, TensorView dst, std::int64_t dst_col,
+                    std::int64_t width) override;
+  void rope(TensorView x, TensorView positions, TensorView inv_freq, const RopeParams& p) override;
+  void attention(TensorView q, TensorView k, TensorView v, TensorView positions,
+                 const AttentionParams& p, TensorView out) override;
 
  private:
   struct Impl;

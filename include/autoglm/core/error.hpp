@@ -20,6 +20,7 @@ enum class ErrorCode {
   device,            ///< a tensor on the wrong device, or a device failure
   io,                ///< file or parse failure
   unsupported,       ///< a valid request this build cannot serve
+  cancelled,         ///< the caller asked to stop (e.g. a load progress callback)
 };
 
 /// Name of an ErrorCode, e.g. "shape_mismatch".
@@ -34,6 +35,7 @@ constexpr std::string_view error_code_name(ErrorCode c) noexcept {
     case ErrorCode::device: return "device";
     case ErrorCode::io: return "io";
     case ErrorCode::unsupported: return "unsupported";
+    case ErrorCode::cancelled: return "cancelled";
   }
   return "unknown";
 }

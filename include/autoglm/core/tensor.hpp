@@ -177,6 +177,13 @@ class Tensor {
   Tensor() = default;
   /// Allocates shape × dtype on the backend in `layout`; contents are uninitialised.
   Tensor(Backend& backend, DType dtype, Shape shape, Layout layout = Layout::row_major);
+  /// Wraps memory the backend did not allocate, e.g. a memory-mapped checkpoint (see
+  /// SafeTensorsFile::load): the tensor views `view` and holds `keep_alive`, the owner of
+  /// view.data, for as long as any copy of the tensor exists; nothing is freed through the
+  /// backend. view.device must be backend.device(), view.data non-null unless the view is
+  /// empty, keep_alive non-null. The memory may be read-only: writing to such a tensor is the
+  /// caller's responsibility.
+  Tensor(Backend& backend, TensorView view, std::shared_ptr<const void> keep_alive);
 
   /// The view over the whole buffer.
   const TensorView& view() const noexcept { return view_; }

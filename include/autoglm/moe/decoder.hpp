@@ -66,7 +66,7 @@ class LmHeadDecoder {
                   "vocab={} and hidden={} must be >= 1", vocab, hidden);
     Tensor n(backend, DType::f32, Shape{hidden});
     backend.fill(n, 1.0f);
-    Tensor h(backend, DType::f32, Shape{vocab, hidden});
+    Tensor h(backend, DType::f32, Shape{vocab, hidden}, backend.weight_layout());
     backend.fill_uniform(h, seed, 1.0f / std::sqrt(static_cast<float>(hidden)));
     return LmHeadDecoder(std::move(n), std::move(h));
   }

@@ -90,8 +90,9 @@ class SwiGluExperts {
     AUTOGLM_CHECK(experts >= 1 && hidden >= 1 && ffn >= 1, invalid_argument,
                   "SwiGluExperts::random", "experts={}, hidden={}, ffn={} must be >= 1", experts,
                   hidden, ffn);
-    Tensor gu(backend, DType::f32, Shape{experts, 2 * ffn, hidden});
-    Tensor dn(backend, DType::f32, Shape{experts, hidden, ffn});
+    // Filled in place in the backend's weight layout: no row-major copy at build time.
+    Tensor gu(backend, DType::f32, Shape{experts, 2 * ffn, hidden}, backend.weight_layout());
+    Tensor dn(backend, DType::f32, Shape{experts, hidden, ffn}, backend.weight_layout());
     backend.fill_uniform(gu, seed, 1.0f / std::sqrt(static_cast<float>(hidden)));
     backend.fill_uniform(dn, seed + 1, 1.0f / std::sqrt(static_cast<float>(ffn)));
     return SwiGluExperts(std::move(gu), std::move(dn));
@@ -154,8 +155,8 @@ class GeluExperts {
     AUTOGLM_CHECK(experts >= 1 && hidden >= 1 && ffn >= 1, invalid_argument,
                   "GeluExperts::random", "experts={}, hidden={}, ffn={} must be >= 1", experts,
                   hidden, ffn);
-    Tensor w1(backend, DType::f32, Shape{experts, ffn, hidden});
-    Tensor w2(backend, DType::f32, Shape{experts, hidden, ffn});
+    Tensor w1(backend, DType::f32, Shape{experts, ffn, hidden}, backend.weight_layout());
+    Tensor w2(backend, DType::f32, Shape{experts, hidden, ffn}, backend.weight_layout());
     backend.fill_uniform(w1, seed, 1.0f / std::sqrt(static_cast<float>(hidden)));
     backend.fill_uniform(w2, seed + 1, 1.0f / std::sqrt(static_cast<float>(ffn)));
     return GeluExperts(std::move(w1), std::move(w2));

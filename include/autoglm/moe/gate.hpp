@@ -174,7 +174,7 @@ class GateNetwork {
                             GateOptions options, std::uint64_t seed, bool with_bias = false) {
     AUTOGLM_CHECK(experts >= 1 && hidden >= 1, invalid_argument, "GateNetwork::random",
                   "num_experts={} and hidden={} must be >= 1", experts, hidden);
-    Tensor w(backend, DType::f32, Shape{experts, hidden});
+    Tensor w(backend, DType::f32, Shape{experts, hidden}, backend.weight_layout());
     backend.fill_uniform(w, seed, 1.0f / std::sqrt(static_cast<float>(hidden)));
     Tensor b;
     if (with_bias) {

@@ -1,0 +1,466 @@
+// SPDX-License-Identifier: Apache-2.0
+// load_model: Hugging Face checkpoint directory -> Model. Two phases: plan (every tensor's
+// name, presence, dtype and shape checked against config.json, nothing read), then build (the
+// tensors loaded in plan order, with progress reports). Objects are only ever returned by value,
+// so a failure or cancellation anywhere leaves nothing behind.
+#include <charconv>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "autoglm/io/safetensors.hpp"
+#include "autoglm/models/model.hpp"
+#include "common/checks.hpp"
+
+namespace autoglm {
+namespace {
+
+constexpr std::string_view kFn = "load_model";
+
+bool is_float(DType t) { return t == DType::f32 || t == DType::f16 || t == DType::bf16; }
+
+/// The checkpoint plus the list of tensors the model needs, checked before anything is read.
+class Checkpoint {
+ public:
+  Checkpoint(Backend& backend, SafeTensorsModel st, std::string dir,
+             const std::function<bool(const LoadProgress&)>* progress)
+      : backend_(backend), st_(std::move(st)), dir_(std::move(dir)), progress_(progress) {}
+
+  bool has(const std::string& name) const { return st_.find(name) != nullptr; }
+  const SafeTensorsModel& st() const noexcept { return st_; }
+
+  /// Plans `name` with shape `want`; `what` says what needs it (for messages).
+  void need(const std::string& name, const Shape& want, std::string_view what) {
+    const TensorInfo* info = st_.find(name);
+    if (!info)
+      detail::fail(ErrorCode::not_found, kFn, "{}: tensor '{}' ({}) is missing from the checkpoint",
+                   dir_, name, what);
+    const std::string& file = st_.file_of(name).source();
+    if (!info->dtype || !is_float(*info->dtype))
+      detail::fail(ErrorCode::unsupported, kFn,
+                   "{}: tensor '{}' has dtype {}; only F32, F16 and BF16 weights are supported",
+                   file, name, info->dtype_tag);
+    if (!info->shape || !(*info->shape == want))
+      detail::fail(ErrorCode::shape_mismatch, kFn,
+                   "{}: tensor '{}' ({}) has shape [{}], but config.json implies {}", file, name,
+                   what, fmt::join(info->extents, ", "), want.str());
+    planned_.push_back(name);
+    progress_state_.tensors_total += 1;
+    progress_state_.bytes_total += info->nbytes;
+  }
+
+  /// Loads a planned tensor as f32 (aliasing the mapped file when it already is f32).
+  Tensor take(const std::string& name) {
+    Tensor t = st_.load(backend_, name, DType::f32);
+    report(name);
+    return t;
+  }
+
+  /// Copies a planned tensor into dst (converting from its stored dtype).
+  void take_into(const std::string& name, TensorView dst) {
+    const TensorInfo& info = st_.at(name);
+    const Tensor src = st_.load(backend_, name, *info.dtype);
+    backend_.convert(TensorView(src).reshaped(dst.shape), dst);
+    report(name);
+  }
+
+  /// The first report (nothing loaded yet).
+  void start() { call(); }
+
+ private:
+  void report(const std::string& name) {
+    const TensorInfo& info = st_.at(name);
+    progress_state_.tensors_done += 1;
+    progress_state_.bytes_done += info.nbytes;
+    progress_state_.tensor = name;
+    call();
+  }
+  void call() {
+    if (progress_ && *progress_ && !(*progress_)(progress_state_))
+      detail::fail(ErrorCode::cancelled, kFn,
+                   "{}: cancelled by the progress callback after {} of {} tensors", dir_,
+                   progress_state_.tensors_done, progress_state_.tensors_total);
+  }
+
+  Backend& backend_;
+  SafeTensorsModel st_;
+  std::string dir_;
+  const std::function<bool(const LoadProgress&)>* progress_;
+  std::vector<std::string> planned_;
+  LoadProgress progress_state_;
+};
+
+/// Expert tensors of one MoE layer, in either layout.
+struct ExpertNames {
+  bool fused = false;
+  std::string gate_up, down;                 // fused [E, 2I, d], [E, d, I]
+  std::vector<std::string> gate, up, downs;  // per expert [I, d], [I, d], [d, I]
+};
+
+/// A SwiGLU MLP stored as three matrices (shared expert, dense layer).
+struct MlpNames {
+  std::string gate, up, down;
+  bool defined() const noexcept { return !gate.empty(); }
+};
+
+/// Every tensor name of one decoder layer (empty: absent).
+struct LayerNames {
+  std::string in_norm, post_norm;
+  // GQA
+  std::string q, k, v, o, q_bias, k_bias, v_bias, o_bias, q_norm, k_norm;
+  // MLA
+  std::string q_a, q_a_bias, q_a_norm, q_b, kv_a, kv_a_bias, kv_a_norm, kv_b;
+  // FFN
+  bool moe = false;
+  std::string router, selection_bias, shared_gate;
+  ExpertNames experts;
+  MlpNames shared, dense;
+};
+
+/// Plans one decoder layer: resolves names for the checkpoint's layout, checks every tensor.
+LayerNames plan_layer(Checkpoint& ck, const ModelConfig& c, int i) {
+  const FamilyTraits tr = family_traits(c.family);
+  const std::string p = fmt::format("model.layers.{}.", i);
+  const std::int64_t d = c.hidden_size;
+  LayerNames n;
+  n.in_norm = p + "input_layernorm.weight";
+  n.post_norm = p + "post_attention_layernorm.weight";
+  ck.need(n.in_norm, Shape{d}, "input norm");
+  ck.need(n.post_norm, Shape{d}, "post-attention norm");
+  const std::string a = p + "self_attn.";
+  if (tr.attention == AttentionKind::gqa) {
+    const std::int64_t Hq = c.num_attention_heads, Hkv = c.num_key_value_heads, D = c.head_dim;
+    n.q = a + "q_proj.weight";
+    n.k = a + "k_proj.weight";
+    n.v = a + "v_proj.weight";
+    n.o = a + "o_proj.weight";
+    ck.need(n.q, Shape{Hq * D, d}, "q projection");
+    ck.need(n.k, Shape{Hkv * D, d}, "k projection");
+    ck.need(n.v, Shape{Hkv * D, d}, "v projection");
+    ck.need(n.o, Shape{d, Hq * D}, "o projection");
+    if (c.qkv_bias) {
+      n.q_bias = a + "q_proj.bias";
+      n.k_bias = a + "k_proj.bias";
+      n.v_bias = a + "v_proj.bias";
+      ck.need(n.q_bias, Shape{Hq * D}, "q bias (attention_bias / qkv_bias)");
+      ck.need(n.k_bias, Shape{Hkv * D}, "k bias (attention_bias / qkv_bias)");
+      ck.need(n.v_bias, Shape{Hkv * D}, "v bias (attention_bias / qkv_bias)");
+    }
+    if (c.o_proj_bias) {
+      n.o_bias = a + "o_proj.bias";
+      ck.need(n.o_bias, Shape{d}, "o bias (attention_bias)");
+    }
+    if (c.qk_norm != QkNorm::none) {
+      n.q_norm = a + "q_norm.weight";
+      n.k_norm = a + "k_norm.weight";
+      const bool whole = c.qk_norm == QkNorm::whole;
+      ck.need(n.q_norm, whole ? Shape{Hq * D} : Shape{D}, "q norm");
+      ck.need(n.k_norm, whole ? Shape{Hkv * D} : Shape{D}, "k norm");
+    }
+  } else {
+    const std::int64_t H = c.num_attention_heads, qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
+    const std::int64_t kvr = c.kv_lora_rank, rope = c.qk_rope_head_dim;
+    if (c.q_lora_rank > 0) {
+      n.q_a = a + "q_a_proj.weight";
+      n.q_a_norm = a + "q_a_layernorm.weight";
+      n.q_b = a + "q_b_proj.weight";
+      ck.need(n.q_a, Shape{c.q_lora_rank, d}, "q LoRA down projection");
+      ck.need(n.q_a_norm, Shape{c.q_lora_rank}, "q LoRA norm");
+      ck.need(n.q_b, Shape{H * qk, c.q_lora_rank}, "q LoRA up projection");
+      if (c.qkv_bias) {
+        n.q_a_bias = a + "q_a_proj.bias";
+        ck.need(n.q_a_bias, Shape{c.q_lora_rank}, "q_a bias (attention_bias)");
+      }
+    } else {
+      n.q = a + "q_proj.weight";
+      ck.need(n.q, Shape{H * qk, d}, "q projection (q_lora_rank null)");
+    }
+    n.kv_a = a + "kv_a_proj_with_mqa.weight";
+    n.kv_a_norm = a + "kv_a_layernorm.weight";
+    n.kv_b = a + "kv_b_proj.weight";
+    n.o = a + "o_proj.weight";
+    ck.need(n.kv_a, Shape{kvr + rope, d}, "kv latent projection");
+    ck.need(n.kv_a_norm, Shape{kvr}, "kv latent norm");
+    ck.need(n.kv_b, Shape{H * (c.qk_nope_head_dim + c.v_head_dim), kvr}, "kv up projection");
+    ck.need(n.o, Shape{d, H * c.v_head_dim}, "o projection");
+    if (c.qkv_bias) {
+      n.kv_a_bias = a + "kv_a_proj_with_mqa.bias";
+      ck.need(n.kv_a_bias, Shape{kvr + rope}, "kv_a bias (attention_bias)");
+    }
+    if (c.o_proj_bias) {
+      n.o_bias = a + "o_proj.bias";
+      ck.need(n.o_bias, Shape{d}, "o bias (attention_bias)");
+    }
+  }
+
+  n.moe = c.is_moe_layer(i);
+  const std::string mlp = p + std::string(tr.moe_block) + ".";
+  if (!n.moe) {
+    n.dense = {mlp + "gate_proj.weight", mlp + "up_proj.weight", mlp + "down_proj.weight"};
+    if (!ck.has(n.dense.gate) && ck.has(mlp + "gate.weight"))
+      detail::fail(ErrorCode::invalid_argument, kFn,
+                   "{}: config.json makes layer {} a dense MLP, but the checkpoint holds a MoE "
+                   "router '{}'",
+                   ck.st().file_of(mlp + "gate.weight").source(), i, mlp + "gate.weight");
+    const std::int64_t F = c.intermediate_size;
+    ck.need(n.dense.gate, Shape{F, d}, "dense MLP gate (intermediate_size)");
+    ck.need(n.dense.up, Shape{F, d}, "dense MLP up (intermediate_size)");
+    ck.need(n.dense.down, Shape{d, F}, "dense MLP down (intermediate_size)");
+    return n;
+  }
+
+  const std::int64_t E = c.num_experts, I = c.moe_intermediate_size;
+  // Find the expert block and layout: Mixtral Hub names first, then transformers 5 / Hub "mlp".
+  std::vector<std::string> blocks;
+  if (!tr.hub_moe_block.empty()) blocks.push_back(p + std::string(tr.hub_moe_block) + ".");
+  blocks.push_back(mlp);
+  std::string blk;
+  std::string gname = "gate_proj", uname = "up_proj", dname = "down_proj";
+  for (const std::string& b : blocks) {
+    if (ck.has(b + "experts.gate_up_proj")) {
+      blk = b;
+      n.experts.fused = true;
+      break;
+    }
+    if (ck.has(b + "experts.0.gate_proj.weight")) {
+      blk = b;
+      break;
+    }
+    if (ck.has(b + "experts.0.w1.weight")) {
+      blk = b;
+      gname = "w1";
+      uname = "w3";
+      dname = "w2";
+      break;
+    }
+  }
+  if (blk.empty()) {
+    if (ck.has(mlp + "gate_proj.weight"))
+      detail::fail(ErrorCode::invalid_argument, kFn,
+                   "{}: config.json makes layer {} a MoE layer, but the checkpoint holds a dense "
+                   "MLP '{}'",
+                   ck.st().file_of(mlp + "gate_proj.weight").source(), i, mlp + "gate_proj.weight");
+    detail::fail(ErrorCode::not_found, kFn,
+                 "tensor '{}experts.gate_up_proj' / '{}experts.0.gate_proj.weight'{} (layer {} "
+                 "experts) is missing from the checkpoint",
+                 mlp, mlp,
+                 tr.hub_moe_block.empty()
+                     ? std::string()
+                     : fmt::format(" / '{}experts.0.w1.weight'", blocks.front()),
+                 i);
+  }
+  n.router = blk + "gate.weight";
+  ck.need(n.router, Shape{E, d}, "router (num_experts)");
+  if (tr.selection_bias) {
+    n.selection_bias = blk + "gate.e_score_correction_bias";
+    ck.need(n.selection_bias, Shape{E}, "selection bias");
+  }
+  if (n.experts.fused) {
+    n.experts.gate_up = blk + "experts.gate_up_proj";
+    n.experts.down = blk + "experts.down_proj";
+    ck.need(n.experts.gate_up, Shape{E, 2 * I, d}, "fused experts (num_experts, expert width)");
+    ck.need(n.experts.down, Shape{E, d, I}, "fused experts (num_experts, expert width)");
+  } else {
+    const std::string extra = fmt::format("{}experts.{}.{}.weight", blk, E, gname);
+    if (ck.has(extra))
+      detail::fail(ErrorCode::invalid_argument, kFn,
+                   "{}: the checkpoint holds '{}', but config.json says num_experts={}",
+                   ck.st().file_of(extra).source(), extra, E);
+    for (std::int64_t e = 0; e < E; ++e) {
+      const std::string ep = fmt::format("{}experts.{}.", blk, e);
+      n.experts.gate.push_back(ep + gname + ".weight");
+      n.experts.up.push_back(ep + uname + ".weight");
+      n.experts.downs.push_back(ep + dname + ".weight");
+      ck.need(n.experts.gate.back(), Shape{I, d}, "expert gate (expert width)");
+      ck.need(n.experts.up.back(), Shape{I, d}, "expert up (expert width)");
+      ck.need(n.experts.downs.back(), Shape{d, I}, "expert down (expert width)");
+    }
+  }
+  if (!tr.shared_block.empty() && c.shared_expert_intermediate_size > 0) {
+    const std::string sp = mlp + std::string(tr.shared_block) + ".";
+    const std::int64_t S = c.shared_expert_intermediate_size;
+    n.shared = {sp + "gate_proj.weight", sp + "up_proj.weight", sp + "down_proj.weight"};
+    ck.need(n.shared.gate, Shape{S, d}, "shared expert gate (shared width)");
+    ck.need(n.shared.up, Shape{S, d}, "shared expert up (shared width)");
+    ck.need(n.shared.down, Shape{d, S}, "shared expert down (shared width)");
+    if (tr.shared_gate && c.shared_expert_gate) {
+      n.shared_gate = mlp + "shared_expert_gate.weight";
+      ck.need(n.shared_gate, Shape{1, d}, "shared expert gate");
+    }
+  }
+  return n;
+}
+
+Tensor optional(Checkpoint& ck, const std::string& name) {
+  return name.empty() ? Tensor() : ck.take(name);
+}
+
+/// [1, 2F, d] / [1, d, F] bank of a three-matrix MLP.
+SwiGluExperts build_mlp(Backend& b, Checkpoint& ck, const MlpNames& n, std::int64_t d,
+                        std::int64_t F) {
+  Tensor gu(b, DType::f32, Shape{1, 2 * F, d});
+  Tensor dn(b, DType::f32, Shape{1, d, F});
+  const TensorView g = TensorView(gu)[0];
+  ck.take_into(n.gate, g.slice(0, F));
+  ck.take_into(n.up, g.slice(F, 2 * F));
+  ck.take_into(n.down, TensorView(dn)[0]);
+  return SwiGluExperts(std::move(gu), std::move(dn));
+}
+
+DecoderLayer build_layer(Backend& b, Checkpoint& ck, const ModelConfig& c, const LayerNames& n) {
+  const std::int64_t d = c.hidden_size;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  Tensor in_norm = ck.take(n.in_norm);
+  Tensor post_norm = ck.take(n.post_norm);
+  const RopeParams rope{0, c.rotary_dim(), c.rope_interleave,
+                        static_cast<float>(c.rope_attention_factor())};
+  const AttentionParams attn{static_cast<float>(c.attention_scale()), true, c.sliding_window};
+  AttentionBlock attention = [&]() -> AttentionBlock {
+    if (family_traits(c.family).attention == AttentionKind::gqa) {
+      GqaWeights w;
+      w.q_proj = ck.take(n.q);
+      w.k_proj = ck.take(n.k);
+      w.v_proj = ck.take(n.v);
+      w.o_proj = ck.take(n.o);
+      w.q_bias = optional(ck, n.q_bias);
+      w.k_bias = optional(ck, n.k_bias);
+      w.v_bias = optional(ck, n.v_bias);
+      w.o_bias = optional(ck, n.o_bias);
+      w.q_norm = optional(ck, n.q_norm);
+      w.k_norm = optional(ck, n.k_norm);
+      GqaOptions o;
+      o.heads = c.num_attention_heads;
+      o.kv_heads = c.num_key_value_heads;
+      o.head_dim = c.head_dim;
+      o.qk_norm = c.qk_norm;
+      o.norm_eps = eps;
+      if (c.clip_qkv) o.clip_qkv = static_cast<float>(*c.clip_qkv);
+      o.rope = rope;
+      o.attention = attn;
+      return GqaAttention(std::move(w), o);
+    }
+    MlaWeights w;
+    w.q_proj = optional(ck, c.q_lora_rank > 0 ? std::string() : n.q);
+    w.q_a_proj = optional(ck, n.q_a);
+    w.q_a_bias = optional(ck, n.q_a_bias);
+    w.q_a_norm = optional(ck, n.q_a_norm);
+    w.q_b_proj = optional(ck, n.q_b);
+    w.kv_a_proj = ck.take(n.kv_a);
+    w.kv_a_bias = optional(ck, n.kv_a_bias);
+    w.kv_a_norm = ck.take(n.kv_a_norm);
+    w.kv_b_proj = ck.take(n.kv_b);
+    w.o_proj = ck.take(n.o);
+    w.o_bias = optional(ck, n.o_bias);
+    MlaOptions o;
+    o.heads = c.num_attention_heads;
+    o.q_lora_rank = c.q_lora_rank;
+    o.kv_lora_rank = c.kv_lora_rank;
+    o.nope_dim = c.qk_nope_head_dim;
+    o.rope_dim = c.qk_rope_head_dim;
+    o.v_dim = c.v_head_dim;
+    o.latent_eps = 1e-6f;  // transformers' class default for q_a/kv_a_layernorm
+    o.interleaved = c.rope_interleave;
+    o.rope_attention_factor = rope.attention_factor;
+    o.attention = attn;
+    return MlaAttention(std::move(w), o);
+  }();
+
+  FeedForward ffn = [&]() -> FeedForward {
+    if (!n.moe) return DenseMlp(build_mlp(b, ck, n.dense, d, c.intermediate_size));
+    const std::int64_t E = c.num_experts, I = c.moe_intermediate_size;
+    Tensor router = ck.take(n.router);
+    Tensor bias = optional(ck, n.selection_bias);
+    Tensor gu, dn;
+    if (n.experts.fused) {
+      gu = ck.take(n.experts.gate_up);
+      dn = ck.take(n.experts.down);
+    } else {
+      gu = Tensor(b, DType::f32, Shape{E, 2 * I, d});
+      dn = Tensor(b, DType::f32, Shape{E, d, I});
+      for (std::int64_t e = 0; e < E; ++e) {
+        const TensorView g = TensorView(gu)[e];
+        ck.take_into(n.experts.gate[e], g.slice(0, I));
+        ck.take_into(n.experts.up[e], g.slice(I, 2 * I));
+        ck.take_into(n.experts.downs[e], TensorView(dn)[e]);
+      }
+    }
+    GateNetwork gate(std::move(router), std::move(bias), c.gate_options());
+    SwiGluExperts experts(std::move(gu), std::move(dn));
+    if (!n.shared.defined()) return MoEBlock(std::move(gate), std::move(experts));
+    SwiGluExperts mlp = build_mlp(b, ck, n.shared, d, c.shared_expert_intermediate_size);
+    Tensor sgate = optional(ck, n.shared_gate);
+    return MoEBlock(std::move(gate), std::move(experts),
+                    WeightedSumAggregator(SharedExpert(std::move(mlp), std::move(sgate))));
+  }();
+  return DecoderLayer(std::move(in_norm), std::move(post_norm), eps, std::move(attention),
+                      std::move(ffn));
+}
+
+/// Rejects decoder layers the config does not know about (MTP layers are allowed).
+void check_layer_count(const Checkpoint& ck, const ModelConfig& c) {
+  const std::int64_t limit = c.num_hidden_layers + c.num_nextn_predict_layers;
+  constexpr std::string_view prefix = "model.layers.";
+  for (const std::string& name : ck.st().names()) {
+    if (name.compare(0, prefix.size(), prefix) != 0) continue;
+    std::int64_t layer = -1;
+    const char* first = name.data() + prefix.size();
+    const char* last = name.data() + name.size();
+    const auto [ptr, ec] = std::from_chars(first, last, layer);
+    if (ec != std::errc() || ptr == first || ptr == last || *ptr != '.') continue;
+    if (layer >= limit)
+      detail::fail(ErrorCode::invalid_argument, kFn,
+                   "{}: the checkpoint holds '{}', but config.json has num_hidden_layers={} and "
+                   "num_nextn_predict_layers={}",
+                   ck.st().file_of(name).source(), name, c.num_hidden_layers,
+                   c.num_nextn_predict_layers);
+  }
+}
+
+}  // namespace
+
+Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadOptions& options) {
+  ModelConfig c = load_model_config(dir);
+  if (options.fidelity) c.fidelity = *options.fidelity;
+  AUTOGLM_CHECK(c.quantization.method.empty(), unsupported, kFn,
+                "{}: quantised checkpoints (quant_method '{}') are not supported; use an F32, "
+                "F16 or BF16 checkpoint",
+                c.source, c.quantization.method);
+  AUTOGLM_CHECK(c.num_hidden_layers >= 1, invalid_argument, kFn,
+                "{}: num_hidden_layers={} must be >= 1", c.source, c.num_hidden_layers);
+  Checkpoint ck(backend, SafeTensorsModel::open(dir), dir.string(),
+                options.progress ? &options.progress : nullptr);
+  check_layer_count(ck, c);
+
+  // Plan: every name, dtype and shape, before any weight is read.
+  const std::int64_t V = c.vocab_size, d = c.hidden_size;
+  const std::string embed = "model.embed_tokens.weight", norm = "model.norm.weight";
+  ck.need(embed, Shape{V, d}, "token embeddings (vocab_size, hidden_size)");
+  std::vector<LayerNames> names;
+  for (int i = 0; i < static_cast<int>(c.num_hidden_layers); ++i)
+    names.push_back(plan_layer(ck, c, i));
+  ck.need(norm, Shape{d}, "final norm");
+  const std::string head_name = "lm_head.weight";
+  if (!c.tie_word_embeddings) {
+    if (!ck.has(head_name))
+      detail::fail(ErrorCode::not_found, kFn,
+                   "{}: tensor '{}' is missing and config.json does not set tie_word_embeddings",
+                   dir.string(), head_name);
+    ck.need(head_name, Shape{V, d}, "LM head (vocab_size, hidden_size)");
+  }
+
+  // Build, in plan order.
+  ck.start();
+  Tensor table = ck.take(embed);
+  std::vector<DecoderLayer> layers;
+  layers.reserve(names.size());
+  for (const LayerNames& n : names) layers.push_back(build_layer(backend, ck, c, n));
+  Tensor final_norm = ck.take(norm);
+  Tensor head = c.tie_word_embeddings ? table : ck.take(head_name);
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  return Model(backend, std::move(c), EmbeddingEncoder(std::move(table)),
+               std::move(layers), LmHeadDecoder(std::move(final_norm), std::move(head), eps));
+}
+
+}  // namespace autoglm
