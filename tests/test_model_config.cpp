@@ -287,7 +287,9 @@ std::string cfg(std::string_view type, std::string_view extra = "") {
   return s + "}";
 }
 
-ModelConfig parse(std::string_view text) { return parse_model_config(text, "test.json"); }
+ModelConfig parse(std::string_view text) {
+  return parse_model_config(text, "test.json");
+}
 
 /// MoE / dense pattern of layers [0, n) as a string of 'M' and 'd'.
 std::string layer_pattern(const ModelConfig& c, int n) {
@@ -658,7 +660,8 @@ TEST_CASE("model config: class defaults when keys are absent", "[model_config]")
     const ModelConfig o = parse(cfg("olmoe", "\"num_key_value_heads\": null, \"head_dim\": null"));
     CHECK(o.num_key_value_heads == 16);
     CHECK(o.head_dim == 128);
-    const ModelConfig d = parse(cfg("deepseek_v3", "\"q_lora_rank\": null, \"n_shared_experts\": null"));
+    const ModelConfig d =
+        parse(cfg("deepseek_v3", "\"q_lora_rank\": null, \"n_shared_experts\": null"));
     CHECK(d.q_lora_rank == 0);
     CHECK(d.n_shared_experts == 0);
     CHECK(d.shared_expert_intermediate_size == 0);
@@ -668,18 +671,25 @@ TEST_CASE("model config: class defaults when keys are absent", "[model_config]")
 }
 
 TEST_CASE("model config: which layers are MoE", "[model_config]") {
-  const ModelConfig step2 = parse(cfg("qwen2_moe", "\"num_hidden_layers\": 8, \"decoder_sparse_step\": 2"));
+  const ModelConfig step2 =
+      parse(cfg("qwen2_moe", "\"num_hidden_layers\": 8, \"decoder_sparse_step\": 2"));
   CHECK(layer_pattern(step2, 8) == "dMdMdMdM");
-  const ModelConfig only = parse(cfg(
-      "qwen3_moe", "\"num_hidden_layers\": 6, \"mlp_only_layers\": [4, 0, 4], \"decoder_sparse_step\": 1"));
+  const ModelConfig only = parse(
+      cfg("qwen3_moe",
+          "\"num_hidden_layers\": 6, \"mlp_only_layers\": [4, 0, 4], \"decoder_sparse_step\": 1"));
   CHECK(only.mlp_only_layers == std::vector<std::int64_t>{0, 4});
   CHECK(layer_pattern(only, 6) == "dMMMdM");
-  const ModelConfig both = parse(cfg(
-      "qwen3_moe", "\"num_hidden_layers\": 9, \"mlp_only_layers\": [5], \"decoder_sparse_step\": 3"));
-  CHECK(layer_pattern(both, 9) == "ddMddddd" "M");
-  const ModelConfig dense0 = parse(cfg("deepseek_v3", "\"num_hidden_layers\": 4, \"first_k_dense_replace\": 0"));
+  const ModelConfig both =
+      parse(cfg("qwen3_moe",
+                "\"num_hidden_layers\": 9, \"mlp_only_layers\": [5], \"decoder_sparse_step\": 3"));
+  CHECK(layer_pattern(both, 9) ==
+        "ddMddddd"
+        "M");
+  const ModelConfig dense0 =
+      parse(cfg("deepseek_v3", "\"num_hidden_layers\": 4, \"first_k_dense_replace\": 0"));
   CHECK(layer_pattern(dense0, 4) == "MMMM");
-  const ModelConfig all_dense = parse(cfg("glm4_moe", "\"head_dim\": 128, \"num_hidden_layers\": 2, \"first_k_dense_replace\": 2"));
+  const ModelConfig all_dense = parse(
+      cfg("glm4_moe", "\"head_dim\": 128, \"num_hidden_layers\": 2, \"first_k_dense_replace\": 2"));
   CHECK(layer_pattern(all_dense, 2) == "dd");
   const ModelConfig olmoe = parse(cfg("olmoe", "\"num_hidden_layers\": 3"));
   CHECK(layer_pattern(olmoe, 3) == "MMM");
@@ -697,22 +707,24 @@ TEST_CASE("model config: RoPE keys, rope_parameters (transformers 5.x)", "[model
     CHECK(c.rope_attention_factor() == Approx(0.1 * std::log(4.0) + 1.0));
   }
   SECTION("the object's rope_theta wins over the flat key; flat rope_theta fills a gap") {
-    const ModelConfig c = parse(cfg("mixtral",
+    const ModelConfig c = parse(cfg(
+        "mixtral",
         R"("rope_theta": 5.0, "rope_parameters": {"rope_type": "default", "rope_theta": 20000})"));
     CHECK(c.rope_theta == 20000.0);
     CHECK(c.rope_scaling.type == RopeType::none);
-    const ModelConfig f = parse(cfg("mixtral", R"("rope_theta": 50000, "rope_parameters": {"rope_type": "default"})"));
+    const ModelConfig f = parse(
+        cfg("mixtral", R"("rope_theta": 50000, "rope_parameters": {"rope_type": "default"})"));
     CHECK(f.rope_theta == 50000.0);
   }
   SECTION("partial_rotary_factor inside rope_parameters") {
-    const ModelConfig c = parse(cfg("glm4_moe",
-        R"("head_dim": 128, "partial_rotary_factor": 0.5, "rope_parameters": {"rope_theta": 1e6, "partial_rotary_factor": 0.25})"));
+    const ModelConfig c = parse(cfg("glm4_moe", R"("head_dim": 128, "partial_rotary_factor": 0.5,
+        "rope_parameters": {"rope_theta": 1e6, "partial_rotary_factor": 0.25})"));
     CHECK(c.partial_rotary_factor == 0.25);
     CHECK(c.rotary_dim() == 32);
   }
   SECTION("a flat rope_scaling replaces rope_parameters' scaling") {
-    const ModelConfig c = parse(cfg("qwen2_moe",
-        R"("rope_scaling": {"type": "linear", "factor": 2}, "rope_parameters": {"rope_type": "yarn", "factor": 8})"));
+    const ModelConfig c = parse(cfg("qwen2_moe", R"("rope_scaling": {"type": "linear", "factor": 2},
+        "rope_parameters": {"rope_type": "yarn", "factor": 8})"));
     CHECK(c.rope_scaling.type == RopeType::linear);
     CHECK(c.rope_scaling.factor == 2.0);
   }
@@ -726,8 +738,8 @@ TEST_CASE("model config: RoPE keys, rope_parameters (transformers 5.x)", "[model
     CHECK(c.rope_scaling.original_max_position_embeddings == 4096);
     const double m = 0.1 * 0.707 * std::log(40.0) + 1.0;
     CHECK(c.attention_scale() == Approx(m * m / std::sqrt(192.0)));
-    const ModelConfig a = parse(cfg("deepseek_v3",
-        R"("rope_scaling": {"type": "yarn", "factor": 4, "attention_factor": 0.5, "truncate": false})"));
+    const ModelConfig a = parse(cfg("deepseek_v3", R"("rope_scaling": {"type": "yarn",
+        "factor": 4, "attention_factor": 0.5, "truncate": false})"));
     CHECK(a.rope_attention_factor() == 0.5);
     CHECK_FALSE(a.rope_scaling.truncate);
     CHECK(a.rope_scaling.original_max_position_embeddings == 4096);  // = max_position_embeddings
@@ -736,7 +748,8 @@ TEST_CASE("model config: RoPE keys, rope_parameters (transformers 5.x)", "[model
     CHECK(parse(cfg("mixtral", R"("rope_scaling": {"rope_type": "dynamic", "factor": 2.0})"))
               .rope_scaling.type == RopeType::dynamic);
     const ModelConfig l = parse(cfg("mixtral", R"("rope_scaling": {"rope_type": "llama3",
-        "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4, "original_max_position_embeddings": 8192})"));
+        "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
+        "original_max_position_embeddings": 8192})"));
     CHECK(l.rope_scaling.type == RopeType::llama3);
     CHECK(l.rope_scaling.high_freq_factor == 4.0);
     CHECK(l.rope_scaling.original_max_position_embeddings == 8192);
@@ -746,7 +759,8 @@ TEST_CASE("model config: RoPE keys, rope_parameters (transformers 5.x)", "[model
   }
 }
 
-TEST_CASE("model config: fidelity options pick the reference / llama.cpp numerics", "[model_config]") {
+TEST_CASE("model config: fidelity options pick the reference / llama.cpp numerics",
+          "[model_config]") {
   ModelConfig c = parse(kDeepSeekV3);
   c.fidelity = FidelityOptions::deepseek_reference();
   GateOptions g = c.gate_options();
@@ -781,8 +795,8 @@ TEST_CASE("model config: malformed and mistyped input", "[model_config][errors]"
   CHECK_ERROR(parse(cfg("llama")), not_found, "'model_type'=\"llama\"", "not supported",
               "glm4_moe, mixtral, qwen3_moe, qwen2_moe, olmoe, deepseek_v3");
   CHECK_ERROR(parse("{\"model_type\": 7}"), not_found, "'model_type'=7");
-  CHECK_ERROR(parse(cfg("mixtral", "\"hidden_size\": \"4096\"")), invalid_argument,
-              "test.json", "'hidden_size'=\"4096\"", "must be an integer");
+  CHECK_ERROR(parse(cfg("mixtral", "\"hidden_size\": \"4096\"")), invalid_argument, "test.json",
+              "'hidden_size'=\"4096\"", "must be an integer");
   CHECK_ERROR(parse(cfg("mixtral", "\"hidden_size\": 4096.0")), invalid_argument,
               "'hidden_size'=4096.0", "integer");
   CHECK_ERROR(parse(cfg("mixtral", "\"hidden_size\": true")), invalid_argument,
@@ -813,8 +827,8 @@ TEST_CASE("model config: malformed and mistyped input", "[model_config][errors]"
 }
 
 TEST_CASE("model config: sizes out of range", "[model_config][errors]") {
-  CHECK_ERROR(parse(cfg("mixtral", "\"hidden_size\": 0")), invalid_argument,
-              "'hidden_size'=0", "[1, 2147483647]");
+  CHECK_ERROR(parse(cfg("mixtral", "\"hidden_size\": 0")), invalid_argument, "'hidden_size'=0",
+              "[1, 2147483647]");
   CHECK_ERROR(parse(cfg("mixtral", "\"num_attention_heads\": -8")), invalid_argument,
               "'num_attention_heads'=-8");
   CHECK_ERROR(parse(cfg("mixtral", "\"vocab_size\": 2147483648")), invalid_argument,
@@ -826,22 +840,23 @@ TEST_CASE("model config: sizes out of range", "[model_config][errors]") {
   CHECK_ERROR(parse(cfg("mixtral", "\"max_position_embeddings\": 0")), invalid_argument,
               "'max_position_embeddings'=0");
   CHECK_ERROR(parse(cfg("mixtral", "\"head_dim\": 0")), invalid_argument, "'head_dim'=0");
-  CHECK_ERROR(parse(cfg("mixtral", "\"num_attention_heads\": 65536, \"num_key_value_heads\": 1, "
-                                   "\"head_dim\": 65536")),
+  CHECK_ERROR(parse(cfg("mixtral",
+                        "\"num_attention_heads\": 65536, \"num_key_value_heads\": 1, "
+                        "\"head_dim\": 65536")),
               invalid_argument, "'num_attention_heads'=65536", "head_dim=65536", "exceeds");
   CHECK_ERROR(parse(cfg("deepseek_v3", "\"qk_nope_head_dim\": 2147483647")), invalid_argument,
               "'qk_nope_head_dim'=2147483647", "qk_rope_head_dim=64");
   CHECK_ERROR(parse(cfg("deepseek_v3", "\"kv_lora_rank\": 0")), invalid_argument,
               "'kv_lora_rank'=0");
-  CHECK_ERROR(parse(cfg("deepseek_v3", "\"q_lora_rank\": 0")), invalid_argument,
-              "'q_lora_rank'=0");
+  CHECK_ERROR(parse(cfg("deepseek_v3", "\"q_lora_rank\": 0")), invalid_argument, "'q_lora_rank'=0");
   CHECK_ERROR(parse(cfg("deepseek_v3", "\"n_shared_experts\": 2147483647")), invalid_argument,
               "'n_shared_experts'=2147483647", "moe_intermediate_size=2048");
-  CHECK_ERROR(parse(cfg("deepseek_v3", "\"num_hidden_layers\": 2147483647, "
-                                       "\"num_nextn_predict_layers\": 1")),
+  CHECK_ERROR(parse(cfg("deepseek_v3",
+                        "\"num_hidden_layers\": 2147483647, "
+                        "\"num_nextn_predict_layers\": 1")),
               invalid_argument, "'num_nextn_predict_layers'=1", "exceeds");
-  CHECK_ERROR(parse(cfg("mixtral", "\"rms_norm_eps\": 0")), invalid_argument,
-              "'rms_norm_eps'=0", "(0, 1)");
+  CHECK_ERROR(parse(cfg("mixtral", "\"rms_norm_eps\": 0")), invalid_argument, "'rms_norm_eps'=0",
+              "(0, 1)");
   CHECK_ERROR(parse(cfg("mixtral", "\"rms_norm_eps\": -1e-5")), invalid_argument,
               "'rms_norm_eps'=-1e-05");
   CHECK_ERROR(parse(cfg("mixtral", "\"rope_theta\": 0")), invalid_argument, "'rope_theta'=0",
@@ -864,12 +879,11 @@ TEST_CASE("model config: inconsistent values", "[model_config][errors]") {
               "'num_experts_per_tok'=9", "'num_local_experts'=8");
   CHECK_ERROR(parse(cfg("qwen3_moe", "\"num_experts_per_tok\": 0")), invalid_argument,
               "'num_experts_per_tok'=0");
-  CHECK_ERROR(parse(cfg("qwen3_moe", "\"num_experts\": 0")), invalid_argument,
-              "'num_experts'=0");
+  CHECK_ERROR(parse(cfg("qwen3_moe", "\"num_experts\": 0")), invalid_argument, "'num_experts'=0");
   CHECK_ERROR(parse(cfg("deepseek_v3", "\"n_group\": 7")), invalid_argument, "'n_group'=7",
               "must divide", "'n_routed_experts'=256");
-  CHECK_ERROR(parse(cfg("deepseek_v3", "\"topk_group\": 9")), invalid_argument,
-              "'topk_group'=9", "n_group=8");
+  CHECK_ERROR(parse(cfg("deepseek_v3", "\"topk_group\": 9")), invalid_argument, "'topk_group'=9",
+              "n_group=8");
   CHECK_ERROR(parse(cfg("deepseek_v3", "\"topk_group\": 1, \"n_group\": 64")), invalid_argument,
               "'num_experts_per_tok'=8", "exceeds the 4 experts");
   CHECK_ERROR(parse(cfg("glm4_moe", "\"head_dim\": 128, \"first_k_dense_replace\": 47")),
@@ -897,7 +911,8 @@ TEST_CASE("model config: RoPE errors", "[model_config][errors]") {
               invalid_argument, "'partial_rotary_factor'=0", "(0, 1]");
   CHECK_ERROR(parse(cfg("glm4_moe", "\"head_dim\": 128, \"partial_rotary_factor\": 1.5")),
               invalid_argument, "'partial_rotary_factor'=1.5");
-  CHECK_ERROR(parse(cfg("glm4_moe", "\"head_dim\": 128, \"rope_parameters\": {\"partial_rotary_factor\": 2}")),
+  CHECK_ERROR(parse(cfg("glm4_moe",
+                        "\"head_dim\": 128, \"rope_parameters\": {\"partial_rotary_factor\": 2}")),
               invalid_argument, "'rope_parameters.partial_rotary_factor'=2");
   CHECK_ERROR(parse(cfg("glm4_moe", "\"head_dim\": 10, \"partial_rotary_factor\": 0.5")),
               invalid_argument, "'partial_rotary_factor'=0.5", "rotary dim 5", "even");
@@ -906,41 +921,54 @@ TEST_CASE("model config: RoPE errors", "[model_config][errors]") {
   CHECK_ERROR(parse(cfg("mixtral", "\"head_dim\": 1")), invalid_argument, "rotary dim 1");
   CHECK_ERROR(parse(cfg("deepseek_v3", "\"qk_rope_head_dim\": 63")), invalid_argument,
               "'qk_rope_head_dim'=63", "rotary dim 63");
-  CHECK_ERROR(parse(cfg("mixtral", "\"rope_scaling\": {\"type\": \"ntk-by-parts\", \"factor\": 2}")),
-              invalid_argument, "'rope_scaling.type'=\"ntk-by-parts\"", "yarn");
-  CHECK_ERROR(parse(cfg("mixtral", "\"rope_scaling\": {\"rope_type\": \"longrope\", \"factor\": 2}")),
-              unsupported, "'rope_scaling.rope_type'=\"longrope\"");
+  CHECK_ERROR(
+      parse(cfg("mixtral", "\"rope_scaling\": {\"type\": \"ntk-by-parts\", \"factor\": 2}")),
+      invalid_argument, "'rope_scaling.type'=\"ntk-by-parts\"", "yarn");
+  CHECK_ERROR(
+      parse(cfg("mixtral", "\"rope_scaling\": {\"rope_type\": \"longrope\", \"factor\": 2}")),
+      unsupported, "'rope_scaling.rope_type'=\"longrope\"");
   CHECK_ERROR(parse(cfg("mixtral", "\"rope_scaling\": {\"rope_type\": 3}")), invalid_argument,
               "'rope_scaling.rope_type'=3", "string");
   CHECK_ERROR(parse(cfg("mixtral", "\"rope_scaling\": {\"rope_type\": \"linear\"}")),
               invalid_argument, "'rope_scaling.factor'", "required");
   CHECK_ERROR(parse(cfg("mixtral", "\"rope_scaling\": {\"rope_type\": \"yarn\"}")),
               invalid_argument, "'rope_scaling.factor'", "required");
-  CHECK_ERROR(parse(cfg("mixtral", "\"rope_scaling\": {\"rope_type\": \"linear\", \"factor\": 0.5}")),
-              invalid_argument, "'rope_scaling.factor'=0.5", "[1, 1e6]");
-  CHECK_ERROR(parse(cfg("mixtral", "\"rope_scaling\": {\"rope_type\": \"linear\", \"factor\": \"2\"}")),
-              invalid_argument, "'rope_scaling.factor'=\"2\"");
-  CHECK_ERROR(parse(cfg("deepseek_v3", "\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 40, \"beta_fast\": -1}")),
-              invalid_argument, "'rope_scaling.beta_fast'=-1");
-  CHECK_ERROR(parse(cfg("deepseek_v3", "\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 40, \"mscale_all_dim\": -1}")),
-              invalid_argument, "'rope_scaling.mscale_all_dim'=-1");
-  CHECK_ERROR(parse(cfg("deepseek_v3", "\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 40, \"original_max_position_embeddings\": 0}")),
+  CHECK_ERROR(
+      parse(cfg("mixtral", "\"rope_scaling\": {\"rope_type\": \"linear\", \"factor\": 0.5}")),
+      invalid_argument, "'rope_scaling.factor'=0.5", "[1, 1e6]");
+  CHECK_ERROR(
+      parse(cfg("mixtral", "\"rope_scaling\": {\"rope_type\": \"linear\", \"factor\": \"2\"}")),
+      invalid_argument, "'rope_scaling.factor'=\"2\"");
+  CHECK_ERROR(
+      parse(cfg("deepseek_v3",
+                "\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 40, \"beta_fast\": -1}")),
+      invalid_argument, "'rope_scaling.beta_fast'=-1");
+  CHECK_ERROR(
+      parse(cfg("deepseek_v3",
+                "\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 40, \"mscale_all_dim\": -1}")),
+      invalid_argument, "'rope_scaling.mscale_all_dim'=-1");
+  CHECK_ERROR(parse(cfg("deepseek_v3",
+                        "\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 40, "
+                        "\"original_max_position_embeddings\": 0}")),
               invalid_argument, "'rope_scaling.original_max_position_embeddings'=0");
-  CHECK_ERROR(parse(cfg("mixtral", R"("max_position_embeddings": 2048, "rope_scaling": {"type": "yarn", "original_max_position_embeddings": 4096})")),
+  CHECK_ERROR(parse(cfg("mixtral", R"("max_position_embeddings": 2048,
+        "rope_scaling": {"type": "yarn", "original_max_position_embeddings": 4096})")),
               invalid_argument, "'rope_scaling.factor'=0.5");
-  CHECK_ERROR(parse(cfg("mixtral", R"("rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 1, "original_max_position_embeddings": 8192})")),
+  CHECK_ERROR(parse(cfg("mixtral", R"("rope_scaling": {"rope_type": "llama3", "factor": 8,
+        "low_freq_factor": 1, "original_max_position_embeddings": 8192})")),
               invalid_argument, "'rope_scaling.high_freq_factor'", "required");
-  CHECK_ERROR(parse(cfg("mixtral", R"("rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 4, "original_max_position_embeddings": 8192})")),
+  CHECK_ERROR(parse(cfg("mixtral", R"("rope_scaling": {"rope_type": "llama3", "factor": 8,
+        "low_freq_factor": 4, "high_freq_factor": 4, "original_max_position_embeddings": 8192})")),
               invalid_argument, "'rope_scaling.high_freq_factor'=4", "low_freq_factor=4");
-  CHECK_ERROR(parse(cfg("mixtral", R"("rope_parameters": {"full_attention": {"rope_type": "default"}})")),
-              unsupported, "'rope_parameters.full_attention'");
+  CHECK_ERROR(
+      parse(cfg("mixtral", R"("rope_parameters": {"full_attention": {"rope_type": "default"}})")),
+      unsupported, "'rope_parameters.full_attention'");
 }
 
 TEST_CASE("model config: unsupported semantics", "[model_config][errors]") {
   CHECK_ERROR(parse(cfg("mixtral", "\"hidden_act\": \"gelu\"")), unsupported,
               "'hidden_act'=\"gelu\"", "silu");
-  CHECK_ERROR(parse(cfg("mixtral", "\"hidden_act\": null")), invalid_argument,
-              "'hidden_act'=null");
+  CHECK_ERROR(parse(cfg("mixtral", "\"hidden_act\": null")), invalid_argument, "'hidden_act'=null");
   CHECK(parse(cfg("mixtral", "\"hidden_act\": \"swish\"")).family == ModelFamily::mixtral);
   CHECK_ERROR(parse(cfg("deepseek_v3", "\"scoring_func\": \"softmax\"")), unsupported,
               "'scoring_func'=\"softmax\"", "sigmoid");
@@ -952,12 +980,16 @@ TEST_CASE("model config: unsupported semantics", "[model_config][errors]") {
               "'use_sliding_window'=true");
   CHECK_ERROR(parse(cfg("deepseek_v3", "\"quantization_config\": {\"fmt\": \"e4m3\"}")),
               invalid_argument, "'quantization_config.quant_method'", "required");
-  CHECK_ERROR(parse(cfg("deepseek_v3",
-                        "\"quantization_config\": {\"quant_method\": \"fp8\", \"weight_block_size\": [128]}")),
-              invalid_argument, "'quantization_config.weight_block_size'=an array of 1");
-  CHECK_ERROR(parse(cfg("deepseek_v3",
-                        "\"quantization_config\": {\"quant_method\": \"fp8\", \"weight_block_size\": [128, 0]}")),
-              invalid_argument, "'quantization_config.weight_block_size[1]'=0");
+  CHECK_ERROR(
+      parse(cfg(
+          "deepseek_v3",
+          "\"quantization_config\": {\"quant_method\": \"fp8\", \"weight_block_size\": [128]}")),
+      invalid_argument, "'quantization_config.weight_block_size'=an array of 1");
+  CHECK_ERROR(
+      parse(cfg(
+          "deepseek_v3",
+          "\"quantization_config\": {\"quant_method\": \"fp8\", \"weight_block_size\": [128, 0]}")),
+      invalid_argument, "'quantization_config.weight_block_size[1]'=0");
   CHECK(parse(cfg("deepseek_v3", "\"dtype\": \"bfloat16\"")).torch_dtype == "bfloat16");
 }
 

@@ -608,7 +608,14 @@ TEST_CASE("safetensors: sharded checkpoints", "[safetensors]") {
                       {"duplicate key 'a'"});
     require_bad_index(R"({"weight_map":{},"weight_map":{}})", ErrorCode::io, {"duplicate key 'weight_map'"});
     require_bad_index(R"({"metadata":{}})", ErrorCode::io, {"no weight_map"});
-    require_bad_index(R"({"weight_map":[]})", ErrorCode::io, {"weight_map must be an object, got array"});
+    require_bad_index(R"({"weight_map":"x"})", ErrorCode::io, {"weight_map must be an object, got a string"});
+    require_bad_index(R"({"weight_map":{"a":{"x":1}}})", ErrorCode::io, {"tensor 'a' must be a shard file name, got an object"});
+    // Other keys are skipped whatever they hold.
+    write_file(dir / "model.safetensors.index.json",
+               R"({"metadata":{"total_size":24,"x":[[[{"y":null}]],true,-1.5]},"extra":[1,2],"weight_map":{
+                   "a":"model-00001-of-00002.safetensors"}})");
+    CHECK(SafeTensorsModel::open(dir.path()).names() == std::vector<std::string>{"a"});
+    require_bad_index(R"({"weight_map":[]})", ErrorCode::io, {"weight_map must be an object, got an array"});
     require_bad_index(R"({"weight_map":{}})", ErrorCode::io, {"weight_map is empty"});
     require_bad_index(R"({"weight_map":{"a":3}})", ErrorCode::io, {"tensor 'a' must be a shard file name"});
     require_bad_index(R"([])", ErrorCode::io, {"must be a JSON object"});

@@ -24,9 +24,9 @@ constexpr std::int64_t kMaxDim = (std::int64_t{1} << 31) - 1;
 /// Largest config file load_model_config reads.
 constexpr std::uintmax_t kMaxFileBytes = std::uintmax_t{64} << 20;
 
-constexpr std::array<ModelFamily, 6> kFamilies = {
-    ModelFamily::glm4_moe, ModelFamily::mixtral,     ModelFamily::qwen3_moe,
-    ModelFamily::qwen2_moe, ModelFamily::olmoe, ModelFamily::deepseek_v3};
+constexpr std::array<ModelFamily, 6> kFamilies = {ModelFamily::glm4_moe,  ModelFamily::mixtral,
+                                                  ModelFamily::qwen3_moe, ModelFamily::qwen2_moe,
+                                                  ModelFamily::olmoe,     ModelFamily::deepseek_v3};
 
 std::string supported_families() {
   std::vector<std::string_view> names;
@@ -47,7 +47,8 @@ std::string describe(const json& v) {
       return shown.dump(-1, ' ', false, json::error_handler_t::replace);
     }
     case json::value_t::discarded: return "a discarded value";
-    default: return v.dump();  // null, bool, numbers
+    default:
+      return v.dump();  // null, bool, numbers
   }
 }
 
@@ -56,7 +57,8 @@ std::optional<std::int64_t> as_int(const json& v) {
   if (!v.is_number_integer()) return std::nullopt;
   if (v.is_number_unsigned()) {
     const auto u = v.get<std::uint64_t>();
-    if (u > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) return std::nullopt;
+    if (u > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+      return std::nullopt;
     return static_cast<std::int64_t>(u);
   }
   return v.get<std::int64_t>();
@@ -172,23 +174,39 @@ struct FamilyDefaults {
 FamilyDefaults defaults_of(ModelFamily f) {
   switch (f) {
     case ModelFamily::mixtral:
-      return {32000, 4096, 14336, 32, 32, 8, 4096 * 32, 1e-5, 1e6, "num_local_experts",
-              "num_experts", 8, 2, 0, true, 1.0};
+      return {.vocab = 32000, .hidden = 4096, .intermediate = 14336, .layers = 32, .heads = 32,
+              .kv_heads = 8, .max_positions = 4096 * 32, .rms_eps = 1e-5, .rope_theta = 1e6,
+              .experts_key = "num_local_experts", .experts_alias = "num_experts", .experts = 8,
+              .top_k = 2, .moe_intermediate = 0, .norm_topk_prob = true, .partial_rotary = 1.0};
     case ModelFamily::qwen2_moe:
-      return {151936, 2048, 5632, 24, 16, 16, 32768, 1e-6, 1e4, "num_experts",
-              "num_local_experts", 60, 4, 1408, false, 1.0};
+      return {.vocab = 151936, .hidden = 2048, .intermediate = 5632, .layers = 24, .heads = 16,
+              .kv_heads = 16, .max_positions = 32768, .rms_eps = 1e-6, .rope_theta = 1e4,
+              .experts_key = "num_experts", .experts_alias = "num_local_experts", .experts = 60,
+              .top_k = 4, .moe_intermediate = 1408, .norm_topk_prob = false,
+              .partial_rotary = 1.0};
     case ModelFamily::qwen3_moe:
-      return {151936, 2048, 6144, 24, 32, 4, 32768, 1e-6, 1e4, "num_experts",
-              "num_local_experts", 128, 8, 768, false, 1.0};
+      return {.vocab = 151936, .hidden = 2048, .intermediate = 6144, .layers = 24, .heads = 32,
+              .kv_heads = 4, .max_positions = 32768, .rms_eps = 1e-6, .rope_theta = 1e4,
+              .experts_key = "num_experts", .experts_alias = "num_local_experts", .experts = 128,
+              .top_k = 8, .moe_intermediate = 768, .norm_topk_prob = false,
+              .partial_rotary = 1.0};
     case ModelFamily::olmoe:
-      return {50304, 2048, 2048, 16, 16, 0, 4096, 1e-5, 1e4, "num_experts", "num_local_experts",
-              64, 8, 0, false, 1.0};
+      return {.vocab = 50304, .hidden = 2048, .intermediate = 2048, .layers = 16, .heads = 16,
+              .kv_heads = 0, .max_positions = 4096, .rms_eps = 1e-5, .rope_theta = 1e4,
+              .experts_key = "num_experts", .experts_alias = "num_local_experts", .experts = 64,
+              .top_k = 8, .moe_intermediate = 0, .norm_topk_prob = false, .partial_rotary = 1.0};
     case ModelFamily::deepseek_v3:
-      return {129280, 7168, 18432, 61, 128, 128, 4096, 1e-6, 1e4, "n_routed_experts",
-              "num_local_experts", 256, 8, 2048, true, 1.0};
+      return {.vocab = 129280, .hidden = 7168, .intermediate = 18432, .layers = 61, .heads = 128,
+              .kv_heads = 128, .max_positions = 4096, .rms_eps = 1e-6, .rope_theta = 1e4,
+              .experts_key = "n_routed_experts", .experts_alias = "num_local_experts",
+              .experts = 256, .top_k = 8, .moe_intermediate = 2048, .norm_topk_prob = true,
+              .partial_rotary = 1.0};
     case ModelFamily::glm4_moe:
-      return {151552, 4096, 10944, 46, 96, 8, 131072, 1e-5, 1e4, "n_routed_experts",
-              "num_local_experts", 128, 8, 1408, true, 0.5};
+      return {.vocab = 151552, .hidden = 4096, .intermediate = 10944, .layers = 46, .heads = 96,
+              .kv_heads = 8, .max_positions = 131072, .rms_eps = 1e-5, .rope_theta = 1e4,
+              .experts_key = "n_routed_experts", .experts_alias = "num_local_experts",
+              .experts = 128, .top_k = 8, .moe_intermediate = 1408, .norm_topk_prob = true,
+              .partial_rotary = 0.5};
   }
   return {};
 }
@@ -218,9 +236,10 @@ void parse_rope(const Keys& top, const FamilyDefaults& d, ModelConfig& c) {
   const Keys r(chosen ? *chosen : kEmpty, top.source(), prefix);
 
   for (std::string_view layer_type : {"full_attention", "sliding_attention"})
-    r.check(!r.find(layer_type), layer_type, "an object",
-            "is a per-layer-type RoPE table, which none of the supported families uses",
-            ErrorCode::unsupported);
+    if (const json* v = r.find(layer_type))
+      r.check(false, layer_type, describe(*v),
+              "is a per-layer-type RoPE table, which none of the supported families uses",
+              ErrorCode::unsupported);
 
   // The object's value wins over the flat key (transformers 5.x `setdefault`).
   const Keys& theta_keys = r.has("rope_theta") ? r : top;
@@ -252,8 +271,9 @@ void parse_rope(const Keys& top, const FamilyDefaults& d, ModelConfig& c) {
   } else if (t == "llama3") {
     s.type = RopeType::llama3;
   } else if (t == "longrope") {
-    r.check(false, type_key, describe(json(t)), "is not supported (supported: default, linear, "
-            "dynamic, yarn, llama3)", ErrorCode::unsupported);
+    r.check(false, type_key, describe(json(t)),
+            "is not supported (supported: default, linear, dynamic, yarn, llama3)",
+            ErrorCode::unsupported);
   } else {
     r.check(false, type_key, describe(json(t)),
             "is not a known RoPE type (supported: default, linear, dynamic, yarn, llama3)");
@@ -267,8 +287,8 @@ void parse_rope(const Keys& top, const FamilyDefaults& d, ModelConfig& c) {
   } else {
     // transformers 5.x derives a missing yarn factor from the context ratio; every other type
     // requires it.
-    r.check(s.type == RopeType::yarn && r.has("original_max_position_embeddings"), "factor",
-            "null", fmt::format("is required for rope type {}", t));
+    r.check(s.type == RopeType::yarn && r.has("original_max_position_embeddings"), "factor", "null",
+            fmt::format("is required for rope type {}", t));
     s.factor = static_cast<double>(c.max_position_embeddings) /
                static_cast<double>(s.original_max_position_embeddings);
   }
@@ -289,7 +309,8 @@ void parse_rope(const Keys& top, const FamilyDefaults& d, ModelConfig& c) {
     s.attention_factor = r.opt_number("attention_factor");
     if (s.attention_factor)
       r.check(*s.attention_factor > 0.0, "attention_factor", *s.attention_factor, "must be > 0");
-    if (const json* v = r.find("truncate"); v && !v->is_null()) s.truncate = r.boolean("truncate", true);
+    if (const json* v = r.find("truncate"); v && !v->is_null())
+      s.truncate = r.boolean("truncate", true);
   } else if (s.type == RopeType::llama3) {
     const auto low = r.opt_number("low_freq_factor");
     const auto high = r.opt_number("high_freq_factor");
@@ -320,8 +341,8 @@ ModelFamily parse_family(const Keys& top) {
 
 ModelConfig parse(const json& root, std::string_view source) {
   if (!root.is_object())
-    detail::fail(ErrorCode::invalid_argument, kParse, "{}: the config must be a JSON object, got {}",
-                 source, describe(root));
+    detail::fail(ErrorCode::invalid_argument, kParse,
+                 "{}: the config must be a JSON object, got {}", source, describe(root));
   const Keys k(root, source);
   ModelConfig c;
   c.source = std::string(source);
@@ -393,8 +414,7 @@ ModelConfig parse(const json& root, std::string_view source) {
     c.v_head_dim = c.head_dim;
   }
   k.check(c.num_attention_heads * c.head_dim <= kMaxDim, "num_attention_heads",
-          c.num_attention_heads,
-          fmt::format("times head_dim={} exceeds {}", c.head_dim, kMaxDim));
+          c.num_attention_heads, fmt::format("times head_dim={} exceeds {}", c.head_dim, kMaxDim));
 
   // -- attention options --
   switch (f) {
@@ -455,7 +475,8 @@ ModelConfig parse(const json& root, std::string_view source) {
   c.num_experts_per_tok = k.integer("num_experts_per_tok", d.top_k);
   k.check(c.num_experts_per_tok <= c.num_experts, "num_experts_per_tok", c.num_experts_per_tok,
           fmt::format("exceeds the number of experts '{}'={}", experts_key, c.num_experts));
-  c.norm_topk_prob = f == ModelFamily::mixtral ? true : k.boolean("norm_topk_prob", d.norm_topk_prob);
+  c.norm_topk_prob =
+      f == ModelFamily::mixtral ? true : k.boolean("norm_topk_prob", d.norm_topk_prob);
 
   if (sigmoid) {
     c.score_func = ScoreFunc::sigmoid;
@@ -489,9 +510,9 @@ ModelConfig parse(const json& root, std::string_view source) {
     const json* ns = k.find("n_shared_experts");
     c.n_shared_experts = ns && ns->is_null() ? 0 : k.integer("n_shared_experts", 1, 0, kMaxDim);
     c.shared_expert_intermediate_size = c.moe_intermediate_size * c.n_shared_experts;
-    k.check(c.shared_expert_intermediate_size <= kMaxDim, "n_shared_experts", c.n_shared_experts,
-            fmt::format("times moe_intermediate_size={} exceeds {}", c.moe_intermediate_size,
-                        kMaxDim));
+    k.check(
+        c.shared_expert_intermediate_size <= kMaxDim, "n_shared_experts", c.n_shared_experts,
+        fmt::format("times moe_intermediate_size={} exceeds {}", c.moe_intermediate_size, kMaxDim));
   }
   if (qwen_family(f)) {
     c.decoder_sparse_step = k.integer("decoder_sparse_step", 1);
@@ -517,8 +538,10 @@ ModelConfig parse(const json& root, std::string_view source) {
   }
 
   // -- weights --
-  if (auto dt = k.opt_string("torch_dtype")) c.torch_dtype = std::move(*dt);
-  else if (auto dt5 = k.opt_string("dtype")) c.torch_dtype = std::move(*dt5);
+  if (auto dt = k.opt_string("torch_dtype"))
+    c.torch_dtype = std::move(*dt);
+  else if (auto dt5 = k.opt_string("dtype"))
+    c.torch_dtype = std::move(*dt5);
   if (const json* q = k.opt_object("quantization_config")) {
     const Keys qk(*q, source, "quantization_config.");
     c.quantization.method = qk.opt_string("quant_method").value_or("");
@@ -565,15 +588,14 @@ bool ModelConfig::is_moe_layer(int layer) const {
 
 int ModelConfig::rotary_dim() const {
   const std::int64_t base = family == ModelFamily::deepseek_v3 ? qk_rope_head_dim : head_dim;
-  return static_cast<int>(std::clamp<double>(
-      std::floor(static_cast<double>(base) * partial_rotary_factor), 0.0,
-      static_cast<double>(kMaxDim)));
+  return static_cast<int>(
+      std::clamp<double>(std::floor(static_cast<double>(base) * partial_rotary_factor), 0.0,
+                         static_cast<double>(kMaxDim)));
 }
 
 double ModelConfig::attention_scale() const {
-  const double width = static_cast<double>(family == ModelFamily::deepseek_v3
-                                               ? qk_nope_head_dim + qk_rope_head_dim
-                                               : head_dim);
+  const double width = static_cast<double>(
+      family == ModelFamily::deepseek_v3 ? qk_nope_head_dim + qk_rope_head_dim : head_dim);
   AUTOGLM_CHECK(width > 0.0, invalid_argument, "ModelConfig::attention_scale",
                 "head width {} must be > 0", width);
   double scale = 1.0 / std::sqrt(width);

@@ -14,7 +14,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <set>
 #include <system_error>
 #include <utility>
 
@@ -428,30 +427,97 @@ std::string read_small_file(std::string_view fn, const std::filesystem::path& pa
   return s;
 }
 
-// A JSON document; a duplicate key at any level is an Error.
-json parse_json_unique(std::string_view fn, const std::string& src, const std::string& text) {
-  std::vector<std::set<std::string>> keys;
-  std::string dup;
-  const json::parser_callback_t cb = [&](int, json::parse_event_t ev, json& parsed) {
-    switch (ev) {
-      case json::parse_event_t::object_start: keys.emplace_back(); break;
-      case json::parse_event_t::object_end:
-        if (!keys.empty()) keys.pop_back();
-        break;
-      case json::parse_event_t::key:
-        if (!keys.empty() && !keys.back().insert(parsed.get<std::string>()).second)
-          bad_file(fn, src, "duplicate key {}", squote(parsed.get<std::string>()));
-        break;
-      default: break;
+// SAX handler for model.safetensors.index.json: keeps only weight_map (tensor -> shard), skips
+// every other key however nested, so memory stays proportional to weight_map. Duplicate keys at
+// the top level are rejected here, duplicate tensors after parsing.
+class IndexHandler {
+ public:
+  std::vector<std::pair<std::string, std::string>> weight_map;  // file order
+  bool has_weight_map = false;
+  std::string error;
+
+  bool null() { return scalar("null"); }
+  bool boolean(bool) { return scalar("a boolean"); }
+  bool number_integer(json::number_integer_t) { return scalar("a number"); }
+  bool number_unsigned(json::number_unsigned_t) { return scalar("a number"); }
+  bool number_float(json::number_float_t, const std::string&) { return scalar("a number"); }
+  bool binary(json::binary_t&) { return scalar("binary data"); }
+  bool string(std::string& s) {
+    if (skip_ == 0 && state_ == State::wm_value) {
+      weight_map.emplace_back(std::move(key_), std::move(s));
+      state_ = State::in_wm;
+      return true;
     }
-    return true;
-  };
-  try {
-    return json::parse(text, cb, /*allow_exceptions=*/true, /*ignore_comments=*/false);
-  } catch (const json::exception& e) {
-    bad_file(fn, src, "invalid JSON: {}", printable(e.what(), true, 300));
+    return scalar("a string");
   }
-}
+  bool start_object(std::size_t) {
+    if (skip_ > 0) return ++skip_, true;
+    switch (state_) {
+      case State::root_value: state_ = State::in_root; return true;
+      case State::wm: state_ = State::in_wm; return true;
+      case State::other_value: skip_ = 1; return true;
+      default: return wrong("an object");
+    }
+  }
+  bool start_array(std::size_t) {
+    if (skip_ > 0) return ++skip_, true;
+    if (state_ == State::other_value) return skip_ = 1, true;
+    return wrong("an array");
+  }
+  bool end_object() { return end(); }
+  bool end_array() { return end(); }
+  bool key(std::string& k) {
+    if (skip_ > 0) return true;
+    if (state_ == State::in_wm) {
+      key_ = std::move(k);
+      state_ = State::wm_value;
+      return true;
+    }
+    if (std::find(root_keys_.begin(), root_keys_.end(), k) != root_keys_.end())
+      return reject(fmt::format("duplicate key {}", squote(k)));
+    root_keys_.push_back(k);
+    has_weight_map |= k == "weight_map";
+    state_ = k == "weight_map" ? State::wm : State::other_value;
+    return true;
+  }
+  bool parse_error(std::size_t position, const std::string&, const nlohmann::detail::exception& ex) {
+    return reject(fmt::format("invalid JSON at byte {}: {}", position, printable(ex.what(), true, 300)));
+  }
+
+ private:
+  enum class State : std::uint8_t { root_value, in_root, other_value, wm, in_wm, wm_value, done };
+  bool reject(std::string m) {
+    error = std::move(m);
+    return false;
+  }
+  bool scalar(std::string_view what) {
+    if (skip_ > 0) return true;
+    if (state_ == State::other_value) return state_ = State::in_root, true;
+    return wrong(what);
+  }
+  bool end() {
+    if (skip_ > 0) {
+      if (--skip_ == 0) state_ = State::in_root;
+      return true;
+    }
+    state_ = state_ == State::in_wm ? State::in_root : State::done;
+    return true;
+  }
+  bool wrong(std::string_view got) {
+    switch (state_) {
+      case State::root_value: return reject(fmt::format("the index must be a JSON object, got {}", got));
+      case State::wm: return reject(fmt::format("weight_map must be an object, got {}", got));
+      case State::wm_value:
+        return reject(fmt::format("weight_map value of tensor {} must be a shard file name, got {}", squote(key_), got));
+      default: return reject(fmt::format("unexpected {}", got));
+    }
+  }
+
+  State state_ = State::root_value;
+  int skip_ = 0;
+  std::string key_;
+  std::vector<std::string> root_keys_;
+};
 
 // Throws unless `shard` is a relative path that stays inside the index's directory.
 void check_shard_name(std::string_view fn, const std::string& index, const std::string& tensor,
@@ -806,20 +872,21 @@ SafeTensorsModel SafeTensorsModel::open(const std::filesystem::path& path) {
   }
 
   const std::string src = file.string();
-  const json doc = parse_json_unique(fn, src, read_small_file(fn, file, kSafeTensorsMaxHeader));
-  if (!doc.is_object()) bad_file(fn, src, "the index must be a JSON object, got {}", doc.type_name());
-  const auto wm = doc.find("weight_map");
-  if (wm == doc.end()) bad_file(fn, src, "no weight_map");
-  if (!wm->is_object()) bad_file(fn, src, "weight_map must be an object, got {}", wm->type_name());
-  if (wm->empty()) bad_file(fn, src, "weight_map is empty");
+  const std::string text = read_small_file(fn, file, kSafeTensorsMaxHeader);
+  IndexHandler h;
+  if (!json::sax_parse(text.begin(), text.end(), &h, json::input_format_t::json, /*strict=*/true,
+                       /*ignore_comments=*/false))
+    bad_file(fn, src, "{}", h.error);
+  if (!h.has_weight_map) bad_file(fn, src, "no weight_map");
+  if (h.weight_map.empty()) bad_file(fn, src, "weight_map is empty");
+  std::sort(h.weight_map.begin(), h.weight_map.end());
   std::map<std::string, std::vector<std::string>> by_shard;
-  for (auto it = wm->begin(); it != wm->end(); ++it) {
-    if (!it->is_string())
-      bad_file(fn, src, "weight_map value of tensor {} must be a shard file name, got {}", squote(it.key()),
-               it->type_name());
-    const std::string& shard = it->get_ref<const std::string&>();
-    check_shard_name(fn, src, it.key(), shard);
-    by_shard[shard].push_back(it.key());
+  for (std::size_t i = 0; i < h.weight_map.size(); ++i) {
+    const auto& [tensor, shard] = h.weight_map[i];
+    if (i > 0 && h.weight_map[i - 1].first == tensor)
+      bad_file(fn, src, "weight_map: duplicate key {}", squote(tensor));
+    check_shard_name(fn, src, tensor, shard);
+    by_shard[shard].push_back(tensor);
   }
   const std::filesystem::path dir = file.parent_path();
   std::map<std::string, std::size_t> shard_index;

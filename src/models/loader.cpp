@@ -46,7 +46,6 @@ class Checkpoint {
       detail::fail(ErrorCode::shape_mismatch, kFn,
                    "{}: tensor '{}' ({}) has shape [{}], but config.json implies {}", file, name,
                    what, fmt::join(info->extents, ", "), want.str());
-    planned_.push_back(name);
     progress_state_.tensors_total += 1;
     progress_state_.bytes_total += info->nbytes;
   }
@@ -88,7 +87,6 @@ class Checkpoint {
   SafeTensorsModel st_;
   std::string dir_;
   const std::function<bool(const LoadProgress&)>* progress_;
-  std::vector<std::string> planned_;
   LoadProgress progress_state_;
 };
 
@@ -251,6 +249,13 @@ LayerNames plan_layer(Checkpoint& ck, const ModelConfig& c, int i) {
                      : fmt::format(" / '{}experts.0.w1.weight'", blocks.front()),
                  i);
   }
+  if (!n.experts.fused) {
+    const std::string extra = fmt::format("{}experts.{}.{}.weight", blk, E, gname);
+    if (ck.has(extra))
+      detail::fail(ErrorCode::invalid_argument, kFn,
+                   "{}: the checkpoint holds '{}', but config.json says num_experts={}",
+                   ck.st().file_of(extra).source(), extra, E);
+  }
   n.router = blk + "gate.weight";
   ck.need(n.router, Shape{E, d}, "router (num_experts)");
   if (tr.selection_bias) {
@@ -263,11 +268,6 @@ LayerNames plan_layer(Checkpoint& ck, const ModelConfig& c, int i) {
     ck.need(n.experts.gate_up, Shape{E, 2 * I, d}, "fused experts (num_experts, expert width)");
     ck.need(n.experts.down, Shape{E, d, I}, "fused experts (num_experts, expert width)");
   } else {
-    const std::string extra = fmt::format("{}experts.{}.{}.weight", blk, E, gname);
-    if (ck.has(extra))
-      detail::fail(ErrorCode::invalid_argument, kFn,
-                   "{}: the checkpoint holds '{}', but config.json says num_experts={}",
-                   ck.st().file_of(extra).source(), extra, E);
     for (std::int64_t e = 0; e < E; ++e) {
       const std::string ep = fmt::format("{}experts.{}.", blk, e);
       n.experts.gate.push_back(ep + gname + ".weight");

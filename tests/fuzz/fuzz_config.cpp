@@ -22,8 +22,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   for (std::int64_t i = 0; i < layers && i < 4096; ++i)
     moe += c->is_moe_layer(static_cast<int>(i)) ? 1 : 0;
   const autoglm::GateOptions g = c->gate_options();
-  volatile double sink = c->attention_scale() + c->rope_attention_factor() + c->rotary_dim() +
-                         g.top_k + moe;
+  volatile double sink =
+      c->attention_scale() + c->rope_attention_factor() + c->rotary_dim() + g.top_k + moe;
   (void)sink;
   return 0;
 }

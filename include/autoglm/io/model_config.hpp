@@ -68,14 +68,14 @@ struct RopeScaling {
   double factor = 1.0;             ///< context extension factor (>= 1)
   /// Pre-training context length (yarn, dynamic, llama3); defaults to max_position_embeddings.
   std::int64_t original_max_position_embeddings = 0;
-  double beta_fast = 32.0;  ///< yarn: extrapolation boundary in rotations (0 in JSON: 32)
-  double beta_slow = 1.0;   ///< yarn: interpolation boundary in rotations (0 in JSON: 1)
+  double beta_fast = 32.0;      ///< yarn: extrapolation boundary in rotations (0 in JSON: 32)
+  double beta_slow = 1.0;       ///< yarn: interpolation boundary in rotations (0 in JSON: 1)
   double mscale = 0.0;          ///< yarn (DeepSeek): cos/sin magnitude exponent; 0 = absent
   double mscale_all_dim = 0.0;  ///< yarn (DeepSeek): attention-score exponent; 0 = absent
   std::optional<double> attention_factor;  ///< yarn: explicit cos/sin multiplier
-  bool truncate = true;            ///< yarn: floor/ceil the correction range (transformers 5.x)
-  double low_freq_factor = 1.0;    ///< llama3
-  double high_freq_factor = 4.0;   ///< llama3
+  bool truncate = true;           ///< yarn: floor/ceil the correction range (transformers 5.x)
+  double low_freq_factor = 1.0;   ///< llama3
+  double high_freq_factor = 4.0;  ///< llama3
 };
 
 /// Which q/k normalisation the attention applies before RoPE.
@@ -120,13 +120,13 @@ struct FidelityOptions {
 /// by hand is the caller's responsibility.
 struct ModelConfig {
   ModelFamily family = ModelFamily::mixtral;  ///< from `model_type`
-  std::string source;                          ///< file or name the config came from
+  std::string source;                         ///< file or name the config came from
 
   // -- sizes --
-  std::int64_t vocab_size = 0;               ///< `vocab_size`
-  std::int64_t hidden_size = 0;              ///< `hidden_size` (d)
-  std::int64_t num_hidden_layers = 0;        ///< `num_hidden_layers` (MTP layers excluded)
-  std::int64_t num_attention_heads = 0;      ///< `num_attention_heads`
+  std::int64_t vocab_size = 0;           ///< `vocab_size`
+  std::int64_t hidden_size = 0;          ///< `hidden_size` (d)
+  std::int64_t num_hidden_layers = 0;    ///< `num_hidden_layers` (MTP layers excluded)
+  std::int64_t num_attention_heads = 0;  ///< `num_attention_heads`
   /// `num_key_value_heads` (null: = heads). DeepSeek-V3: always = heads (MLA expands k/v per head).
   std::int64_t num_key_value_heads = 0;
   /// Width of one q/k head: `head_dim` (null/absent: hidden_size / heads, which must divide).
@@ -147,9 +147,9 @@ struct ModelConfig {
   std::int64_t num_experts_per_tok = 0;  ///< `num_experts_per_tok` (k), in [1, E]
   /// `norm_topk_prob`: divide the k weights by their sum. Mixtral: always true.
   bool norm_topk_prob = true;
-  double routed_scaling_factor = 1.0;  ///< `routed_scaling_factor` (DeepSeek-V3, GLM)
-  std::int64_t n_group = 1;            ///< `n_group` (sigmoid families; 1 elsewhere)
-  std::int64_t topk_group = 1;         ///< `topk_group` (sigmoid families; 1 elsewhere)
+  double routed_scaling_factor = 1.0;         ///< `routed_scaling_factor` (DeepSeek-V3, GLM)
+  std::int64_t n_group = 1;                   ///< `n_group` (sigmoid families; 1 elsewhere)
+  std::int64_t topk_group = 1;                ///< `topk_group` (sigmoid families; 1 elsewhere)
   ScoreFunc score_func = ScoreFunc::softmax;  ///< softmax (Mixtral, Qwen, OLMoE) or sigmoid
   /// `topk_method` as written (DeepSeek-V3: "noaux_tc"); empty when absent.
   std::string topk_method;
@@ -164,8 +164,8 @@ struct ModelConfig {
   bool shared_expert_gate = false;
 
   // -- which layers are MoE --
-  std::int64_t first_k_dense_replace = 0;  ///< DeepSeek-V3, GLM: layers [0, k) are dense
-  std::int64_t decoder_sparse_step = 1;    ///< Qwen: MoE iff (idx + 1) % step == 0
+  std::int64_t first_k_dense_replace = 0;     ///< DeepSeek-V3, GLM: layers [0, k) are dense
+  std::int64_t decoder_sparse_step = 1;       ///< Qwen: MoE iff (idx + 1) % step == 0
   std::vector<std::int64_t> mlp_only_layers;  ///< Qwen: layers forced dense (sorted, unique)
   /// Multi-token-prediction layers after the last decoder layer (`num_nextn_predict_layers`,
   /// DeepSeek-V3 and GLM); their tensors are ignored for next-token inference.
@@ -177,7 +177,7 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   /// Share of head_dim that RoPE rotates: `partial_rotary_factor` (GLM default 0.5; else 1).
   double partial_rotary_factor = 1.0;
-  RopeScaling rope_scaling;     ///< `rope_scaling`, or the 5.x `rope_parameters`
+  RopeScaling rope_scaling;  ///< `rope_scaling`, or the 5.x `rope_parameters`
   /// Rotary pairing: false = rotate_half (NEOX, element i with i + rotary_dim/2); true =
   /// adjacent pairs (DeepSeek-V3 `rope_interleave`, default true).
   bool rope_interleave = false;
@@ -187,7 +187,7 @@ struct ModelConfig {
   /// o_proj carries a bias: `attention_bias` for Qwen3-MoE, OLMoE and DeepSeek-V3; never for
   /// Mixtral, Qwen2-MoE or GLM.
   bool o_proj_bias = false;
-  QkNorm qk_norm = QkNorm::none;  ///< q/k normalisation (GLM: `use_qk_norm`)
+  QkNorm qk_norm = QkNorm::none;   ///< q/k normalisation (GLM: `use_qk_norm`)
   std::optional<double> clip_qkv;  ///< OLMoE `clip_qkv`: clamp q, k, v to [-c, c] after the norm
   /// Sliding-window attention width (Mixtral `sliding_window`); 0 = full attention.
   std::int64_t sliding_window = 0;

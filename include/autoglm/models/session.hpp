@@ -19,6 +19,13 @@ class KvCache {
  public:
   /// An empty cache for `model` holding at most `max_context` positions (>= 1).
   KvCache(const Model& model, std::int64_t max_context);
+  // Copies would share the buffers; a cache is moved, never copied.
+  KvCache(const KvCache&) = delete;
+  KvCache& operator=(const KvCache&) = delete;
+  /// Takes over another cache's buffers.
+  KvCache(KvCache&&) = default;
+  /// Takes over another cache's buffers.
+  KvCache& operator=(KvCache&&) = default;
 
   /// Positions held.
   std::int64_t size() const noexcept { return static_cast<std::int64_t>(tokens_.size()); }
@@ -92,6 +99,13 @@ class Session {
  public:
   /// A session with an empty cache.
   explicit Session(const Model& model, SessionOptions options = {});
+  // One cache per session: sessions are moved, never copied.
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+  /// Takes over another session's cache.
+  Session(Session&&) = default;
+  /// Takes over another session's cache.
+  Session& operator=(Session&&) = default;
 
   /// The model.
   const Model& model() const noexcept { return *model_; }

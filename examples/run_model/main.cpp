@@ -1,0 +1,186 @@
+// SPDX-License-Identifier: Apache-2.0
+// run_model: loads a Hugging Face MoE checkpoint directory (config.json + safetensors), feeds a
+// prompt of token ids and generates a continuation with the KV cache, printing the generated ids
+// and the prefill / decode speed. A progress bar on stderr follows the load.
+//
+//   run_model --model tests/fixtures/deepseek_v3 --tokens 41,94,177,112 --max-new 16
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "autoglm/autoglm.hpp"
+
+namespace {
+
+struct Args {
+  std::string model;
+  std::vector<std::int32_t> tokens;
+  long max_new = 16;
+  int threads = 0;
+  float temperature = 0.0f;
+  int top_k = 0;
+  float top_p = 1.0f;
+  long seed = 0;
+  std::string group_mask = "neg_inf";  // transformers 5.x; "zero": transformers 4.x
+  int repeat = 1;          // run the prompt this many times (the later runs reuse the cache)
+};
+
+void usage() {
+  std::puts(
+      "usage: run_model --model DIR --tokens ID,ID,... [--max-new N] [--threads T]\n"
+      "                 [--temperature X] [--top-k K] [--top-p P] [--seed S]\n"
+      "                 [--group-mask neg_inf|zero|config] [--repeat R]\n"
+      "DIR holds config.json and model.safetensors (or a sharded index). Greedy by default.\n"
+      "--group-mask: value of discarded expert groups (DeepSeek-V3 / GLM group-limited routing):\n"
+      "  neg_inf (default: transformers 5.x, DeepSeek reference, llama.cpp, vLLM), zero\n"
+      "  (transformers 4.x) or config (ModelConfig's FidelityOptions default).\n"
+      "--repeat R runs the same prompt R times in one session: the later runs reuse its cache.");
+}
+
+[[noreturn]] void bad(std::string_view msg) {
+  throw autoglm::Error(autoglm::ErrorCode::invalid_argument, "run_model", msg);
+}
+
+long to_long(std::string_view flag, const std::string& v) {
+  char* end = nullptr;
+  const long x = std::strtol(v.c_str(), &end, 10);
+  if (v.empty() || *end != '\0') bad(fmt::format("{} {} is not an integer", flag, v));
+  return x;
+}
+
+float to_float(std::string_view flag, const std::string& v) {
+  char* end = nullptr;
+  const float x = std::strtof(v.c_str(), &end);
+  if (v.empty() || *end != '\0') bad(fmt::format("{} {} is not a number", flag, v));
+  return x;
+}
+
+std::vector<std::int32_t> to_ids(const std::string& v) {
+  std::vector<std::int32_t> ids;
+  std::size_t pos = 0;
+  while (pos <= v.size()) {
+    const std::size_t comma = v.find(',', pos);
+    const std::string item = v.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    const long id = to_long("--tokens", item);
+    if (id < 0 || id > INT32_MAX) bad(fmt::format("--tokens: id {} out of range", id));
+    ids.push_back(static_cast<std::int32_t>(id));
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  return ids;
+}
+
+Args parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view f = argv[i];
+    if (f == "--help" || f == "-h") {
+      usage();
+      std::exit(0);
+    }
+    if (i + 1 >= argc) bad(fmt::format("{} needs a value (or is unknown); see --help", f));
+    const std::string v = argv[++i];
+    if (f == "--model") a.model = v;
+    else if (f == "--tokens") a.tokens = to_ids(v);
+    else if (f == "--max-new") a.max_new = to_long(f, v);
+    else if (f == "--threads") a.threads = static_cast<int>(to_long(f, v));
+    else if (f == "--temperature") a.temperature = to_float(f, v);
+    else if (f == "--top-k") a.top_k = static_cast<int>(to_long(f, v));
+    else if (f == "--top-p") a.top_p = to_float(f, v);
+    else if (f == "--seed") a.seed = to_long(f, v);
+    else if (f == "--group-mask") a.group_mask = v;
+    else if (f == "--repeat") a.repeat = static_cast<int>(to_long(f, v));
+    else bad(fmt::format("unknown flag {}; see --help", f));
+  }
+  if (a.model.empty()) bad("--model DIR is required");
+  if (a.tokens.empty()) bad("--tokens ID,ID,... is required");
+  if (a.max_new < 0) bad(fmt::format("--max-new {} must be >= 0", a.max_new));
+  if (a.repeat < 1) bad(fmt::format("--repeat {} must be >= 1", a.repeat));
+  if (a.group_mask != "neg_inf" && a.group_mask != "zero" && a.group_mask != "config")
+    bad(fmt::format("--group-mask {} must be neg_inf, zero or config", a.group_mask));
+  return a;
+}
+
+/// A one-line progress bar on stderr, redrawn in place whenever the percentage changes.
+void draw_progress(const autoglm::LoadProgress& p) {
+  constexpr int kWidth = 40;
+  static int last = -1;
+  const double frac = p.bytes_total ? static_cast<double>(p.bytes_done) / p.bytes_total : 0.0;
+  const int percent = static_cast<int>(frac * 100.0);
+  const bool done = p.tensors_done == p.tensors_total;
+  if (percent == last && !done) return;
+  last = percent;
+  const int fill = static_cast<int>(frac * kWidth);
+  std::fprintf(stderr, "\rloading [%s%s] %3d%%  %zu/%zu tensors  %.1f/%.1f MiB",
+               std::string(static_cast<std::size_t>(fill), '#').c_str(),
+               std::string(static_cast<std::size_t>(kWidth - fill), '.').c_str(),
+               percent, p.tensors_done, p.tensors_total,
+               static_cast<double>(p.bytes_done) / (1 << 20),
+               static_cast<double>(p.bytes_total) / (1 << 20));
+  if (done) std::fputc('\n', stderr);
+  std::fflush(stderr);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Args a = parse(argc, argv);
+    autoglm::CpuBackend backend(autoglm::CpuBackendOptions{.threads = a.threads});
+    autoglm::LoadOptions lo;
+    lo.progress = [](const autoglm::LoadProgress& p) {
+      draw_progress(p);
+      return true;
+    };
+    if (a.group_mask != "config") {
+      autoglm::FidelityOptions f;
+      f.group_mask = a.group_mask == "zero" ? autoglm::GroupMask::zero : autoglm::GroupMask::neg_inf;
+      lo.fidelity = f;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    const autoglm::Model model = autoglm::load_model(backend, a.model, lo);
+    const double load_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const autoglm::ModelConfig& c = model.config();
+    fmt::print("model: {} ({}), {} layers, hidden {}, {} experts (top-{}), vocab {}; loaded in "
+               "{:.2f} s on {} threads\n",
+               a.model, autoglm::model_family_name(c.family), model.num_layers(), model.hidden(),
+               c.num_experts, c.num_experts_per_tok, model.vocab_size(), load_s,
+               backend.num_threads());
+
+    autoglm::Session session(model);
+    autoglm::GenerateOptions go;
+    go.max_new_tokens = a.max_new;
+    go.sampling.temperature = a.temperature;
+    go.sampling.top_k = a.top_k;
+    go.sampling.top_p = a.top_p;
+    go.sampling.seed = static_cast<std::uint64_t>(a.seed);
+    for (int r = 0; r < a.repeat; ++r) {
+      autoglm::GenerationStats st;
+      const std::vector<std::int32_t> out = session.generate(a.tokens, go, &st);
+      fmt::print("prompt: {} tokens ({} reused from the cache, {} computed)\n", st.prompt_tokens,
+                 st.reused_tokens, st.prefill_tokens);
+      fmt::print("generated: {}\n", fmt::join(out, ","));
+      fmt::print("prefill: {:.1f} tokens/s ({:.2f} ms)   decode: {:.1f} tokens/s ({} steps, "
+                 "{:.2f} ms)\n",
+                 st.prefill_tokens_per_second(), st.prefill_seconds * 1e3,
+                 st.decode_tokens_per_second(), std::max<std::int64_t>(st.generated_tokens - 1, 0),
+                 st.decode_seconds * 1e3);
+    }
+    return 0;
+  } catch (const autoglm::Error& e) {
+    std::fprintf(stderr, "\nerror: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "\nerror: %s\n", e.what());
+    return 2;
+  }
+}
