@@ -518,7 +518,7 @@ TEST_CASE("model config: DeepSeek-V3", "[model_config]") {
   CHECK(g.routed_scaling == 2.5f);
   CHECK(g.n_group == 8);
   CHECK(g.topk_group == 4);
-  CHECK(g.group_mask == GroupMask::zero);
+  CHECK(g.group_mask == GroupMask::neg_inf);
   gate_builds(c);
 }
 
@@ -769,6 +769,8 @@ TEST_CASE("model config: fidelity options pick the reference / llama.cpp numeric
   c.fidelity.norm_topk_prob = false;
   CHECK_FALSE(c.gate_options().renormalize);
   c.fidelity = FidelityOptions::transformers();
+  CHECK(c.gate_options().group_mask == GroupMask::neg_inf);
+  c.fidelity = FidelityOptions::transformers_4x();
   CHECK(c.gate_options().group_mask == GroupMask::zero);
   c.fidelity.renorm_epsilon = -1.0f;
   CHECK_ERROR(c.gate_options(), invalid_argument, "gate_options", "renorm_epsilon=-1");

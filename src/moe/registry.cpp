@@ -26,7 +26,7 @@ GateFactory builtin_gate(GatePolicy policy) {
     o.routed_scaling = static_cast<float>(a.get_float("routed_scaling", 1.0));
     o.n_group = static_cast<int>(a.get_int("n_group", 1));
     o.topk_group = static_cast<int>(a.get_int("topk_group", 1));
-    const std::string mask = a.get_string("group_mask", "zero");
+    const std::string mask = a.get_string("group_mask", "neg_inf");
     AUTOGLM_CHECK(mask == "zero" || mask == "neg_inf", invalid_argument, "Registry",
                   "{}='{}' must be zero or neg_inf", key_path(a, "group_mask"), mask);
     o.group_mask = mask == "zero" ? GroupMask::zero : GroupMask::neg_inf;

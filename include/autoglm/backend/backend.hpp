@@ -18,8 +18,8 @@ enum class ScoreFunc : std::uint8_t {
 
 /// Value given to experts of groups that group-limited routing discards.
 enum class GroupMask : std::uint8_t {
-  zero,     ///< transformers (DeepseekV3TopkRouter, Glm4MoeTopkRouter)
-  neg_inf,  ///< DeepSeek reference, llama.cpp, vLLM
+  zero,     ///< transformers 4.x (DeepseekV3TopkRouter, Glm4MoeTopkRouter before 5.0)
+  neg_inf,  ///< transformers 5.x, DeepSeek reference, llama.cpp, vLLM
 };
 
 /// Token-choice routing parameters (see docs/architecture.md for the order of operations).
@@ -31,7 +31,7 @@ struct RouteParams {
   float routed_scaling = 1.0f;           ///< weights *= this after renormalisation
   int n_group = 1;                       ///< expert groups (E % n_group == 0)
   int topk_group = 1;                    ///< groups kept per token, in [1, n_group]
-  GroupMask group_mask = GroupMask::zero;  ///< fill for discarded groups
+  GroupMask group_mask = GroupMask::neg_inf;  ///< fill for discarded groups
   float noise_std = 0.0f;                ///< Gaussian noise on logits (noisy top-k); 0 = none
   std::uint64_t seed = 0;                ///< noise seed; noise depends on (seed, token, expert)
 };

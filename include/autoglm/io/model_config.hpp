@@ -96,9 +96,10 @@ struct QuantizationConfig {
 /// Choices where transformers, the model authors' reference code and llama.cpp compute
 /// different numbers (docs/model-semantics.md). The defaults follow transformers.
 struct FidelityOptions {
-  /// Value of experts in discarded groups of group-limited routing: transformers 0.0; DeepSeek
-  /// reference, llama.cpp and vLLM -inf. Differs when surviving scores are negative.
-  GroupMask group_mask = GroupMask::zero;
+  /// Value of experts in discarded groups of group-limited routing: transformers 5.x, DeepSeek
+  /// reference, llama.cpp and vLLM -inf; transformers 4.x 0.0. Differs when surviving scores
+  /// are negative.
+  GroupMask group_mask = GroupMask::neg_inf;
   /// Added to the sum of the k sigmoid weights before renormalising (DeepSeek-V3, GLM):
   /// transformers 1e-20; DeepSeek reference 0. Softmax routers never add one.
   float renorm_epsilon = 1e-20f;
@@ -106,8 +107,12 @@ struct FidelityOptions {
   /// set (llama.cpp forces true for Qwen3-MoE). Mixtral always renormalises.
   std::optional<bool> norm_topk_prob;
 
-  /// transformers (the default).
+  /// transformers 5.x (the default).
   static FidelityOptions transformers() noexcept { return {}; }
+  /// transformers 4.x: discarded groups filled with 0.0.
+  static FidelityOptions transformers_4x() noexcept {
+    return {GroupMask::zero, 1e-20f, std::nullopt};
+  }
   /// DeepSeek's reference inference code (and, for the group mask, llama.cpp and vLLM).
   static FidelityOptions deepseek_reference() noexcept {
     return {GroupMask::neg_inf, 0.0f, std::nullopt};

@@ -55,7 +55,7 @@ struct GateOptions {
   float routed_scaling = 1.0f;                    ///< weights *= this (DeepSeek-V3: 2.5)
   int n_group = 1;                                ///< expert groups for group-limited routing
   int topk_group = 1;                             ///< groups kept per token
-  GroupMask group_mask = GroupMask::zero;         ///< value of discarded groups (transformers: 0)
+  GroupMask group_mask = GroupMask::neg_inf;      ///< value of discarded groups (transformers 5.x)
   float noise_std = 1.0f;                         ///< noisy_topk: std of the logit noise
   std::uint64_t seed = 0;                         ///< noisy_topk: noise seed
   /// Rows per expert = ceil(capacity_factor * T * k / E); tokens past it are dropped (they keep
