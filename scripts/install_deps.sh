@@ -3,7 +3,8 @@
 # Installs the Debian 12 packages autoglm builds, tests and benchmarks with; only what is missing.
 set -euo pipefail
 pkgs=(build-essential cmake ninja-build ccache libeigen3-dev libtbb-dev libfmt-dev catch2
-      libbenchmark-dev nlohmann-json3-dev libopenblas-dev clang libclang-rt-14-dev)
+      libbenchmark-dev nlohmann-json3-dev libopenblas-dev clang libclang-rt-14-dev
+      libdnnl-dev)  # libdnnl-dev: benchmark only (bench_qgemm reference)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

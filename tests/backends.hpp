@@ -27,4 +27,24 @@ struct CpuTwoThreads {
 
 }  // namespace agt
 
+#if defined(AUTOGLM_TEST_CUDA)
+// The CUDA test executable (autoglm_cuda_tests, which exits as skipped without a GPU) runs the
+// suite against the CUDA backend only; autoglm_tests stays CPU-only so it passes anywhere.
+#include "autoglm/backend/cuda_backend.hpp"
+
+namespace agt {
+
+/// CUDA backend on device 0, strict FP32 GEMMs.
+struct Cuda {
+  static autoglm::Backend& get() {
+    static autoglm::CudaBackend b;
+    return b;
+  }
+};
+
+}  // namespace agt
+
+#define AUTOGLM_TEST_BACKENDS ::agt::Cuda
+#else
 #define AUTOGLM_TEST_BACKENDS ::agt::CpuOneThread, ::agt::CpuTwoThreads
+#endif

@@ -662,7 +662,9 @@ SafeTensorsFile SafeTensorsFile::open(const std::filesystem::path& path) {
   mapping->reset(addr, static_cast<std::size_t>(size));
   fd.close();
   const std::span<const std::byte> bytes(mapping->data(), static_cast<std::size_t>(size));
-  return parse(fn, bytes, std::move(mapping), path.string());
+  SafeTensorsFile f = parse(fn, bytes, std::move(mapping), path.string());
+  f.mapped_ = true;
+  return f;
 }
 
 SafeTensorsFile SafeTensorsFile::from_buffer(std::span<const std::byte> bytes,
@@ -843,6 +845,26 @@ Tensor SafeTensorsFile::load(Backend& backend, std::string_view name, DType want
   return out;
 }
 
+std::size_t SafeTensorsFile::release(std::string_view name, std::size_t begin,
+                                     std::size_t end) const noexcept {
+  const TensorInfo* t = mapped_ ? find(name) : nullptr;
+  if (t == nullptr) return 0;
+  end = std::min(end, t->nbytes);
+  if (begin >= end) return 0;
+  // Whole pages inside the range only: a page shared with a neighbour would be refaulted at its
+  // next use anyway (the mapping is PROT_READ and MAP_PRIVATE, never written, so MADV_DONTNEED
+  // just unmaps clean page-cache pages), but it may be the neighbour's and still in use.
+  static const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto base = reinterpret_cast<std::uintptr_t>(t->data);
+  const std::uintptr_t first = (base + begin + page - 1) / page * page;
+  const std::uintptr_t last = (base + end) / page * page;
+  if (last <= first) return 0;
+  // Best effort: a failure (none is expected for a range of a live mapping) only means the
+  // pages stay resident until the mapping goes.
+  if (::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED) != 0) return 0;
+  return last - first;
+}
+
 // -----------------------------------------------------------------------------------------------
 // SafeTensorsModel
 
@@ -945,6 +967,12 @@ HostTensor SafeTensorsModel::host_view(std::string_view name) const { return fil
 
 Tensor SafeTensorsModel::load(Backend& backend, std::string_view name, DType want, LoadMode mode) const {
   return file_of(name).load(backend, name, want, mode);
+}
+
+std::size_t SafeTensorsModel::release(std::string_view name, std::size_t begin,
+                                      std::size_t end) const noexcept {
+  const Entry* e = entry(name);
+  return e != nullptr ? shards_[e->shard].release(name, begin, end) : 0;
 }
 
 // -----------------------------------------------------------------------------------------------

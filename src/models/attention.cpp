@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // GQA and MLA attention blocks, and RoPE frequency tables (transformers' rope_init_fn).
 #include "autoglm/models/attention.hpp"
+#include "autoglm/quant/quantize.hpp"
 
 #include <cmath>
 #include <numbers>
@@ -11,9 +12,15 @@ namespace autoglm {
 namespace {
 
 /// Throws unless t is an f32 tensor of shape `want` (or, when `optional`, empty).
-void check_weight(std::string_view fn, std::string_view name, const Tensor& t, const Shape& want,
+void check_weight(std::string_view fn, std::string_view name, const Weight& w, const Shape& want,
                   bool optional = false) {
-  if (optional && !t.defined()) return;
+  if (optional && !w.defined()) return;
+  if (w.is_quantized()) {
+    AUTOGLM_CHECK(w.shape() == want, shape_mismatch, fn, "{} must be {}, got int8 {}", name,
+                  want.str(), w.shape().str());
+    return;
+  }
+  const Tensor& t = w.tensor();
   AUTOGLM_CHECK(t.defined(), invalid_argument, fn, "{} is missing (expected f32 {})", name,
                 want.str());
   AUTOGLM_CHECK(t.dtype() == DType::f32, dtype_mismatch, fn, "{} must be f32, got {}", name,
@@ -188,9 +195,9 @@ void GqaAttention::forward(Backend& b, TensorView x, const AttentionContext& ctx
   Tensor q(b, DType::f32, Shape{T, Hq * D});
   const TensorView kr = TensorView(cache.k).slice(start, start + T).reshaped(Shape{T, Hkv * D});
   const TensorView vr = TensorView(cache.v).slice(start, start + T).reshaped(Shape{T, Hkv * D});
-  b.gemm(x, w_.q_proj, q);
-  b.gemm(x, w_.k_proj, kr);
-  b.gemm(x, w_.v_proj, vr);
+  linear(b, x, w_.q_proj, q);
+  linear(b, x, w_.k_proj, kr);
+  linear(b, x, w_.v_proj, vr);
   if (w_.q_bias.defined()) b.add_bias(q, w_.q_bias, q);
   if (w_.k_bias.defined()) b.add_bias(kr, w_.k_bias, kr);
   if (w_.v_bias.defined()) b.add_bias(vr, w_.v_bias, vr);
@@ -218,7 +225,7 @@ void GqaAttention::forward(Backend& b, TensorView x, const AttentionContext& ctx
   Tensor attn(b, DType::f32, Shape{T, Hq, D});
   b.attention(q3, TensorView(cache.k).slice(0, start + T), TensorView(cache.v).slice(0, start + T),
               ctx.positions, o_.attention, attn);
-  b.gemm(TensorView(attn).reshaped(Shape{T, Hq * D}), w_.o_proj, out);
+  linear(b, TensorView(attn).reshaped(Shape{T, Hq * D}), w_.o_proj, out);
   if (w_.o_bias.defined()) b.add_bias(out, w_.o_bias, out);
 }
 
@@ -259,7 +266,7 @@ MlaAttention::MlaAttention(MlaWeights weights, MlaOptions options)
   check_vector(fn, "o_proj bias", w_.o_bias, d, true);
   AUTOGLM_CHECK(o_.latent_eps > 0.0f, invalid_argument, fn, "latent_eps={} must be > 0",
                 o_.latent_eps);
-  for (Tensor* t : {&w_.q_proj, &w_.q_a_proj, &w_.q_b_proj, &w_.kv_a_proj, &w_.kv_b_proj,
+  for (Weight* t : {&w_.q_proj, &w_.q_a_proj, &w_.q_b_proj, &w_.kv_a_proj, &w_.kv_b_proj,
                     &w_.o_proj})
     if (t->defined()) *t = detail::prepared(std::move(*t));
 }
@@ -277,22 +284,22 @@ void MlaAttention::forward(Backend& b, TensorView x, const AttentionContext& ctx
   Tensor q(b, DType::f32, Shape{T, H * qk});
   if (o_.q_lora_rank > 0) {
     Tensor qa(b, DType::f32, Shape{T, o_.q_lora_rank});
-    b.gemm(x, w_.q_a_proj, qa);
+    linear(b, x, w_.q_a_proj, qa);
     if (w_.q_a_bias.defined()) b.add_bias(qa, w_.q_a_bias, qa);
     b.rms_norm(qa, w_.q_a_norm, o_.latent_eps, qa);
-    b.gemm(qa, w_.q_b_proj, q);
+    linear(b, qa, w_.q_b_proj, q);
   } else {
-    b.gemm(x, w_.q_proj, q);
+    linear(b, x, w_.q_proj, q);
   }
   // kva: [T, c_kv | k_rope]; c_kv normalised -> kv: [T, H, k_nope | v].
   Tensor kva(b, DType::f32, Shape{T, kvr + rope});
-  b.gemm(x, w_.kv_a_proj, kva);
+  linear(b, x, w_.kv_a_proj, kva);
   if (w_.kv_a_bias.defined()) b.add_bias(kva, w_.kv_a_bias, kva);
   Tensor ckv(b, DType::f32, Shape{T, kvr});
   b.copy_columns(kva, 0, ckv, 0, kvr);
   b.rms_norm(ckv, w_.kv_a_norm, o_.latent_eps, ckv);
   Tensor kv(b, DType::f32, Shape{T, H * (nope + vd)});
-  b.gemm(ckv, w_.kv_b_proj, kv);
+  linear(b, ckv, w_.kv_b_proj, kv);
   RopeParams rp{nope, rope, o_.interleaved, o_.rope_attention_factor};
   b.rope(TensorView(q).reshaped(Shape{T, H, qk}), ctx.positions, ctx.inv_freq, rp);
   rp.offset = kvr;
@@ -307,8 +314,36 @@ void MlaAttention::forward(Backend& b, TensorView x, const AttentionContext& ctx
   Tensor attn(b, DType::f32, Shape{T, H, vd});
   b.attention(TensorView(q).reshaped(Shape{T, H, qk}), TensorView(cache.k).slice(0, start + T),
               TensorView(cache.v).slice(0, start + T), ctx.positions, o_.attention, attn);
-  b.gemm(TensorView(attn).reshaped(Shape{T, H * vd}), w_.o_proj, out);
+  linear(b, TensorView(attn).reshaped(Shape{T, H * vd}), w_.o_proj, out);
   if (w_.o_bias.defined()) b.add_bias(out, w_.o_bias, out);
+}
+
+// ------------------------------------------------------------------------------- quantization
+
+namespace {
+void quantize_in_place(Backend& b, Weight& w, const QuantSpec& spec, std::string_view name) {
+  w = quantize_weight(b, w, spec, name);
+}
+}  // namespace
+
+GqaAttention GqaAttention::quantized(Backend& backend, const QuantSpec& spec) const {
+  GqaWeights w = w_;
+  quantize_in_place(backend, w.q_proj, spec, "q_proj");
+  quantize_in_place(backend, w.k_proj, spec, "k_proj");
+  quantize_in_place(backend, w.v_proj, spec, "v_proj");
+  quantize_in_place(backend, w.o_proj, spec, "o_proj");
+  return GqaAttention(std::move(w), o_);
+}
+
+MlaAttention MlaAttention::quantized(Backend& backend, const QuantSpec& spec) const {
+  MlaWeights w = w_;
+  quantize_in_place(backend, w.q_proj, spec, "q_proj");
+  quantize_in_place(backend, w.q_a_proj, spec, "q_a_proj");
+  quantize_in_place(backend, w.q_b_proj, spec, "q_b_proj");
+  quantize_in_place(backend, w.kv_a_proj, spec, "kv_a_proj_with_mqa");
+  quantize_in_place(backend, w.kv_b_proj, spec, "kv_b_proj");
+  quantize_in_place(backend, w.o_proj, spec, "o_proj");
+  return MlaAttention(std::move(w), o_);
 }
 
 }  // namespace autoglm

@@ -3,6 +3,14 @@
 // name, presence, dtype and shape checked against config.json, nothing read), then build (the
 // tensors loaded in plan order, with progress reports). Objects are only ever returned by value,
 // so a failure or cancellation anywhere leaves nothing behind.
+//
+// Memory: every weight matrix ends up in the backend's weight layout (panel32 on the CPU), a
+// copy of the mapped file bytes. So that the load's peak resident set stays near the size of the
+// checkpoint instead of mapping + copy, each matrix is written straight into that layout (no
+// row-major intermediate that prepare_weights would copy again), and its source pages are
+// dropped from this process (SafeTensorsModel::release) as soon as they are copied — expert by
+// expert for fused expert tensors. Only tensors used in place (embedding table, norms, biases)
+// stay mapped.
 #include <charconv>
 #include <string>
 #include <vector>
@@ -12,6 +20,7 @@
 
 #include "autoglm/io/safetensors.hpp"
 #include "autoglm/models/model.hpp"
+#include "autoglm/quant/checkpoint.hpp"
 #include "common/checks.hpp"
 
 namespace autoglm {
@@ -25,10 +34,20 @@ bool is_float(DType t) { return t == DType::f32 || t == DType::f16 || t == DType
 class Checkpoint {
  public:
   Checkpoint(Backend& backend, SafeTensorsModel st, std::string dir,
-             const std::function<bool(const LoadProgress&)>* progress)
-      : backend_(backend), st_(std::move(st)), dir_(std::move(dir)), progress_(progress) {}
+             const std::function<bool(const LoadProgress&)>* progress,
+             std::optional<QuantSpec> int8 = std::nullopt)
+      : backend_(backend),
+        st_(std::move(st)),
+        dir_(std::move(dir)),
+        progress_(progress),
+        int8_(int8) {}
 
   bool has(const std::string& name) const { return st_.find(name) != nullptr; }
+  /// True when `name` is stored as int8 (an autoglm int8 checkpoint's quantized weight).
+  bool is_int8(const std::string& name) const {
+    const TensorInfo* i = st_.find(name);
+    return i && i->dtype == DType::i8;
+  }
   const SafeTensorsModel& st() const noexcept { return st_; }
 
   /// Plans `name` with shape `want`; `what` says what needs it (for messages).
@@ -38,6 +57,10 @@ class Checkpoint {
       detail::fail(ErrorCode::not_found, kFn, "{}: tensor '{}' ({}) is missing from the checkpoint",
                    dir_, name, what);
     const std::string& file = st_.file_of(name).source();
+    if (info->dtype == DType::i8) {
+      need_int8(*info, file, want, what);
+      return;
+    }
     if (!info->dtype || !is_float(*info->dtype))
       detail::fail(ErrorCode::unsupported, kFn,
                    "{}: tensor '{}' has dtype {}; only F32, F16 and BF16 weights are supported",
@@ -50,19 +73,165 @@ class Checkpoint {
     progress_state_.bytes_total += info->nbytes;
   }
 
-  /// Loads a planned tensor as f32 (aliasing the mapped file when it already is f32).
+  /// Checks an int8 weight and its scale tensor against the expected shape.
+  void need_int8(const TensorInfo& info, const std::string& file, const Shape& want,
+                 std::string_view what) {
+    const std::string& name = info.name;
+    if (!int8_)
+      detail::fail(ErrorCode::unsupported, kFn,
+                   "{}: tensor '{}' is I8, but config.json has no quantization_config with "
+                   "quant_method '{}'",
+                   file, name, kAutoglmQuantMethod);
+    if (!info.shape || !(*info.shape == want) || want.rank() < 2)
+      detail::fail(ErrorCode::shape_mismatch, kFn,
+                   "{}: int8 tensor '{}' ({}) has shape [{}], but config.json implies {}", file,
+                   name, what, fmt::join(info.extents, ", "), want.str());
+    const std::int64_t k = want[want.rank() - 1], group = int8_->group_of(k);
+    if (k % group != 0)
+      detail::fail(ErrorCode::shape_mismatch, kFn,
+                   "{}: int8 tensor '{}' has {} columns, not a multiple of the group {}", file,
+                   name, k, group);
+    const std::string sn = scale_name(name);
+    const TensorInfo* s = st_.find(sn);
+    if (!s)
+      detail::fail(ErrorCode::not_found, kFn,
+                   "{}: scale tensor '{}' of the int8 tensor '{}' is missing", file, sn, name);
+    const std::string& sfile = st_.file_of(sn).source();
+    if (s->dtype != DType::f32)
+      detail::fail(ErrorCode::dtype_mismatch, kFn, "{}: scale tensor '{}' has dtype {}; must be F32",
+                   sfile, sn, s->dtype_tag);
+    Shape ws = want;
+    ws = want.rank() == 2 ? Shape{want[0], k / group} : Shape{want[0], want[1], k / group};
+    if (!s->shape || !(*s->shape == ws))
+      detail::fail(ErrorCode::shape_mismatch, kFn,
+                   "{}: scale tensor '{}' has shape [{}], but {} with {} needs {}", sfile, sn,
+                   fmt::join(s->extents, ", "), name, int8_->scheme_name(), ws.str());
+    progress_state_.tensors_total += 2;
+    progress_state_.bytes_total += info.nbytes + s->nbytes;
+  }
+
+  /// A planned int8 weight with its scales, row-major (aliasing the mapped file on the CPU).
+  QuantizedTensor take_q(const std::string& name) {
+    const std::string sn = scale_name(name);
+    Tensor data = st_.load(backend_, name, DType::i8);
+    Tensor scales = st_.load(backend_, sn, DType::f32);
+    report(name);
+    report(sn);
+    return QuantizedTensor(std::move(data), std::move(scales), *int8_);
+  }
+
+  /// take_q packed for the backend's kernels, the file's pages released.
+  QuantizedTensor take_packed(const std::string& name) {
+    QuantizedTensor q = backend_.pack_quantized(take_q(name));
+    if (q.is_packed()) st_.release(name);
+    return q;
+  }
+
+  /// An int8 stack [E, N, K] whose matrix e is the row-wise concatenation of the int8
+  /// tensors parts[e] (gate then up for a fused gate_up), packed for the backend.
+  QuantizedTensor take_q_rows(const std::vector<std::vector<std::string>>& parts,
+                              const Shape& shape) {
+    const std::int64_t E = shape[0], n = shape[1], k = shape[2];
+    const std::int64_t groups = k / int8_->group_of(k);
+    Tensor data(backend_, DType::i8, shape);
+    Tensor scales(backend_, DType::f32, Shape{E, n, groups});
+    for (std::int64_t e = 0; e < E; ++e) {
+      std::int64_t row = 0;
+      for (const std::string& name : parts[static_cast<std::size_t>(e)]) {
+        if (!is_int8(name))
+          detail::fail(ErrorCode::dtype_mismatch, kFn,
+                       "{}: tensor '{}' is not I8, but the other matrices of its bank are",
+                       st_.file_of(name).source(), name);
+        const std::int64_t rows = (*st_.at(name).shape)[0];
+        const HostTensor q = st_.host_view(name);
+        const HostTensor s = st_.host_view(scale_name(name));
+        backend_.copy_from_host(TensorView(data)[e].slice(row, row + rows), q.view.data);
+        backend_.copy_from_host(TensorView(scales)[e].slice(row, row + rows), s.view.data);
+        st_.release(name);
+        report(name);
+        report(scale_name(name));
+        row += rows;
+      }
+    }
+    return backend_.pack_quantized(QuantizedTensor(std::move(data), std::move(scales), *int8_));
+  }
+
+  /// Loads a planned tensor as f32 (aliasing the mapped file when it already is f32), for
+  /// tensors used as they are (embedding table, norms, biases).
   Tensor take(const std::string& name) {
     Tensor t = st_.load(backend_, name, DType::f32);
     report(name);
     return t;
   }
 
-  /// Copies a planned tensor into dst (converting from its stored dtype).
+  /// Layout of the weight matrices the consumers would otherwise re-lay out (prepare_weights).
+  Layout weight_layout() const noexcept { return backend_.weight_layout(); }
+
+  /// A planned weight matrix: int8 packed for the kernels when stored as int8, else f32 (after
+  /// conversion) in the backend's weight layout, its source pages released. With a row-major
+  /// backend the f32 case is take() (in place).
+  Weight take_weight(const std::string& name) {
+    if (is_int8(name)) return take_packed(name);
+    if (weight_layout() == Layout::row_major) return take(name);
+    Tensor out(backend_, DType::f32, *st_.at(name).shape, weight_layout());
+    take_into(name, out);
+    return out;
+  }
+
+  /// Copies a planned tensor into dst (converting from its stored dtype; dst row-major with
+  /// the same element count, or in another layout with the same shape), then releases the
+  /// source pages.
   void take_into(const std::string& name, TensorView dst) {
     const TensorInfo& info = st_.at(name);
-    const Tensor src = st_.load(backend_, name, *info.dtype);
-    backend_.convert(TensorView(src).reshaped(dst.shape), dst);
+    if (dst.layout == Layout::row_major) {
+      const Tensor src = st_.load(backend_, name, *info.dtype);
+      backend_.convert(TensorView(src).reshaped(dst.shape), dst);
+    } else {
+      // relayout reads f32: in place when stored as f32, else a converted temporary.
+      const Tensor src = st_.load(backend_, name, DType::f32);
+      backend_.relayout(src, dst);
+    }
+    st_.release(name);
     report(name);
+  }
+
+  /// A planned stack [E, N, K] in the backend's weight layout, re-laid out one matrix at a
+  /// time with each matrix's source pages released right after it is copied, so a fused
+  /// expert tensor (GBs) is never resident twice.
+  Tensor take_stack(const std::string& name) {
+    if (weight_layout() == Layout::row_major) return take(name);
+    const TensorInfo& info = st_.at(name);
+    const Shape shape = *info.shape;
+    Tensor out(backend_, DType::f32, shape, weight_layout());
+    if (backend_.device().kind == DeviceKind::cpu && shape[0] > 0) {
+      // The stored bytes (mapped, or an aligned copy), one matrix at a time; f16 / bf16 go
+      // through one f32 matrix reused for the whole stack.
+      const HostTensor src = st_.host_view(name);
+      Tensor f32;
+      if (*info.dtype != DType::f32) f32 = Tensor(backend_, DType::f32, Shape{shape[1], shape[2]});
+      const std::size_t per = info.nbytes / static_cast<std::size_t>(shape[0]);
+      for (std::int64_t e = 0; e < shape[0]; ++e) {
+        const TensorView m = src.view[e];
+        if (f32.defined()) {
+          backend_.convert(m, f32);
+          backend_.relayout(f32, TensorView(out)[e]);
+        } else {
+          backend_.relayout(m, TensorView(out)[e]);
+        }
+        st_.release(name, static_cast<std::size_t>(e) * per, static_cast<std::size_t>(e + 1) * per);
+      }
+    } else {  // device memory: one converted f32 staging tensor
+      const Tensor src = st_.load(backend_, name, DType::f32);
+      backend_.relayout(src, out);
+      st_.release(name);
+    }
+    report(name);
+    return out;
+  }
+
+  /// take_stack, or take_packed for an int8 stack.
+  Weight take_stack_weight(const std::string& name) {
+    return is_int8(name) ? Weight(take_packed(name)) : Weight(take_stack(name));
   }
 
   /// The first report (nothing loaded yet).
@@ -88,6 +257,7 @@ class Checkpoint {
   std::string dir_;
   const std::function<bool(const LoadProgress&)>* progress_;
   LoadProgress progress_state_;
+  std::optional<QuantSpec> int8_;
 };
 
 /// Expert tensors of one MoE layer, in either layout.
@@ -297,14 +467,38 @@ Tensor optional(Checkpoint& ck, const std::string& name) {
   return name.empty() ? Tensor() : ck.take(name);
 }
 
-/// [1, 2F, d] / [1, d, F] bank of a three-matrix MLP.
+/// optional() for a weight matrix: in the backend's weight layout (Checkpoint::take_weight).
+Weight optional_weight(Checkpoint& ck, const std::string& name) {
+  return name.empty() ? Weight() : ck.take_weight(name);
+}
+
+/// Gate and up [F, d] each into dst = gate_up[e] ([2F, d], gate rows first). A panel32 matrix
+/// cannot be sliced by rows, so with another weight layout both go through `scratch` (a
+/// row-major [2F, d] reused across experts) and are re-laid out together.
+void take_gate_up(Backend& b, Checkpoint& ck, const std::string& gate, const std::string& up,
+                  TensorView dst, Tensor& scratch) {
+  const std::int64_t F = dst.dim(0) / 2;
+  if (dst.layout == Layout::row_major) {
+    ck.take_into(gate, dst.slice(0, F));
+    ck.take_into(up, dst.slice(F, 2 * F));
+    return;
+  }
+  if (!scratch.defined()) scratch = Tensor(b, DType::f32, dst.shape);
+  ck.take_into(gate, TensorView(scratch).slice(0, F));
+  ck.take_into(up, TensorView(scratch).slice(F, 2 * F));
+  b.relayout(scratch, dst);
+}
+
+/// [1, 2F, d] / [1, d, F] bank of a three-matrix MLP, in the backend's weight layout.
 SwiGluExperts build_mlp(Backend& b, Checkpoint& ck, const MlpNames& n, std::int64_t d,
                         std::int64_t F) {
-  Tensor gu(b, DType::f32, Shape{1, 2 * F, d});
-  Tensor dn(b, DType::f32, Shape{1, d, F});
-  const TensorView g = TensorView(gu)[0];
-  ck.take_into(n.gate, g.slice(0, F));
-  ck.take_into(n.up, g.slice(F, 2 * F));
+  if (ck.is_int8(n.gate))
+    return SwiGluExperts(ck.take_q_rows({{n.gate, n.up}}, Shape{1, 2 * F, d}),
+                         ck.take_q_rows({{n.down}}, Shape{1, d, F}));
+  Tensor gu(b, DType::f32, Shape{1, 2 * F, d}, ck.weight_layout());
+  Tensor dn(b, DType::f32, Shape{1, d, F}, ck.weight_layout());
+  Tensor scratch;
+  take_gate_up(b, ck, n.gate, n.up, TensorView(gu)[0], scratch);
   ck.take_into(n.down, TensorView(dn)[0]);
   return SwiGluExperts(std::move(gu), std::move(dn));
 }
@@ -320,10 +514,10 @@ DecoderLayer build_layer(Backend& b, Checkpoint& ck, const ModelConfig& c, const
   AttentionBlock attention = [&]() -> AttentionBlock {
     if (family_traits(c.family).attention == AttentionKind::gqa) {
       GqaWeights w;
-      w.q_proj = ck.take(n.q);
-      w.k_proj = ck.take(n.k);
-      w.v_proj = ck.take(n.v);
-      w.o_proj = ck.take(n.o);
+      w.q_proj = ck.take_weight(n.q);
+      w.k_proj = ck.take_weight(n.k);
+      w.v_proj = ck.take_weight(n.v);
+      w.o_proj = ck.take_weight(n.o);
       w.q_bias = optional(ck, n.q_bias);
       w.k_bias = optional(ck, n.k_bias);
       w.v_bias = optional(ck, n.v_bias);
@@ -342,16 +536,16 @@ DecoderLayer build_layer(Backend& b, Checkpoint& ck, const ModelConfig& c, const
       return GqaAttention(std::move(w), o);
     }
     MlaWeights w;
-    w.q_proj = optional(ck, c.q_lora_rank > 0 ? std::string() : n.q);
-    w.q_a_proj = optional(ck, n.q_a);
+    w.q_proj = optional_weight(ck, c.q_lora_rank > 0 ? std::string() : n.q);
+    w.q_a_proj = optional_weight(ck, n.q_a);
     w.q_a_bias = optional(ck, n.q_a_bias);
     w.q_a_norm = optional(ck, n.q_a_norm);
-    w.q_b_proj = optional(ck, n.q_b);
-    w.kv_a_proj = ck.take(n.kv_a);
+    w.q_b_proj = optional_weight(ck, n.q_b);
+    w.kv_a_proj = ck.take_weight(n.kv_a);
     w.kv_a_bias = optional(ck, n.kv_a_bias);
     w.kv_a_norm = ck.take(n.kv_a_norm);
-    w.kv_b_proj = ck.take(n.kv_b);
-    w.o_proj = ck.take(n.o);
+    w.kv_b_proj = ck.take_weight(n.kv_b);
+    w.o_proj = ck.take_weight(n.o);
     w.o_bias = optional(ck, n.o_bias);
     MlaOptions o;
     o.heads = c.num_attention_heads;
@@ -370,21 +564,31 @@ DecoderLayer build_layer(Backend& b, Checkpoint& ck, const ModelConfig& c, const
   FeedForward ffn = [&]() -> FeedForward {
     if (!n.moe) return DenseMlp(build_mlp(b, ck, n.dense, d, c.intermediate_size));
     const std::int64_t E = c.num_experts, I = c.moe_intermediate_size;
-    Tensor router = ck.take(n.router);
+    Weight router = ck.take_weight(n.router);
     Tensor bias = optional(ck, n.selection_bias);
-    Tensor gu, dn;
+    Weight gu, dn;
     if (n.experts.fused) {
-      gu = ck.take(n.experts.gate_up);
-      dn = ck.take(n.experts.down);
-    } else {
-      gu = Tensor(b, DType::f32, Shape{E, 2 * I, d});
-      dn = Tensor(b, DType::f32, Shape{E, d, I});
+      gu = ck.take_stack_weight(n.experts.gate_up);
+      dn = ck.take_stack_weight(n.experts.down);
+    } else if (ck.is_int8(n.experts.gate[0])) {
+      std::vector<std::vector<std::string>> gate_up, down;
       for (std::int64_t e = 0; e < E; ++e) {
-        const TensorView g = TensorView(gu)[e];
-        ck.take_into(n.experts.gate[e], g.slice(0, I));
-        ck.take_into(n.experts.up[e], g.slice(I, 2 * I));
-        ck.take_into(n.experts.downs[e], TensorView(dn)[e]);
+        gate_up.push_back({n.experts.gate[e], n.experts.up[e]});
+        down.push_back({n.experts.downs[e]});
       }
+      gu = ck.take_q_rows(gate_up, Shape{E, 2 * I, d});
+      dn = ck.take_q_rows(down, Shape{E, d, I});
+    } else {
+      // Written straight into the weight layout, one expert at a time (see the file comment).
+      Tensor gu32(b, DType::f32, Shape{E, 2 * I, d}, ck.weight_layout());
+      Tensor dn32(b, DType::f32, Shape{E, d, I}, ck.weight_layout());
+      Tensor scratch;
+      for (std::int64_t e = 0; e < E; ++e) {
+        take_gate_up(b, ck, n.experts.gate[e], n.experts.up[e], TensorView(gu32)[e], scratch);
+        ck.take_into(n.experts.downs[e], TensorView(dn32)[e]);
+      }
+      gu = std::move(gu32);
+      dn = std::move(dn32);
     }
     GateNetwork gate(std::move(router), std::move(bias), c.gate_options());
     SwiGluExperts experts(std::move(gu), std::move(dn));
@@ -423,14 +627,26 @@ void check_layer_count(const Checkpoint& ck, const ModelConfig& c) {
 Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadOptions& options) {
   ModelConfig c = load_model_config(dir);
   if (options.fidelity) c.fidelity = *options.fidelity;
-  AUTOGLM_CHECK(c.quantization.method.empty(), unsupported, kFn,
+  AUTOGLM_CHECK(c.quantization.method.empty() || c.quantization.method == kAutoglmQuantMethod,
+                unsupported, kFn,
                 "{}: quantised checkpoints (quant_method '{}') are not supported; use an F32, "
-                "F16 or BF16 checkpoint",
-                c.source, c.quantization.method);
+                "F16 or BF16 checkpoint, or one written by quantize_checkpoint ('{}')",
+                c.source, c.quantization.method, kAutoglmQuantMethod);
   AUTOGLM_CHECK(c.num_hidden_layers >= 1, invalid_argument, kFn,
                 "{}: num_hidden_layers={} must be >= 1", c.source, c.num_hidden_layers);
-  Checkpoint ck(backend, SafeTensorsModel::open(dir), dir.string(),
-                options.progress ? &options.progress : nullptr);
+  SafeTensorsModel st = SafeTensorsModel::open(dir);
+  std::optional<QuantSpec> int8;
+  if (!c.quantization.method.empty()) {
+    const auto& md = st.metadata();
+    const auto scheme = md.find("autoglm.quant"), mode = md.find("autoglm.activations");
+    AUTOGLM_CHECK(scheme != md.end() && mode != md.end(), not_found, kFn,
+                  "{}: an '{}' checkpoint needs autoglm.quant and autoglm.activations in its "
+                  "safetensors metadata",
+                  dir.string(), kAutoglmQuantMethod);
+    int8 = QuantSpec::parse(scheme->second, mode->second);
+  }
+  Checkpoint ck(backend, std::move(st), dir.string(),
+                options.progress ? &options.progress : nullptr, int8);
   check_layer_count(ck, c);
 
   // Plan: every name, dtype and shape, before any weight is read.
@@ -452,12 +668,27 @@ Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadO
 
   // Build, in plan order.
   ck.start();
-  Tensor table = ck.take(embed);
+  // An int8 table stays row-major (looked up row by row) and aliases the mapped file.
+  const Weight table = ck.is_int8(embed) ? Weight(ck.take_q(embed)) : Weight(ck.take(embed));
   std::vector<DecoderLayer> layers;
   layers.reserve(names.size());
   for (const LayerNames& n : names) layers.push_back(build_layer(backend, ck, c, n));
   Tensor final_norm = ck.take(norm);
-  Tensor head = c.tie_word_embeddings ? table : ck.take(head_name);
+  // Tied: the head is a re-laid-out (or packed) copy of the table; the table's pages that copy
+  // touches are released afterwards (the embedding faults back only the rows it looks up).
+  Weight head;
+  if (!c.tie_word_embeddings) {
+    head = ck.take_weight(head_name);
+  } else if (table.is_quantized()) {
+    head = backend.pack_quantized(table.quantized());
+    ck.st().release(embed);
+  } else {
+    head = table;
+    if (ck.weight_layout() != Layout::row_major) {
+      head = prepare_weights(backend, table.tensor());
+      ck.st().release(embed);
+    }
+  }
   const float eps = static_cast<float>(c.rms_norm_eps);
   return Model(backend, std::move(c), EmbeddingEncoder(std::move(table)),
                std::move(layers), LmHeadDecoder(std::move(final_norm), std::move(head), eps));

@@ -181,7 +181,10 @@ Tensor Session::append(std::span<const std::int32_t> tokens, bool all_logits) {
   m.embeddings().encode(b, ids, x);
   const AttentionContext ctx{positions, m.inv_freq(), start};
   for (std::size_t i = 0; i < m.layers().size(); ++i) {
-    m.layers()[i].forward(b, x, ctx, cache_.layer(i));
+    const bool watch = routing_observer_ && m.layers()[i].is_moe();
+    RoutingStats stats;
+    m.layers()[i].forward(b, x, ctx, cache_.layer(i), watch ? &stats : nullptr);
+    if (watch) routing_observer_(static_cast<std::int64_t>(i), stats);
     if (observer_) observer_(static_cast<std::int64_t>(i), x);
   }
   cache_.commit(tokens);  // only once every layer has written its rows
@@ -239,6 +242,43 @@ std::vector<std::int32_t> Session::generate(std::span<const std::int32_t> prompt
   st.generated_tokens = static_cast<std::int64_t>(out.size());
   if (stats) *stats = st;
   return out;
+}
+
+}  // namespace autoglm
+
+namespace autoglm {
+
+DecoderLayer DecoderLayer::quantized(Backend& backend, const QuantConfig& config) const {
+  const QuantSpec& spec = config.spec;
+  AttentionBlock attention = attention_;
+  if (config.attention)
+    attention = std::visit([&](const auto& a) -> AttentionBlock { return a.quantized(backend, spec); },
+                           attention_);
+  FeedForward ffn = ffn_;
+  if (const auto* moe = std::get_if<MoEBlock>(&ffn_)) {
+    if (config.experts || config.router) {
+      const MoEBlock& m = *moe;
+      GateNetwork gate = config.router ? m.gate().quantized(backend, spec) : m.gate();
+      SwiGluExperts experts = config.experts ? m.experts().quantized(backend, spec) : m.experts();
+      WeightedSumAggregator agg =
+          config.experts ? m.aggregator().quantized(backend, spec) : m.aggregator();
+      ffn = MoEBlock(std::move(gate), std::move(experts), std::move(agg));
+    }
+  } else if (config.dense_mlp) {
+    ffn = std::get<DenseMlp>(ffn_).quantized(backend, spec);
+  }
+  return DecoderLayer(input_norm_, post_norm_, eps_, std::move(attention), std::move(ffn));
+}
+
+Model quantize_model(const Model& model, const QuantConfig& config) {
+  Backend& b = model.backend();
+  EmbeddingEncoder embeddings =
+      config.embeddings ? model.embeddings().quantized(b, config.spec) : model.embeddings();
+  std::vector<DecoderLayer> layers;
+  layers.reserve(model.layers().size());
+  for (const DecoderLayer& l : model.layers()) layers.push_back(l.quantized(b, config));
+  LmHeadDecoder head = config.lm_head ? model.head().quantized(b, config.spec) : model.head();
+  return Model(b, model.config(), std::move(embeddings), std::move(layers), std::move(head));
 }
 
 }  // namespace autoglm

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string_view>
 
+#include "autoglm/core/quant.hpp"
 #include "autoglm/core/tensor.hpp"
 
 namespace autoglm {
@@ -116,6 +117,47 @@ class Backend {
   /// Grouped GEMM: out[offsets[e]:offsets[e+1]] = x[same rows] * w[e]^T for every expert.
   virtual void grouped_gemm(TensorView x, TensorView w, TensorView offsets, TensorView out) = 0;
 
+  /// w in this backend's int8 kernel layout; expert banks and layers call it once when their
+  /// weights are built. The default keeps w row-major.
+  virtual QuantizedTensor pack_quantized(const QuantizedTensor& w) { return w; }
+  // data: [numel] int8 row-major [..., N, K]; scales: [numel / K * groups] f32.
+  /// Row-major int8 data and scales of w (packed or not) to host memory, as a file stores them.
+  virtual void quantized_to_host(const QuantizedTensor& w, std::int8_t* data, float* scales) {
+    AUTOGLM_CHECK(!w.is_packed(), unsupported, "Backend::quantized_to_host",
+                  "backend {} packed this tensor but cannot unpack it", name());
+    copy_to_host(data, w.data());
+    copy_to_host(scales, w.scales());
+  }
+  // a: [M, K] f32; w: int8 [N, K]; c: [M, N] f32.
+  /// c = a * dequant(w)^T, the activations taken as w.spec().mode says.
+  virtual void qgemm(TensorView a, const QuantizedTensor& w, TensorView c) {
+    (void)a;
+    (void)w;
+    (void)c;
+    detail::fail(ErrorCode::unsupported, "Backend::qgemm", "backend {} has no int8 GEMM", name());
+  }
+  // x: [R, K] rows grouped by expert; w: int8 [E, N, K]; offsets: [E + 1] i32; out: [R, N].
+  /// Grouped int8 GEMM: out[offsets[e]:offsets[e+1]] = x[same rows] * dequant(w[e])^T.
+  virtual void grouped_qgemm(TensorView x, const QuantizedTensor& w, TensorView offsets,
+                             TensorView out) {
+    (void)x;
+    (void)w;
+    (void)offsets;
+    (void)out;
+    detail::fail(ErrorCode::unsupported, "Backend::grouped_qgemm",
+                 "backend {} has no int8 grouped GEMM", name());
+  }
+
+  // table: int8 [V, d] row-major (not packed); ids: [T] i32; out: [T, d] f32.
+  /// Embedding lookup of an int8 table, dequantised; an id outside [0, V) is an Error.
+  virtual void qembedding(const QuantizedTensor& table, TensorView ids, TensorView out) {
+    (void)table;
+    (void)ids;
+    (void)out;
+    detail::fail(ErrorCode::unsupported, "Backend::qembedding",
+                 "backend {} has no int8 embedding lookup", name());
+  }
+
   // logits: [T, E] f32; bias: [E] f32 or empty (selection only); ids/weights: [T, k]
   // i32/f32; stats: [E + 1] f32 <- per-expert sum of scores, then sum of logsumexp^2.
   /// Token-choice top-k routing (softmax or sigmoid, group-limited, renormalised, scaled).
@@ -199,7 +241,35 @@ namespace detail {
 inline Tensor prepared(Tensor w) {
   return w.backend() ? prepare_weights(*w.backend(), std::move(w)) : w;
 }
+/// A weight in its backend's preferred form: f32 re-laid-out, int8 packed for the kernels.
+inline Weight prepared(const Weight& w) {
+  if (!w.is_quantized()) return prepared(w.tensor());
+  const QuantizedTensor& q = w.quantized();
+  if (q.is_packed() || !q.backend()) return w;
+  return q.backend()->pack_quantized(q);
+}
 }  // namespace detail
+
+// x: [M, K] f32; w: [N, K] f32 (any layout) or int8; out: [M, N].
+/// out = x w^T through gemm or qgemm, whichever the weight needs.
+template <typename B>
+void linear(B& backend, TensorView x, const Weight& w, TensorView out) {
+  if (w.is_quantized())
+    backend.qgemm(x, w.quantized(), out);
+  else
+    backend.gemm(x, w.tensor(), out);
+}
+
+// x: [R, K] grouped by expert; w: [E, N, K]; offsets: [E + 1] i32; out: [R, N].
+/// grouped_gemm or grouped_qgemm, whichever the weight needs.
+template <typename B>
+void grouped_linear(B& backend, TensorView x, const Weight& w, TensorView offsets,
+                    TensorView out) {
+  if (w.is_quantized())
+    backend.grouped_qgemm(x, w.quantized(), offsets, out);
+  else
+    backend.grouped_gemm(x, w.tensor(), offsets, out);
+}
 
 /// A backend type usable as a template argument: the Backend interface, or a final
 /// implementation of it whose calls the compiler can devirtualise.

@@ -45,6 +45,13 @@ class CpuBackend final : public Backend {
   void gemm(TensorView a, TensorView b, TensorView c, GemmParams p = {}) override;
   void grouped_gemm(TensorView x, TensorView w, TensorView offsets, TensorView out) override;
 
+  QuantizedTensor pack_quantized(const QuantizedTensor& w) override;
+  void quantized_to_host(const QuantizedTensor& w, std::int8_t* data, float* scales) override;
+  void qgemm(TensorView a, const QuantizedTensor& w, TensorView c) override;
+  void grouped_qgemm(TensorView x, const QuantizedTensor& w, TensorView offsets,
+                     TensorView out) override;
+  void qembedding(const QuantizedTensor& table, TensorView ids, TensorView out) override;
+
   void route_topk(TensorView logits, TensorView bias, const RouteParams& p, TensorView ids,
                   TensorView weights, TensorView stats) override;
   void route_expert_choice(TensorView logits, std::int64_t capacity, TensorView ids,

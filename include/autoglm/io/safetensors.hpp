@@ -118,6 +118,17 @@ class SafeTensorsFile {
   Tensor load(Backend& backend, std::string_view name, DType want = DType::f32,
               LoadMode mode = LoadMode::in_place) const;
 
+  /// Drops this process's resident pages of `name`'s bytes once a caller has copied them (a
+  /// loader that re-lays weights out), so that loading a checkpoint does not hold the mapping
+  /// and the copy at once: madvise(MADV_DONTNEED) on the whole pages inside bytes [begin, end)
+  /// of the tensor (clamped to its size; default: all of it) in the read-only file mapping.
+  /// Nothing is lost: a later read of those bytes (a view or in-place Tensor still in use)
+  /// faults them back in from the file. Returns the bytes released; 0 for a file from
+  /// from_buffer (the caller's memory is left alone), an unknown name, or a range holding no
+  /// whole page.
+  std::size_t release(std::string_view name, std::size_t begin = 0,
+                      std::size_t end = static_cast<std::size_t>(-1)) const noexcept;
+
  private:
   SafeTensorsFile() = default;
   static SafeTensorsFile parse(std::string_view fn, std::span<const std::byte> bytes,
@@ -126,6 +137,7 @@ class SafeTensorsFile {
   std::string source_;
   std::shared_ptr<const void> owner_;
   std::span<const std::byte> bytes_;
+  bool mapped_ = false;  // bytes_ is open()'s private read-only file mapping (release may drop pages)
   std::vector<TensorInfo> tensors_;  // sorted by name
   std::map<std::string, std::string> metadata_;
 };
@@ -161,6 +173,10 @@ class SafeTensorsModel {
   /// `name` on `backend` as dtype `want` (see SafeTensorsFile::load).
   Tensor load(Backend& backend, std::string_view name, DType want = DType::f32,
               LoadMode mode = LoadMode::in_place) const;
+  /// Drops the resident pages of bytes [begin, end) of `name` in its shard (see
+  /// SafeTensorsFile::release); 0 when there is no such tensor.
+  std::size_t release(std::string_view name, std::size_t begin = 0,
+                      std::size_t end = static_cast<std::size_t>(-1)) const noexcept;
 
  private:
   struct Entry {

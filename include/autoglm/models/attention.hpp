@@ -35,10 +35,10 @@ struct AttentionContext {
 /// Weights of a grouped-query attention layer (Hugging Face names in the comments). Optional
 /// tensors are left empty.
 struct GqaWeights {
-  Tensor q_proj;  ///< q_proj.weight [Hq * D, d]
-  Tensor k_proj;  ///< k_proj.weight [Hkv * D, d]
-  Tensor v_proj;  ///< v_proj.weight [Hkv * D, d]
-  Tensor o_proj;  ///< o_proj.weight [d, Hq * D]
+  Weight q_proj;  ///< q_proj.weight [Hq * D, d]
+  Weight k_proj;  ///< k_proj.weight [Hkv * D, d]
+  Weight v_proj;  ///< v_proj.weight [Hkv * D, d]
+  Weight o_proj;  ///< o_proj.weight [d, Hq * D]
   Tensor q_bias;  ///< q_proj.bias [Hq * D] or empty
   Tensor k_bias;  ///< k_proj.bias [Hkv * D] or empty
   Tensor v_bias;  ///< v_proj.bias [Hkv * D] or empty
@@ -77,6 +77,10 @@ class GqaAttention {
   std::int64_t value_dim() const noexcept { return o_.head_dim; }
   /// The options in force.
   const GqaOptions& options() const noexcept { return o_; }
+  /// The weights.
+  const GqaWeights& weights() const noexcept { return w_; }
+  /// The same block with int8 q/k/v/o projections (biases and norms stay f32).
+  GqaAttention quantized(Backend& backend, const QuantSpec& spec) const;
 
   // x: [T, d]; cache rows [ctx.start, ctx.start + T) are written; out: [T, d].
   /// Attends the T tokens to every cached position up to their own.
@@ -91,16 +95,16 @@ class GqaAttention {
 /// Weights of a DeepSeek-V3 multi-head latent attention layer. Either q_a_proj + q_a_norm +
 /// q_b_proj (q-LoRA) or q_proj is set.
 struct MlaWeights {
-  Tensor q_proj;     ///< q_proj.weight [H * (nope + rope), d] (no q-LoRA) or empty
-  Tensor q_a_proj;   ///< q_a_proj.weight [q_lora, d]
+  Weight q_proj;     ///< q_proj.weight [H * (nope + rope), d] (no q-LoRA) or empty
+  Weight q_a_proj;   ///< q_a_proj.weight [q_lora, d]
   Tensor q_a_bias;   ///< q_a_proj.bias [q_lora] or empty (attention_bias)
   Tensor q_a_norm;   ///< q_a_layernorm.weight [q_lora]
-  Tensor q_b_proj;   ///< q_b_proj.weight [H * (nope + rope), q_lora]
-  Tensor kv_a_proj;  ///< kv_a_proj_with_mqa.weight [kv_lora + rope, d]
+  Weight q_b_proj;   ///< q_b_proj.weight [H * (nope + rope), q_lora]
+  Weight kv_a_proj;  ///< kv_a_proj_with_mqa.weight [kv_lora + rope, d]
   Tensor kv_a_bias;  ///< kv_a_proj_with_mqa.bias [kv_lora + rope] or empty
   Tensor kv_a_norm;  ///< kv_a_layernorm.weight [kv_lora]
-  Tensor kv_b_proj;  ///< kv_b_proj.weight [H * (nope + v), kv_lora]
-  Tensor o_proj;     ///< o_proj.weight [d, H * v]
+  Weight kv_b_proj;  ///< kv_b_proj.weight [H * (nope + v), kv_lora]
+  Weight o_proj;     ///< o_proj.weight [d, H * v]
   Tensor o_bias;     ///< o_proj.bias [d] or empty
 };
 
@@ -139,6 +143,10 @@ class MlaAttention {
   std::int64_t value_dim() const noexcept { return o_.v_dim; }
   /// The options in force.
   const MlaOptions& options() const noexcept { return o_; }
+  /// The weights.
+  const MlaWeights& weights() const noexcept { return w_; }
+  /// The same block with every projection int8 (biases and norms stay f32).
+  MlaAttention quantized(Backend& backend, const QuantSpec& spec) const;
 
   // x: [T, d]; cache rows [ctx.start, ctx.start + T) are written; out: [T, d].
   /// Attends the T tokens to every cached position up to their own.

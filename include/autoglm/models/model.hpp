@@ -45,6 +45,13 @@ class DenseMlp {
   /// F.
   std::int64_t ffn() const noexcept { return mlp_.mlp().ffn(); }
 
+  /// The same MLP in int8.
+  DenseMlp quantized(Backend& backend, const QuantSpec& spec) const {
+    return DenseMlp(mlp_.mlp().quantized(backend, spec));
+  }
+  /// The MLP as a one-expert bank.
+  const SwiGluExperts& mlp() const noexcept { return mlp_.mlp(); }
+
   // x, out: [T, d].
   /// out += mlp(x).
   void accumulate(Backend& backend, TensorView x, TensorView out) const {
@@ -82,6 +89,8 @@ class DecoderLayer {
   std::int64_t key_dim() const noexcept;
   /// Width of one cached value head.
   std::int64_t value_dim() const noexcept;
+  /// The same layer with the parts `config` selects in int8.
+  DecoderLayer quantized(Backend& backend, const QuantConfig& config) const;
 
   // x: [T, d], the residual stream, updated in place.
   /// Runs the layer on T tokens at positions ctx.start ...; fills *stats for a MoE layer.
@@ -134,6 +143,10 @@ class Model {
   LmHeadDecoder head_;
   Tensor inv_freq_;
 };
+
+/// The same model with the parts `config` selects in int8 (see QuantConfig); the original is
+/// left as it was. An Error (naming the tensor) for a NaN or Inf weight.
+Model quantize_model(const Model& model, const QuantConfig& config);
 
 /// Where load_model stands, reported to LoadOptions::progress.
 struct LoadProgress {

@@ -91,6 +91,8 @@ struct GenerateOptions {
 
 /// Called after every decoder layer of a forward with the residual stream x [T, d].
 using LayerObserver = std::function<void(std::int64_t layer, TensorView hidden)>;
+/// Called with each MoE layer's routing (RoutingStats::expert_ids holds the decisions).
+using RoutingObserver = std::function<void(std::int64_t layer, const RoutingStats& routing)>;
 
 /// One sequence being decoded: prefill a prompt, then feed tokens one at a time; the logits
 /// equal a full recompute of the whole sequence. A new prompt that shares a prefix with the
@@ -136,12 +138,15 @@ class Session {
   void reset() { cache_.truncate(0); }
   /// Observes every layer's output of later forwards (empty function: none).
   void set_layer_observer(LayerObserver observer) { observer_ = std::move(observer); }
+  /// Observes the routing of every MoE layer of later forwards (empty function: none).
+  void set_routing_observer(RoutingObserver observer) { routing_observer_ = std::move(observer); }
 
  private:
   const Model* model_;
   KvCache cache_;
   std::int64_t reused_ = 0;
   LayerObserver observer_;
+  RoutingObserver routing_observer_;
 };
 
 }  // namespace autoglm

@@ -39,6 +39,10 @@ class SharedExpert {
   const SwiGluExperts& mlp() const noexcept { return mlp_; }
   /// The sigmoid gate weight [1, d], or empty.
   const Tensor& gate() const noexcept { return gate_; }
+  /// The same shared expert with its MLP quantized (the gate, a router, stays f32).
+  SharedExpert quantized(Backend& backend, const QuantSpec& spec) const {
+    return SharedExpert(mlp_.quantized(backend, spec), gate_);
+  }
 
   // x, out: [T, d].
   /// out += (gated) shared MLP of x.
@@ -75,6 +79,10 @@ class WeightedSumAggregator {
 
   /// The shared expert, if any.
   const std::optional<SharedExpert>& shared() const noexcept { return shared_; }
+  /// The same aggregator with the shared expert quantized.
+  WeightedSumAggregator quantized(Backend& backend, const QuantSpec& spec) const {
+    return shared_ ? WeightedSumAggregator(shared_->quantized(backend, spec)) : *this;
+  }
 
   // x: [T, d] layer input; y: [rows, d] expert outputs; out: [T, d].
   /// Writes the combined output.

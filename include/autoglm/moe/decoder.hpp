@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "autoglm/backend/backend.hpp"
+#include "autoglm/quant/quantize.hpp"
 
 namespace autoglm {
 
@@ -25,12 +26,14 @@ concept Decoder = BackendLike<B> && requires(const Dec& dec, B& b, TensorView v)
 /// Final RMSNorm followed by the output head.
 class LmHeadDecoder {
  public:
-  // norm: [d] f32 (empty: no norm); head: [V, d] f32.
+  // norm: [d] f32 (empty: no norm); head: [V, d] f32 or int8.
   /// Validates shapes.
-  LmHeadDecoder(Tensor norm, Tensor head, float eps = 1e-6f)
+  LmHeadDecoder(Tensor norm, Weight head, float eps = 1e-6f)
       : norm_(std::move(norm)), head_(std::move(head)), eps_(eps) {
-    AUTOGLM_CHECK(head_.shape().rank() == 2 && head_.dtype() == DType::f32 && head_.dim(0) >= 1,
-                  shape_mismatch, "LmHeadDecoder", "head must be f32 [V >= 1, d], got {}",
+    AUTOGLM_CHECK(head_.shape().rank() == 2 &&
+                      (head_.is_quantized() || head_.tensor().dtype() == DType::f32) &&
+                      head_.dim(0) >= 1,
+                  shape_mismatch, "LmHeadDecoder", "head must be f32 or int8 [V >= 1, d], got {}",
                   head_.shape().str());
     AUTOGLM_CHECK(norm_.numel() == 0 || norm_.numel() == head_.dim(1), shape_mismatch,
                   "LmHeadDecoder", "norm must hold {} values, got {}", head_.dim(1), norm_.numel());
@@ -42,6 +45,14 @@ class LmHeadDecoder {
   std::int64_t hidden() const noexcept { return head_.dim(1); }
   /// V.
   std::int64_t vocab_size() const noexcept { return head_.dim(0); }
+  /// The head weight [V, d].
+  const Weight& head() const noexcept { return head_; }
+  /// The final norm [d] (may be empty).
+  const Tensor& norm() const noexcept { return norm_; }
+  /// The same decoder with an int8 head.
+  LmHeadDecoder quantized(Backend& backend, const QuantSpec& spec) const {
+    return LmHeadDecoder(norm_, quantize_weight(backend, head_, spec, "lm_head"), eps_);
+  }
 
   // h: [T, d]; logits: [T, V].
   /// logits = head(norm(h)).
@@ -50,12 +61,12 @@ class LmHeadDecoder {
     AUTOGLM_CHECK(h.rank() == 2 && h.dim(1) == hidden(), shape_mismatch, "LmHeadDecoder::decode",
                   "h must be [tokens, {}], got {}", hidden(), h.shape.str());
     if (norm_.numel() == 0) {
-      backend.gemm(h, head_, logits);
+      linear(backend, h, head_, logits);
       return;
     }
     Tensor n(backend, DType::f32, h.shape);
     backend.rms_norm(h, norm_, eps_, n);
-    backend.gemm(n, head_, logits);
+    linear(backend, n, head_, logits);
   }
 
   /// Unit norm and a head uniform in +-1/sqrt(d) drawn from `seed`.
@@ -73,7 +84,7 @@ class LmHeadDecoder {
 
  private:
   Tensor norm_;
-  Tensor head_;
+  Weight head_;
   float eps_;
 };
 

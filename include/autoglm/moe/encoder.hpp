@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "autoglm/backend/backend.hpp"
+#include "autoglm/quant/quantize.hpp"
 
 namespace autoglm {
 
@@ -22,13 +23,16 @@ concept Encoder = BackendLike<B> && requires(const Enc& e, B& b, TensorView v) {
 /// Embedding lookup with an optional RMSNorm of the result.
 class EmbeddingEncoder {
  public:
-  // table: [V, d] f32; norm: [d] f32 or empty.
+  // table: [V, d] f32 or int8 (row-major, not packed); norm: [d] f32 or empty.
   /// Validates shapes; eps must be > 0 when a norm is given.
-  EmbeddingEncoder(Tensor table, Tensor norm = {}, float eps = 1e-6f)
+  EmbeddingEncoder(Weight table, Tensor norm = {}, float eps = 1e-6f)
       : table_(std::move(table)), norm_(std::move(norm)), eps_(eps) {
-    AUTOGLM_CHECK(table_.shape().rank() == 2 && table_.dtype() == DType::f32 && table_.dim(0) >= 1,
-                  shape_mismatch, "EmbeddingEncoder", "table must be f32 [V >= 1, d], got {}",
-                  table_.shape().str());
+    AUTOGLM_CHECK(table_.shape().rank() == 2 &&
+                      (table_.is_quantized() ? !table_.quantized().is_packed()
+                                             : table_.tensor().dtype() == DType::f32) &&
+                      table_.dim(0) >= 1,
+                  shape_mismatch, "EmbeddingEncoder",
+                  "table must be f32 or row-major int8 [V >= 1, d], got {}", table_.shape().str());
     AUTOGLM_CHECK(norm_.numel() == 0 || norm_.numel() == table_.dim(1), shape_mismatch,
                   "EmbeddingEncoder", "norm must hold {} values, got {}", table_.dim(1),
                   norm_.numel());
@@ -40,13 +44,23 @@ class EmbeddingEncoder {
   /// V.
   std::int64_t vocab_size() const noexcept { return table_.dim(0); }
   /// The embedding table [V, d].
-  const Tensor& table() const noexcept { return table_; }
+  const Weight& table() const noexcept { return table_; }
+  /// The norm [d] (may be empty).
+  const Tensor& norm() const noexcept { return norm_; }
+  /// The same encoder with an int8 table (one scale per token row, as the scheme gives).
+  EmbeddingEncoder quantized(Backend& backend, const QuantSpec& spec) const {
+    return EmbeddingEncoder(quantize_weight(backend, table_, spec, "embed_tokens", /*pack=*/false),
+                            norm_, eps_);
+  }
 
   // ids: [T] i32 on the backend; out: [T, d].
   /// Looks the ids up; an id >= V is an Error naming it and its position.
   template <BackendLike B>
   void encode(B& backend, TensorView ids, TensorView out) const {
-    backend.embedding(table_, ids, out);
+    if (table_.is_quantized())
+      backend.qembedding(table_.quantized(), ids, out);
+    else
+      backend.embedding(table_.tensor(), ids, out);
     if (norm_.numel() > 0) backend.rms_norm(out, norm_, eps_, out);
   }
 
@@ -67,7 +81,7 @@ class EmbeddingEncoder {
   }
 
  private:
-  Tensor table_;
+  Weight table_;
   Tensor norm_;
   float eps_;
 };

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "autoglm/backend/backend.hpp"
+#include "autoglm/quant/quantize.hpp"
 
 namespace autoglm {
 
@@ -20,6 +21,11 @@ concept ExpertBank = BackendLike<B> && requires(const X& bank, B& b, TensorView 
 };
 
 namespace detail {
+
+/// f32 storage or int8: what an expert bank computes with.
+inline bool is_f32_or_int8(const Weight& w) {
+  return w.is_quantized() || w.tensor().dtype() == DType::f32;
+}
 
 inline void check_bank_io(std::string_view fn, std::int64_t E, std::int64_t d, const TensorView& x,
                           const TensorView& offsets, const TensorView& out) {
@@ -39,14 +45,15 @@ inline void check_bank_io(std::string_view fn, std::int64_t E, std::int64_t d, c
 /// reads each routed row once for both.
 class SwiGluExperts {
  public:
-  // gate_up: [E, 2F, d]; down: [E, d, F]; both f32.
+  // gate_up: [E, 2F, d]; down: [E, d, F]; each f32 or int8 (QuantizedTensor).
   /// Validates the shapes.
-  /// The weights are moved into their backend's preferred layout (prepare_weights).
-  SwiGluExperts(Tensor gate_up, Tensor down) : gate_up_(std::move(gate_up)), down_(std::move(down)) {
+  /// The weights are moved into their backend's preferred layout (prepared: f32 re-laid-out,
+  /// int8 packed for the kernels).
+  SwiGluExperts(Weight gate_up, Weight down) : gate_up_(std::move(gate_up)), down_(std::move(down)) {
     constexpr std::string_view fn = "SwiGluExperts";
     AUTOGLM_CHECK(gate_up_.shape().rank() == 3 && down_.shape().rank() == 3 &&
-                      gate_up_.dtype() == DType::f32 && down_.dtype() == DType::f32,
-                  shape_mismatch, fn, "gate_up and down must be f32 rank 3, got {} and {}",
+                      detail::is_f32_or_int8(gate_up_) && detail::is_f32_or_int8(down_),
+                  shape_mismatch, fn, "gate_up and down must be f32 or int8 rank 3, got {} and {}",
                   gate_up_.shape().str(), down_.shape().str());
     const std::int64_t E = gate_up_.dim(0), F2 = gate_up_.dim(1), d = gate_up_.dim(2);
     AUTOGLM_CHECK(E >= 1 && F2 >= 2 && F2 % 2 == 0 && d >= 1, shape_mismatch, fn,
@@ -64,10 +71,12 @@ class SwiGluExperts {
   std::int64_t hidden() const noexcept { return gate_up_.dim(2); }
   /// F, the width of one expert.
   std::int64_t ffn() const noexcept { return down_.dim(2); }
-  /// Fused gate/up weights [E, 2F, d] (read them with Backend::copy_to_host).
-  const Tensor& gate_up() const noexcept { return gate_up_; }
+  /// Fused gate/up weights [E, 2F, d] (f32: read them with Backend::copy_to_host).
+  const Weight& gate_up() const noexcept { return gate_up_; }
   /// Down weights [E, d, F].
-  const Tensor& down() const noexcept { return down_; }
+  const Weight& down() const noexcept { return down_; }
+  /// The same bank with both weights quantized with `spec` (int8 weights stay as they are).
+  SwiGluExperts quantized(Backend& backend, const QuantSpec& spec) const;
 
   // x: [R, d] rows grouped by expert; offsets: [E + 1] i32; out: [R, d].
   /// Runs every expert on its rows: two grouped GEMMs around a fused SiLU-mul.
@@ -77,10 +86,10 @@ class SwiGluExperts {
     const std::int64_t R = x.dim(0);
     if (R == 0) return;
     Tensor h(backend, DType::f32, Shape{R, 2 * ffn()});
-    backend.grouped_gemm(x, gate_up_, offsets, h);
+    grouped_linear(backend, x, gate_up_, offsets, h);
     Tensor a(backend, DType::f32, Shape{R, ffn()});
     backend.silu_mul(h, a);
-    backend.grouped_gemm(a, down_, offsets, out);
+    grouped_linear(backend, a, down_, offsets, out);
   }
 
   /// A bank with weights uniform in +-1/sqrt(fan_in), drawn from `seed`.
@@ -99,21 +108,21 @@ class SwiGluExperts {
   }
 
  private:
-  Tensor gate_up_;
-  Tensor down_;
+  Weight gate_up_;
+  Weight down_;
 };
 
 /// GELU MLP experts: out = w2(gelu(w1(x))) (erf GELU, no biases).
 class GeluExperts {
  public:
-  // w1: [E, F, d]; w2: [E, d, F]; both f32.
+  // w1: [E, F, d]; w2: [E, d, F]; each f32 or int8.
   /// Validates the shapes.
-  /// The weights are moved into their backend's preferred layout (prepare_weights).
-  GeluExperts(Tensor w1, Tensor w2) : w1_(std::move(w1)), w2_(std::move(w2)) {
+  /// The weights are moved into their backend's preferred layout (prepared).
+  GeluExperts(Weight w1, Weight w2) : w1_(std::move(w1)), w2_(std::move(w2)) {
     constexpr std::string_view fn = "GeluExperts";
     AUTOGLM_CHECK(w1_.shape().rank() == 3 && w2_.shape().rank() == 3 &&
-                      w1_.dtype() == DType::f32 && w2_.dtype() == DType::f32,
-                  shape_mismatch, fn, "w1 and w2 must be f32 rank 3, got {} and {}",
+                      detail::is_f32_or_int8(w1_) && detail::is_f32_or_int8(w2_),
+                  shape_mismatch, fn, "w1 and w2 must be f32 or int8 rank 3, got {} and {}",
                   w1_.shape().str(), w2_.shape().str());
     const std::int64_t E = w1_.dim(0), F = w1_.dim(1), d = w1_.dim(2);
     AUTOGLM_CHECK(E >= 1 && F >= 1 && d >= 1, shape_mismatch, fn, "w1 {} has an empty extent",
@@ -131,9 +140,11 @@ class GeluExperts {
   /// F.
   std::int64_t ffn() const noexcept { return w1_.dim(1); }
   /// Up weights [E, F, d].
-  const Tensor& w1() const noexcept { return w1_; }
+  const Weight& w1() const noexcept { return w1_; }
   /// Down weights [E, d, F].
-  const Tensor& w2() const noexcept { return w2_; }
+  const Weight& w2() const noexcept { return w2_; }
+  /// The same bank with both weights quantized with `spec`.
+  GeluExperts quantized(Backend& backend, const QuantSpec& spec) const;
 
   // x: [R, d]; offsets: [E + 1] i32; out: [R, d].
   /// Runs every expert on its rows.
@@ -143,9 +154,9 @@ class GeluExperts {
     const std::int64_t R = x.dim(0);
     if (R == 0) return;
     Tensor h(backend, DType::f32, Shape{R, ffn()});
-    backend.grouped_gemm(x, w1_, offsets, h);
+    grouped_linear(backend, x, w1_, offsets, h);
     backend.gelu(h, h);
-    backend.grouped_gemm(h, w2_, offsets, out);
+    grouped_linear(backend, h, w2_, offsets, out);
   }
 
   /// A bank with weights uniform in +-1/sqrt(fan_in), drawn from `seed`.
@@ -163,9 +174,27 @@ class GeluExperts {
   }
 
  private:
-  Tensor w1_;
-  Tensor w2_;
+  Weight w1_;
+  Weight w2_;
 };
+
+namespace detail {
+/// w quantized with spec, unless it already is int8.
+inline Weight quantized_weight(Backend& backend, const Weight& w, const QuantSpec& spec,
+                               std::string_view name) {
+  return quantize_weight(backend, w, spec, name);
+}
+}  // namespace detail
+
+inline SwiGluExperts SwiGluExperts::quantized(Backend& backend, const QuantSpec& spec) const {
+  return SwiGluExperts(detail::quantized_weight(backend, gate_up_, spec, "gate_up"),
+                       detail::quantized_weight(backend, down_, spec, "down"));
+}
+
+inline GeluExperts GeluExperts::quantized(Backend& backend, const QuantSpec& spec) const {
+  return GeluExperts(detail::quantized_weight(backend, w1_, spec, "w1"),
+                     detail::quantized_weight(backend, w2_, spec, "w2"));
+}
 
 static_assert(ExpertBank<SwiGluExperts>);
 static_assert(ExpertBank<GeluExperts>);

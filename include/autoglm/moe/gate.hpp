@@ -10,6 +10,7 @@
 
 #include "autoglm/backend/backend.hpp"
 #include "autoglm/moe/routing.hpp"
+#include "autoglm/quant/quantize.hpp"
 
 namespace autoglm {
 
@@ -68,13 +69,14 @@ struct GateOptions {
 /// of the GatePolicy policies.
 class GateNetwork {
  public:
-  // weight: [E, d] f32; bias: [E] f32 or empty.
+  // weight: [E, d] f32 (or int8 when the router is quantized); bias: [E] f32 or empty.
   /// Validates the options against the weight; bad values are an Error naming them.
-  GateNetwork(Tensor weight, Tensor bias, GateOptions options)
+  GateNetwork(Weight weight, Tensor bias, GateOptions options)
       : weight_(std::move(weight)), bias_(std::move(bias)), options_(options) {
     constexpr std::string_view fn = "GateNetwork";
-    AUTOGLM_CHECK(weight_.shape().rank() == 2 && weight_.dtype() == DType::f32, shape_mismatch,
-                  fn, "router weight must be f32 [E, d], got {} {}", dtype_name(weight_.dtype()),
+    AUTOGLM_CHECK(weight_.shape().rank() == 2 &&
+                      (weight_.is_quantized() || weight_.tensor().dtype() == DType::f32),
+                  shape_mismatch, fn, "router weight must be f32 or int8 [E, d], got {}",
                   weight_.shape().str());
     const std::int64_t E = weight_.dim(0);
     AUTOGLM_CHECK(E >= 1, invalid_argument, fn, "num_experts={} must be >= 1", E);
@@ -112,7 +114,12 @@ class GateNetwork {
   /// The options in force.
   const GateOptions& options() const noexcept { return options_; }
   /// Router weight [E, d], in the backend's weight layout.
-  const Tensor& weight() const noexcept { return weight_; }
+  const Weight& weight() const noexcept { return weight_; }
+  /// The same gate with an int8 router weight (llama.cpp keeps routers f32; so does QuantConfig
+  /// unless asked).
+  GateNetwork quantized(Backend& backend, const QuantSpec& spec) const {
+    return GateNetwork(quantize_weight(backend, weight_, spec, "router"), bias_, options_);
+  }
   /// Selection bias [E] (may be empty).
   const Tensor& bias() const noexcept { return bias_; }
 
@@ -124,7 +131,7 @@ class GateNetwork {
                   "x must be [tokens, {}], got {}", hidden(), x.shape.str());
     const std::int64_t T = x.dim(0), E = num_experts();
     Tensor logits(backend, DType::f32, Shape{T, E});
-    backend.gemm(x, weight_, logits);
+    linear(backend, x, weight_, logits);
     r.ids = Tensor(backend, DType::i32, Shape{T, slots()});
     r.weights = Tensor(backend, DType::f32, Shape{T, slots()});
     r.scores = Tensor(backend, DType::f32, Shape{E + 1});
@@ -185,7 +192,7 @@ class GateNetwork {
   }
 
  private:
-  Tensor weight_;
+  Weight weight_;
   Tensor bias_;
   GateOptions options_;
 };

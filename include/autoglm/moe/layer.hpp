@@ -29,6 +29,7 @@ RoutingStats routing_stats(B& backend, const Routing& r) {
   std::vector<std::int64_t> assigned(static_cast<std::size_t>(E), 0);
   for (std::int32_t e : ids)
     if (e >= 0) ++assigned[static_cast<std::size_t>(e)], ++s.assignments;
+  s.expert_ids = std::move(ids);
   s.dropped = s.assignments - r.rows;
   if (E > 0) {
     s.max_load = *std::max_element(s.tokens_per_expert.begin(), s.tokens_per_expert.end());
@@ -69,6 +70,12 @@ class MoELayer {
   const A& aggregator() const noexcept { return aggregator_; }
   /// d.
   std::int64_t hidden() const noexcept { return gate_.hidden(); }
+  /// The same layer with int8 experts (and shared expert); the router too when quantize_router.
+  /// Needs X and A to have quantized(backend, spec), as the library's banks and aggregator do.
+  MoELayer quantized(Backend& backend, const QuantSpec& spec, bool quantize_router = false) const {
+    return MoELayer(quantize_router ? gate_.quantized(backend, spec) : gate_,
+                    experts_.quantized(backend, spec), aggregator_.quantized(backend, spec));
+  }
   /// E.
   std::int64_t num_experts() const noexcept { return gate_.num_experts(); }
 

@@ -19,6 +19,8 @@ struct RoutingStats {
   /// P_e the mean routing probability of e. 1.0 when perfectly balanced.
   double aux_loss = 0.0;
   double z_loss = 0.0;  ///< router z-loss: mean over tokens of logsumexp(logits)^2
+  /// [T * slots] the expert of each (token, slot), -1 for none: the routing decisions.
+  std::vector<std::int32_t> expert_ids;
 };
 
 /// Everything a routing call produces, on the backend: the gate fills ids, weights and

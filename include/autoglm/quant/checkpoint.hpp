@@ -1,0 +1,57 @@
+// SPDX-License-Identifier: Apache-2.0
+// Int8 checkpoints on disk: quantize_checkpoint converts a Hugging Face checkpoint directory
+// into one that load_model reads without re-quantizing.
+//
+// File format: the same tensor names as the source; each quantized weight `W` is stored as I8
+// with the same shape plus `W_scale`, F32 [..., N, K / group]; every other tensor is copied as
+// it was. The safetensors metadata holds autoglm.quant (scheme) and autoglm.activations, and
+// config.json gains quantization_config {quant_method: "autoglm_int8", scheme, activations,
+// group_size}.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <string_view>
+
+#include "autoglm/quant/quantize.hpp"
+
+namespace autoglm {
+
+/// quant_method of config.json for an autoglm int8 checkpoint.
+inline constexpr std::string_view kAutoglmQuantMethod = "autoglm_int8";
+
+/// What a checkpoint tensor is, by its Hugging Face name.
+enum class WeightRole : std::uint8_t {
+  experts,     ///< routed or shared expert matrices (per expert or fused)
+  attention,   ///< attention projections
+  dense_mlp,   ///< MLP of a dense layer
+  lm_head,     ///< lm_head.weight
+  embeddings,  ///< model.embed_tokens.weight
+  router,      ///< MoE router (mlp.gate / block_sparse_moe.gate)
+  other,       ///< norms, biases, selection biases, shared-expert gates: never quantized
+};
+
+/// The role of the tensor called `name`.
+WeightRole weight_role(std::string_view name);
+/// Whether `config` quantizes tensors of `role`.
+bool quantizes(const QuantConfig& config, WeightRole role);
+/// Name of the scale tensor of the int8 weight `weight`.
+std::string scale_name(std::string_view weight);
+
+/// What quantize_checkpoint did.
+struct QuantizeReport {
+  std::uint64_t bytes_in = 0;   ///< bytes of the source safetensors files
+  std::uint64_t bytes_out = 0;  ///< bytes of the written safetensors files
+  std::size_t quantized = 0;    ///< tensors written as int8
+  std::size_t kept = 0;         ///< tensors copied unchanged
+};
+
+/// Writes the int8 form of the checkpoint directory `src` into `dst` (created if needed; may
+/// not be `src`): one output shard per input shard, an index when sharded, config.json with
+/// quantization_config. Error naming the file and tensor for a NaN / Inf weight, an unknown
+/// model_type, an already quantized source or an unwritable destination.
+QuantizeReport quantize_checkpoint(const std::filesystem::path& src,
+                                   const std::filesystem::path& dst, const QuantConfig& config);
+
+}  // namespace autoglm

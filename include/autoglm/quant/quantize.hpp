@@ -1,0 +1,60 @@
+// SPDX-License-Identifier: Apache-2.0
+// Turning f32 weights into int8 ones (see autoglm/core/quant.hpp for the scheme) and back.
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+#include "autoglm/backend/backend.hpp"
+#include "autoglm/core/quant.hpp"
+
+namespace autoglm {
+
+// w: [..., N, K] f32 (any layout) on `backend`; K % group == 0.
+/// Symmetric int8 quantization of w with spec, packed for backend's kernels (pack = false keeps
+/// it row-major, as embedding tables need). A NaN or Inf weight is an Error naming `name` and
+/// the element; an all-zero group gets scale 0.
+QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec,
+                         std::string_view name = "weight", bool pack = true);
+
+/// quantize() with the scheme as a type: quantize<Int8Grouped<64>>(backend, w).
+template <QuantScheme S>
+QuantizedTensor quantize(Backend& backend, TensorView w,
+                         ActivationMode mode = ActivationMode::weight_only,
+                         std::string_view name = "weight") {
+  return quantize(backend, w, QuantSpec::of<S>(mode), name);
+}
+
+/// Which parts of a model quantize_model converts to int8, and how. Norms, biases and the
+/// shared-expert gate always stay f32. The defaults quantize what holds ~97 % of a real MoE's
+/// weights (file <= 27 % of f32) and keep f32 where an error goes straight into the routing or
+/// the logits: router, embeddings, LM head (about 2 % of Qwen3-30B-A3B's weights).
+struct QuantConfig {
+  QuantSpec spec{};          ///< scheme and activation mode
+  bool experts = true;       ///< routed and shared expert banks
+  bool attention = true;     ///< attention projections
+  bool dense_mlp = true;     ///< the dense MLPs of non-MoE layers
+  bool lm_head = false;      ///< the output head
+  bool embeddings = false;   ///< the token embedding table (dequantised row by row on lookup)
+  bool router = false;       ///< MoE router weights: f32 by default, as llama.cpp keeps them
+};
+
+/// w in int8 with spec when it is a non-empty f32 matrix (or stack) whose K the group divides;
+/// else w unchanged (int8 weights stay; so do f32 ones a group does not fit, as
+/// quantize_checkpoint keeps them).
+Weight quantize_weight(Backend& backend, const Weight& w, const QuantSpec& spec,
+                       std::string_view name = "weight", bool pack = true);
+
+/// The f32 weights [..., N, K] (row-major) that w stands for: q * scale.
+Tensor dequantize(Backend& backend, const QuantizedTensor& w);
+
+namespace detail {
+
+// w: [n, k] f32 row-major on the host; q: [n, k]; scales: [n, k / group].
+/// Quantizes rows on the host; returns the index of the first non-finite weight, or -1.
+std::int64_t quantize_rows(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
+                           std::int8_t* q, float* scales);
+
+}  // namespace detail
+
+}  // namespace autoglm

@@ -1,0 +1,61 @@
+// SPDX-License-Identifier: Apache-2.0
+// Internal interface between the INT8 GEMM dispatcher (qgemm_kernels.cpp, compiled for the
+// baseline ISA) and the per-ISA kernel translation units (qgemm_avx2.cpp, qgemm_avx512.cpp,
+// each compiled with its own -m flags). The ISA units use no standard-library templates that
+// could be emitted out of line: such a copy, built with AVX-512, might be the one the linker
+// keeps for every unit, and the portable path would then fault on an older CPU. So they take
+// their scratch memory from scratch(), defined in the baseline unit.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu/qgemm_kernels.hpp"
+
+namespace autoglm::detail::q8::impl {
+
+/// At least `bytes` of 64-byte aligned memory owned by the calling thread; valid until the next
+/// call on the same thread (so one kernel call takes one block and carves it).
+void* scratch(std::size_t bytes);
+
+/// Quadruples of k per group in the packed layout, or 0 when a quad would straddle two groups
+/// (group not a multiple of 4 and more than one group): those shapes take the portable path.
+constexpr std::int64_t quads_per_group(std::int64_t k, std::int64_t group) {
+  if (group == k) return padded_depth(k) / 4;
+  return group % 4 == 0 ? group / 4 : 0;
+}
+
+void quantize_avx2(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k,
+                   std::uint8_t* xq, std::int64_t ldq, float* xs);
+void gemm_w8a8_avx2(const std::uint8_t* xq, std::int64_t ldq, const float* xs, std::int64_t m,
+                    const QWeights& w, std::int64_t col0, std::int64_t cols, float* out,
+                    std::int64_t ldo);
+void gemm_wonly_avx2(const float* x, std::int64_t ldx, std::int64_t m, const QWeights& w,
+                     std::int64_t col0, std::int64_t cols, float* out, std::int64_t ldo);
+
+void quantize_avx512(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k,
+                     std::uint8_t* xq, std::int64_t ldq, float* xs);
+void gemm_w8a8_avx512(const std::uint8_t* xq, std::int64_t ldq, const float* xs, std::int64_t m,
+                      const QWeights& w, std::int64_t col0, std::int64_t cols, float* out,
+                      std::int64_t ldo);
+void gemm_wonly_avx512(const float* x, std::int64_t ldx, std::int64_t m, const QWeights& w,
+                       std::int64_t col0, std::int64_t cols, float* out, std::int64_t ldo);
+
+/// Rows from which the avx512_vnni W8A8 path hands a tile to AMX.
+inline constexpr std::int64_t kAmxMinRows = 16;
+/// Whether the avx512_vnni W8A8 path may use AMX-INT8 tiles: the CPU has them, Linux granted
+/// the tile state, and AUTOGLM_Q8_AMX is not "0".
+bool amx_enabled() noexcept;
+/// Turns AMX use off, or back on where amx_available (tests compare both).
+void set_amx_enabled(bool on) noexcept;
+/// Whether this CPU and OS can run the AMX kernel at all.
+bool amx_available() noexcept;
+/// Shapes the AMX kernel takes: whole 64-byte tile steps per group.
+constexpr bool amx_applies(std::int64_t m, std::int64_t group) {
+  return m >= kAmxMinRows && group % 64 == 0;
+}
+void gemm_w8a8_amx(const std::uint8_t* xq, std::int64_t ldq, const float* xs, std::int64_t m,
+                   const QWeights& w, std::int64_t col0, std::int64_t cols, float* out,
+                   std::int64_t ldo);
+
+}  // namespace autoglm::detail::q8::impl

@@ -1,0 +1,198 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "autoglm/quant/quantize.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace autoglm {
+
+std::string QuantSpec::scheme_name() const {
+  return group == 0 ? std::string("int8_per_channel") : fmt::format("int8_g{}", group);
+}
+
+std::string_view QuantSpec::mode_name() const noexcept {
+  return mode == ActivationMode::w8a8 ? "w8a8" : "weight_only";
+}
+
+QuantSpec QuantSpec::parse(std::string_view scheme, std::string_view mode) {
+  QuantSpec s;
+  if (scheme == "int8_per_channel" || scheme == "int8")
+    s.group = 0;
+  else if (scheme == "int8_g32")
+    s.group = 32;
+  else if (scheme == "int8_g64")
+    s.group = 64;
+  else if (scheme == "int8_g128")
+    s.group = 128;
+  else
+    detail::fail(ErrorCode::not_found, "QuantSpec::parse",
+                 "unknown scheme '{}' (known: int8_per_channel, int8_g32, int8_g64, int8_g128)",
+                 scheme);
+  if (mode == "w8a8")
+    s.mode = ActivationMode::w8a8;
+  else if (mode == "weight_only")
+    s.mode = ActivationMode::weight_only;
+  else
+    detail::fail(ErrorCode::not_found, "QuantSpec::parse",
+                 "unknown activation mode '{}' (known: w8a8, weight_only)", mode);
+  return s;
+}
+
+namespace {
+
+void check_spec(std::string_view fn, const QuantSpec& spec, std::int64_t k) {
+  AUTOGLM_CHECK(spec.group == 0 || spec.group == 32 || spec.group == 64 || spec.group == 128,
+                invalid_argument, fn, "group {} must be 0 (per channel), 32, 64 or 128",
+                spec.group);
+  AUTOGLM_CHECK(spec.group == 0 || k % spec.group == 0, shape_mismatch, fn,
+                "group {} does not divide the {} input columns", spec.group, k);
+}
+
+}  // namespace
+
+QuantizedTensor::QuantizedTensor(Tensor data, Tensor scales, QuantSpec spec)
+    : spec_(spec), data_(std::move(data)), scales_(std::move(scales)) {
+  constexpr std::string_view fn = "QuantizedTensor";
+  AUTOGLM_CHECK(data_.dtype() == DType::i8 && data_.layout() == Layout::row_major, dtype_mismatch,
+                fn, "data must be row-major i8, got {}", dtype_name(data_.dtype()));
+  AUTOGLM_CHECK(scales_.dtype() == DType::f32, dtype_mismatch, fn, "scales must be f32, got {}",
+                dtype_name(scales_.dtype()));
+  const Shape& s = data_.shape();
+  AUTOGLM_CHECK(s.rank() >= 2 && s.rank() <= 3, shape_mismatch, fn,
+                "data must be [N, K] or [E, N, K], got {}", s.str());
+  const std::int64_t k = s[s.rank() - 1];
+  check_spec(fn, spec_, k);
+  const std::int64_t groups = k == 0 ? 0 : k / spec_.group_of(k);
+  const Shape want = s.rank() == 2 ? Shape{s[0], groups} : Shape{s[0], s[1], groups};
+  AUTOGLM_CHECK(scales_.shape() == want || (groups == 0 && scales_.numel() == 0), shape_mismatch,
+                fn, "scales must be {} for data {} ({}), got {}", want.str(), s.str(),
+                spec_.scheme_name(), scales_.shape().str());
+  AUTOGLM_CHECK(data_.backend() == scales_.backend(), device, fn,
+                "data and scales are on different backends");
+  shape_ = s;
+}
+
+QuantizedTensor QuantizedTensor::packed(Shape shape, QuantSpec spec, Tensor data, Tensor scales,
+                                        Tensor aux) {
+  QuantizedTensor q;
+  q.shape_ = shape;
+  q.spec_ = spec;
+  q.data_ = std::move(data);
+  q.scales_ = std::move(scales);
+  q.aux_ = std::move(aux);
+  q.packed_ = true;
+  return q;
+}
+
+const Tensor& Weight::tensor() const {
+  AUTOGLM_CHECK(!is_quantized(), dtype_mismatch, "Weight::tensor",
+                "the weight {} is int8 ({}); use quantized()", shape().str(),
+                std::get<QuantizedTensor>(v_).spec().scheme_name());
+  return std::get<Tensor>(v_);
+}
+
+const QuantizedTensor& Weight::quantized() const {
+  AUTOGLM_CHECK(is_quantized(), dtype_mismatch, "Weight::quantized",
+                "the weight {} is not quantized", shape().str());
+  return std::get<QuantizedTensor>(v_);
+}
+
+namespace detail {
+
+std::int64_t quantize_rows(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
+                           std::int8_t* q, float* scales) {
+  if (n <= 0 || k <= 0 || group <= 0) return -1;
+  const std::int64_t groups = k / group;
+  for (std::int64_t r = 0; r < n; ++r) {
+    for (std::int64_t g = 0; g < groups; ++g) {
+      const float* src = w + r * k + g * group;
+      std::int8_t* dst = q + r * k + g * group;
+      float amax = 0.0f;
+      for (std::int64_t c = 0; c < group; ++c) {
+        if (!std::isfinite(src[c])) return r * k + g * group + c;
+        amax = std::max(amax, std::fabs(src[c]));
+      }
+      const float scale = amax / 127.0f;
+      scales[r * groups + g] = scale;
+      // An all-zero group keeps scale 0 and zero codes: no division by zero.
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      for (std::int64_t c = 0; c < group; ++c) {
+        const float v = std::nearbyint(src[c] * inv);
+        dst[c] = static_cast<std::int8_t>(std::clamp(v, -127.0f, 127.0f));
+      }
+    }
+  }
+  return -1;
+}
+
+}  // namespace detail
+
+QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::string_view name,
+                         bool pack) {
+  constexpr std::string_view fn = "quantize";
+  AUTOGLM_CHECK(w.dtype == DType::f32, dtype_mismatch, fn, "{} must be f32, got {}", name,
+                dtype_name(w.dtype));
+  AUTOGLM_CHECK(w.rank() == 2 || w.rank() == 3, shape_mismatch, fn,
+                "{} must be [N, K] or [E, N, K], got {}", name, w.shape.str());
+  const std::int64_t n = w.dim(w.rank() - 2), k = w.dim(w.rank() - 1);
+  const std::int64_t mats = w.rank() == 3 ? w.dim(0) : 1;
+  check_spec(fn, spec, k);
+  const std::int64_t group = spec.group_of(k), groups = k == 0 ? 0 : k / group;
+  Tensor data(backend, DType::i8, w.shape);
+  Tensor scales(backend, DType::f32,
+                w.rank() == 2 ? Shape{n, groups} : Shape{mats, n, groups});
+  // One matrix at a time: the host copy of a whole expert stack would double its memory.
+  std::vector<float> host(static_cast<std::size_t>(n * k));
+  std::vector<std::int8_t> q(host.size());
+  std::vector<float> s(static_cast<std::size_t>(n * groups));
+  for (std::int64_t e = 0; e < mats; ++e) {
+    const TensorView src = w.rank() == 3 ? w[e] : w;
+    backend.copy_to_host(host.data(), src);
+    const std::int64_t bad = detail::quantize_rows(host.data(), n, k, group, q.data(), s.data());
+    if (bad >= 0) {
+      const std::int64_t r = bad / k, c = bad % k;
+      if (w.rank() == 3)
+        detail::fail(ErrorCode::numeric, fn, "{} has a non-finite weight {} at [{}, {}, {}]",
+                     name, host[static_cast<std::size_t>(bad)], e, r, c);
+      detail::fail(ErrorCode::numeric, fn, "{} has a non-finite weight {} at [{}, {}]", name,
+                   host[static_cast<std::size_t>(bad)], r, c);
+    }
+    const TensorView dq = w.rank() == 3 ? data.view()[e] : data.view();
+    const TensorView ds = w.rank() == 3 ? scales.view()[e] : scales.view();
+    backend.copy_from_host(dq, q.data());
+    backend.copy_from_host(ds, s.data());
+  }
+  QuantizedTensor out(std::move(data), std::move(scales), spec);
+  return pack ? backend.pack_quantized(out) : out;
+}
+
+Weight quantize_weight(Backend& backend, const Weight& w, const QuantSpec& spec,
+                       std::string_view name, bool pack) {
+  if (w.is_quantized() || !w.defined() || w.empty()) return w;
+  const Shape& s = w.shape();
+  if (s.rank() < 2 || s.rank() > 3 || w.tensor().dtype() != DType::f32) return w;
+  const std::int64_t k = s[s.rank() - 1];
+  if (spec.group != 0 && k % spec.group != 0) return w;
+  return quantize(backend, w.tensor(), spec, name, pack);
+}
+
+Tensor dequantize(Backend& backend, const QuantizedTensor& w) {
+  const Shape& s = w.shape();
+  const std::int64_t k = s[s.rank() - 1], rows = k == 0 ? 0 : s.numel() / k;
+  const std::int64_t group = w.group(), groups = w.groups();
+  std::vector<std::int8_t> q(static_cast<std::size_t>(s.numel()));
+  std::vector<float> sc(static_cast<std::size_t>(rows * groups));
+  backend.quantized_to_host(w, q.data(), sc.data());
+  std::vector<float> f(q.size());
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < k; ++c)
+      f[static_cast<std::size_t>(r * k + c)] =
+          static_cast<float>(q[static_cast<std::size_t>(r * k + c)]) *
+          sc[static_cast<std::size_t>(r * groups + c / group)];
+  Tensor out(backend, DType::f32, s);
+  backend.copy_from_host(out, f.data());
+  return out;
+}
+
+}  // namespace autoglm

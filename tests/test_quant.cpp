@@ -1,0 +1,540 @@
+// SPDX-License-Identifier: Apache-2.0
+// INT8: quantize() against a naive symmetric quantizer; qgemm / grouped_qgemm against naive
+// dequantised products (both activation modes, per-channel and grouped scales); int8 expert
+// banks and MoE stacks against f32 (routing agreement, relative error); the fixture models in
+// int8 against f32 and against transformers' greedy continuation; bad input.
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include "support.hpp"
+
+using namespace autoglm;
+using namespace agt;
+
+namespace {
+
+CpuBackend& cpu1() {
+  static CpuBackend b(CpuBackendOptions{1});
+  return b;
+}
+CpuBackend& cpu2() {
+  static CpuBackend b(CpuBackendOptions{2});
+  return b;
+}
+
+/// Weights drawn like trained ones: normal(0, std) with ~1 % of input columns 4x larger (per-row
+/// maxima near 12 sigma, the heavy tails of trained matrices).
+std::vector<float> trained_like(std::int64_t rows, std::int64_t cols, std::uint64_t seed,
+                                float std_dev) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.0f, std_dev);
+  std::vector<float> w(static_cast<std::size_t>(rows * cols));
+  for (float& v : w) v = nd(rng);
+  for (std::int64_t c = 0; c < cols; c += 97)  // ~1 % outlier columns
+    for (std::int64_t r = 0; r < rows; ++r) w[static_cast<std::size_t>(r * cols + c)] *= 4.0f;
+  return w;
+}
+
+/// Naive W8A8 of one row: per-row activation scale, round half to even, int64 dot per group.
+std::vector<double> naive_w8a8(const std::vector<float>& x, std::int64_t m, std::int64_t k,
+                               const std::vector<std::int8_t>& q, const std::vector<float>& s,
+                               std::int64_t n, std::int64_t group) {
+  std::vector<double> out(static_cast<std::size_t>(m * n));
+  const std::int64_t groups = k / group;
+  for (std::int64_t i = 0; i < m; ++i) {
+    float amax = 0.0f;
+    for (std::int64_t c = 0; c < k; ++c) amax = std::max(amax, std::fabs(x[i * k + c]));
+    const float xs = amax / 127.0f;
+    std::vector<int> xq(static_cast<std::size_t>(k), 0);
+    if (amax > 0.0f)
+      for (std::int64_t c = 0; c < k; ++c)
+        xq[c] = static_cast<int>(std::clamp(std::nearbyint(x[i * k + c] / xs), -127.0f, 127.0f));
+    for (std::int64_t j = 0; j < n; ++j) {
+      double acc = 0.0;
+      for (std::int64_t g = 0; g < groups; ++g) {
+        long long dot = 0;
+        for (std::int64_t c = g * group; c < (g + 1) * group; ++c) dot += xq[c] * q[j * k + c];
+        acc += static_cast<double>(s[j * groups + g]) * static_cast<double>(dot);
+      }
+      out[static_cast<std::size_t>(i * n + j)] = acc * xs;
+    }
+  }
+  return out;
+}
+
+/// Naive weight-only: x . (q * scale).
+std::vector<double> naive_wonly(const std::vector<float>& x, std::int64_t m, std::int64_t k,
+                                const std::vector<std::int8_t>& q, const std::vector<float>& s,
+                                std::int64_t n, std::int64_t group) {
+  std::vector<double> out(static_cast<std::size_t>(m * n));
+  const std::int64_t groups = k / group;
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t j = 0; j < n; ++j) {
+      double acc = 0.0;
+      for (std::int64_t c = 0; c < k; ++c)
+        acc += static_cast<double>(x[i * k + c]) * q[j * k + c] * s[j * groups + c / group];
+      out[static_cast<std::size_t>(i * n + j)] = acc;
+    }
+  return out;
+}
+
+void require_close(const std::vector<float>& got, const std::vector<double>& want, double rtol,
+                   const std::string& what) {
+  REQUIRE(got.size() == want.size());
+  double scale = 1e-30, diff = 0.0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    scale = std::max(scale, std::abs(want[i]));
+    diff = std::max(diff, std::abs(got[i] - want[i]));
+  }
+  INFO(what << ": max |diff| " << diff << " vs max |ref| " << scale);
+  REQUIRE(diff <= rtol * scale);
+}
+
+double rel_l2(const std::vector<float>& got, const std::vector<float>& want) {
+  double num = 0.0, den = 0.0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    num += (static_cast<double>(got[i]) - want[i]) * (static_cast<double>(got[i]) - want[i]);
+    den += static_cast<double>(want[i]) * want[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+}  // namespace
+
+TEST_CASE("quantize: codes and scales of a symmetric int8 quantizer", "[quant]") {
+  CpuBackend& b = cpu2();
+  const std::int64_t n = 9, k = 128;
+  std::vector<float> w = random_floats(static_cast<std::size_t>(n * k), 11);
+  for (std::int64_t c = 0; c < k; ++c) w[static_cast<std::size_t>(3 * k + c)] = 0.0f;  // zero row
+  w[5 * k + 7] = 40.0f;                                                                // outlier
+  const Tensor wt = tensor_f32(b, Shape{n, k}, w);
+  for (std::int64_t group : {0, 32, 64, 128}) {
+    const QuantSpec spec{group, ActivationMode::w8a8};
+    const QuantizedTensor q = quantize(b, wt, spec, "w", /*pack=*/false);
+    const std::int64_t G = group == 0 ? k : group, groups = k / G;
+    REQUIRE(q.shape() == Shape{n, k});
+    REQUIRE(q.groups() == groups);
+    REQUIRE(q.scales().shape() == Shape{n, groups});
+    std::vector<std::int8_t> codes(static_cast<std::size_t>(n * k));
+    std::vector<float> scales(static_cast<std::size_t>(n * groups));
+    b.quantized_to_host(q, codes.data(), scales.data());
+    for (std::int64_t r = 0; r < n; ++r)
+      for (std::int64_t g = 0; g < groups; ++g) {
+        float amax = 0.0f;
+        for (std::int64_t c = g * G; c < (g + 1) * G; ++c) amax = std::max(amax, std::fabs(w[r * k + c]));
+        const float sc = scales[static_cast<std::size_t>(r * groups + g)];
+        REQUIRE(sc == Approx(amax / 127.0f).epsilon(1e-6));
+        for (std::int64_t c = g * G; c < (g + 1) * G; ++c) {
+          const int code = codes[static_cast<std::size_t>(r * k + c)];
+          REQUIRE(std::abs(code) <= 127);
+          // The defining property: the code is the nearest multiple of the scale.
+          REQUIRE(std::fabs(code * sc - w[r * k + c]) <= 0.5f * sc * 1.0001f + 1e-12f);
+        }
+      }
+    // The all-zero row: scale 0 and codes 0, no NaN.
+    for (std::int64_t g = 0; g < groups; ++g) REQUIRE(scales[3 * groups + g] == 0.0f);
+    // Packing and reading back gives the same codes and scales.
+    const QuantizedTensor p = b.pack_quantized(q);
+    REQUIRE(p.is_packed());
+    std::vector<std::int8_t> codes2(codes.size());
+    std::vector<float> scales2(scales.size());
+    b.quantized_to_host(p, codes2.data(), scales2.data());
+    REQUIRE(codes2 == codes);
+    REQUIRE(scales2 == scales);
+  }
+}
+
+TEST_CASE("quantize: bad input is an Error", "[quant][errors]") {
+  CpuBackend& b = cpu1();
+  std::vector<float> w = random_floats(4 * 64, 3);
+  w[2 * 64 + 5] = std::numeric_limits<float>::quiet_NaN();
+  REQUIRE_THROWS_MATCHES(quantize(b, tensor_f32(b, Shape{4, 64}, w), QuantSpec{}, "blk.0.up"),
+                         Error,
+                         ErrorMatcher(ErrorCode::numeric, {"[quantize]", "blk.0.up", "[2, 5]"}));
+  w[2 * 64 + 5] = std::numeric_limits<float>::infinity();
+  REQUIRE_THROWS_MATCHES(quantize(b, tensor_f32(b, Shape{1, 4, 64}, w), QuantSpec{}, "experts"),
+                         Error, ErrorMatcher(ErrorCode::numeric, {"experts", "[0, 2, 5]"}));
+  REQUIRE_THROWS_MATCHES(quantize(b, uniform(b, Shape{4, 48}, 1), QuantSpec{32}, "x"), Error,
+                         ErrorMatcher(ErrorCode::shape_mismatch, {"group 32", "48"}));
+  REQUIRE_THROWS_MATCHES(quantize(b, uniform(b, Shape{4, 64}, 1), QuantSpec{16}, "x"), Error,
+                         ErrorMatcher(ErrorCode::invalid_argument, {"group 16"}));
+  REQUIRE_THROWS_MATCHES(QuantSpec::parse("int4", "w8a8"), Error,
+                         ErrorMatcher(ErrorCode::not_found, {"int4", "int8_per_channel"}));
+  const QuantizedTensor q = quantize<Int8PerChannel>(b, uniform(b, Shape{8, 64}, 2));
+  Tensor x = uniform(b, Shape{3, 32}, 4), c(b, DType::f32, Shape{3, 8});
+  REQUIRE_THROWS_MATCHES(b.qgemm(x, q, c), Error,
+                         ErrorMatcher(ErrorCode::shape_mismatch, {"[CpuBackend::qgemm]", "K"}));
+  // Scales that do not match the data.
+  Tensor data(b, DType::i8, Shape{8, 64}), bad_scales(b, DType::f32, Shape{8, 3});
+  REQUIRE_THROWS_MATCHES(QuantizedTensor(data, bad_scales, QuantSpec{32}), Error,
+                         ErrorMatcher(ErrorCode::shape_mismatch, {"scales must be [8, 2]"}));
+  REQUIRE_THROWS_MATCHES(Weight(q).tensor(), Error, ErrorMatcher(ErrorCode::dtype_mismatch, {"int8"}));
+}
+
+TEST_CASE("qgemm equals the naive int8 products in both activation modes", "[quant]") {
+  for (CpuBackend* bp : {&cpu1(), &cpu2()}) {
+    CpuBackend& b = *bp;
+    for (auto [n, k] : {std::pair<std::int64_t, std::int64_t>{50, 256}, {256, 64}, {160, 48}, {96, 64}, {64, 32}, {64, 96}, {192, 64}, {128, 64}, {64, 128}})
+    for (std::int64_t group : {0, 32, 128})
+      for (ActivationMode mode : {ActivationMode::w8a8, ActivationMode::weight_only})
+        for (std::int64_t m : {1, 7, 12, 33}) {
+          if (group != 0 && k % group != 0) continue;
+          const std::vector<float> wh = trained_like(n, k, 5, 0.05f);
+          const Tensor w = tensor_f32(b, Shape{n, k}, wh);
+          const QuantizedTensor q = quantize(b, w, QuantSpec{group, mode});
+          std::vector<std::int8_t> codes(static_cast<std::size_t>(n * k));
+          std::vector<float> sc(static_cast<std::size_t>(n * q.groups()));
+          b.quantized_to_host(q, codes.data(), sc.data());
+          std::vector<float> xh = random_floats(static_cast<std::size_t>(m * k), 100 + m);
+          xh[0] = 0.0f;
+          const Tensor x = tensor_f32(b, Shape{m, k}, xh);
+          Tensor c(b, DType::f32, Shape{m, n});
+          b.qgemm(x, q, c);
+          const std::int64_t G = group == 0 ? k : group;
+          const auto want = mode == ActivationMode::w8a8 ? naive_w8a8(xh, m, k, codes, sc, n, G)
+                                                         : naive_wonly(xh, m, k, codes, sc, n, G);
+          require_close(host_f32(b, c), want, 1e-5,
+                        fmt::format("n {} k {} group {} {} m {}", n, k, group, QuantSpec{group, mode}.mode_name(), m));
+          // And through linear(): the same thing.
+          Tensor c2(b, DType::f32, Shape{m, n});
+          linear(b, x, Weight(q), c2);
+          REQUIRE(host_f32(b, c2) == host_f32(b, c));
+        }
+  }
+}
+
+TEST_CASE("grouped_qgemm equals per-expert qgemm; identical on 1 and 2 threads", "[quant]") {
+  const std::int64_t E = 5, n = 40, k = 96, R = 23;
+  const std::vector<std::int32_t> off{0, 4, 4, 15, 16, 23};  // expert 1 empty
+  std::vector<std::vector<float>> results;
+  for (CpuBackend* bp : {&cpu1(), &cpu2()}) {
+    CpuBackend& b = *bp;
+    for (ActivationMode mode : {ActivationMode::w8a8, ActivationMode::weight_only}) {
+      const QuantizedTensor q = quantize(b, uniform(b, Shape{E, n, k}, 9, 0.1f), QuantSpec{32, mode});
+      const Tensor x = uniform(b, Shape{R, k}, 10);
+      Tensor out(b, DType::f32, Shape{R, n});
+      b.grouped_qgemm(x, q, tensor_i32(b, Shape{E + 1}, off), out);
+      const std::vector<float> got = host_f32(b, out);
+      // Reference: each expert as its own dense int8 product.
+      const Tensor dq = dequantize(b, q);
+      const std::vector<float> wd = host_f32(b, dq), xh = host_f32(b, x);
+      std::vector<std::int8_t> codes(static_cast<std::size_t>(E * n * k));
+      std::vector<float> sc(static_cast<std::size_t>(E * n * q.groups()));
+      b.quantized_to_host(q, codes.data(), sc.data());
+      for (std::int64_t e = 0; e < E; ++e) {
+        const std::int64_t m = off[e + 1] - off[e];
+        if (m == 0) continue;
+        const std::vector<float> xe(xh.begin() + off[e] * k, xh.begin() + off[e + 1] * k);
+        const std::vector<std::int8_t> ce(codes.begin() + e * n * k, codes.begin() + (e + 1) * n * k);
+        const std::vector<float> se(sc.begin() + e * n * q.groups(), sc.begin() + (e + 1) * n * q.groups());
+        const auto want = mode == ActivationMode::w8a8 ? naive_w8a8(xe, m, k, ce, se, n, 32)
+                                                       : naive_wonly(xe, m, k, ce, se, n, 32);
+        const std::vector<float> ge(got.begin() + off[e] * n, got.begin() + off[e + 1] * n);
+        require_close(ge, want, 1e-5, fmt::format("expert {}", e));
+      }
+      results.push_back(got);
+    }
+  }
+  REQUIRE(results[0] == results[2]);  // w8a8, 1 vs 2 threads: bit-identical
+  REQUIRE(results[1] == results[3]);  // weight-only
+}
+
+TEST_CASE("int8 MoE stack: routing agrees with f32, small relative error", "[quant]") {
+  // A residual stack of MoE layers, weights drawn like trained ones; the router stays f32 and
+  // every expert is int8. Routing decisions are compared layer by layer.
+  CpuBackend& b = cpu2();
+  const QuantSpec spec =
+      GENERATE(QuantSpec{0, ActivationMode::w8a8}, QuantSpec{0, ActivationMode::weight_only},
+               QuantSpec{32, ActivationMode::w8a8}, QuantSpec{32, ActivationMode::weight_only});
+  const std::int64_t d = 256, F = 128, E = 16, T = 200, L = 4;
+  const int k = 4;
+  std::vector<MoEBlock> f32_layers, q_layers;
+  for (std::int64_t l = 0; l < L; ++l) {
+    GateOptions go;
+    go.policy = GatePolicy::softmax_topk;
+    go.top_k = k;
+    GateNetwork gate(tensor_f32(b, Shape{E, d}, trained_like(E, d, 50 + l, 0.05f)), Tensor(), go);
+    SwiGluExperts ex(tensor_f32(b, Shape{E, 2 * F, d}, trained_like(E * 2 * F, d, 60 + l, 0.04f)),
+                     tensor_f32(b, Shape{E, d, F}, trained_like(E * d, F, 70 + l, 0.05f)));
+    f32_layers.emplace_back(gate, ex);
+    q_layers.push_back(f32_layers.back().quantized(b, spec));
+  }
+  const Tensor norm = tensor_f32(b, Shape{d}, std::vector<float>(d, 1.0f));
+  const std::vector<float> x0 = trained_like(T, d, 80, 1.0f);
+  Tensor xf = tensor_f32(b, Shape{T, d}, x0), xq = tensor_f32(b, Shape{T, d}, x0);
+  std::int64_t same = 0, total = 0;
+  double layer_err = 0.0;
+  for (std::int64_t l = 0; l < L; ++l) {
+    Tensor hf(b, DType::f32, Shape{T, d}), hq(b, DType::f32, Shape{T, d});
+    b.rms_norm(xf, norm, 1e-6f, hf);
+    b.rms_norm(xq, norm, 1e-6f, hq);
+    Tensor yf(b, DType::f32, Shape{T, d}), yq(b, DType::f32, Shape{T, d}), yq_same(b, DType::f32, Shape{T, d});
+    RoutingStats sf, sq;
+    f32_layers[l].forward(b, hf, yf, &sf);
+    q_layers[l].forward(b, hq, yq, &sq);
+    // The layer's own error: int8 experts on the f32 stream's input.
+    q_layers[l].forward(b, hf, yq_same);
+    layer_err = std::max(layer_err, rel_l2(host_f32(b, yq_same), host_f32(b, yf)));
+    for (std::int64_t t = 0; t < T; ++t) {
+      std::vector<std::int32_t> a(sf.expert_ids.begin() + t * k, sf.expert_ids.begin() + (t + 1) * k);
+      std::vector<std::int32_t> c(sq.expert_ids.begin() + t * k, sq.expert_ids.begin() + (t + 1) * k);
+      std::sort(a.begin(), a.end());
+      std::sort(c.begin(), c.end());
+      same += a == c;
+      ++total;
+    }
+    b.add(xf, yf, xf);
+    b.add(xq, yq, xq);
+  }
+  const double agree = static_cast<double>(same) / static_cast<double>(total);
+  WARN(spec.scheme_name() << " " << spec.mode_name() << ": int8 MoE stack, top-" << k << " sets agree for " << 100.0 * agree
+       << " % of token-layers; max layer relative L2 error " << layer_err);
+  // Measured: 98.5-99.9 % and 0.9-2.4 % (docs/quantization.md); the bounds leave a margin for
+  // the order of float additions, not for a regression of the quantizer or the kernels.
+  REQUIRE(agree >= 0.975);
+  REQUIRE(layer_err < 0.03);
+}
+
+// ------------------------------------------------------------------------ models and files
+
+namespace {
+
+namespace fs = std::filesystem;
+
+fs::path fixture(const std::string& name) { return fs::path(AUTOGLM_FIXTURES_DIR) / name; }
+
+struct FixtureRun {
+  std::vector<float> logits;               // prefill logits [T, V]
+  std::vector<std::int32_t> greedy;        // 16-token continuation
+  std::vector<std::vector<std::int32_t>> routing;  // per MoE layer: expert ids [T * k]
+};
+
+FixtureRun run_fixture(const Model& m, const std::vector<std::int32_t>& prompt) {
+  FixtureRun r;
+  Session s(m);
+  s.set_routing_observer([&](std::int64_t, const RoutingStats& st) {
+    r.routing.push_back(st.expert_ids);
+  });
+  const Tensor logits = s.prefill(prompt, /*all_logits=*/true);
+  r.logits = host_f32(m.backend(), logits);
+  s.set_routing_observer({});
+  s.reset();
+  GenerateOptions g;
+  g.max_new_tokens = 16;
+  r.greedy = s.generate(prompt, g);
+  return r;
+}
+
+std::vector<std::int32_t> read_ids(const fs::path& dir, const char* key) {
+  std::ifstream f(dir / "expected.json");
+  return nlohmann::json::parse(f).at(key).get<std::vector<std::int32_t>>();
+}
+
+/// Mean over positions of KL(p_f32 || p_int8) of the next-token distributions.
+double mean_kl(const std::vector<float>& a, const std::vector<float>& b, std::int64_t V) {
+  const std::int64_t T = static_cast<std::int64_t>(a.size()) / V;
+  double total = 0.0;
+  for (std::int64_t t = 0; t < T; ++t) {
+    auto lse = [&](const std::vector<float>& l) {
+      double mx = -1e300, s = 0.0;
+      for (std::int64_t v = 0; v < V; ++v) mx = std::max(mx, static_cast<double>(l[t * V + v]));
+      for (std::int64_t v = 0; v < V; ++v) s += std::exp(l[t * V + v] - mx);
+      return mx + std::log(s);
+    };
+    const double la = lse(a), lb = lse(b);
+    double kl = 0.0;
+    for (std::int64_t v = 0; v < V; ++v) {
+      const double lp = a[t * V + v] - la, lq = b[t * V + v] - lb;
+      kl += std::exp(lp) * (lp - lq);
+    }
+    total += kl;
+  }
+  return total / static_cast<double>(T);
+}
+
+/// Routing agreement over the prompt: share of (MoE layer, token) whose top-k sets are equal.
+double routing_agreement(const FixtureRun& ref, const FixtureRun& got, std::int64_t T) {
+  REQUIRE(got.routing.size() == ref.routing.size());
+  std::int64_t same = 0, total = 0;
+  for (std::size_t l = 0; l < ref.routing.size(); ++l) {
+    const std::int64_t k = static_cast<std::int64_t>(ref.routing[l].size()) / T;
+    for (std::int64_t t = 0; t < T; ++t) {
+      std::vector<std::int32_t> x(ref.routing[l].begin() + t * k, ref.routing[l].begin() + (t + 1) * k);
+      std::vector<std::int32_t> y(got.routing[l].begin() + t * k, got.routing[l].begin() + (t + 1) * k);
+      std::sort(x.begin(), x.end());
+      std::sort(y.begin(), y.end());
+      same += x == y;
+      ++total;
+    }
+  }
+  return total ? static_cast<double>(same) / static_cast<double>(total) : 1.0;
+}
+
+void check_int8_fixture(const std::string& name) {
+  CpuBackend& b = cpu2();
+  const fs::path dir = fixture(name);
+  const std::vector<std::int32_t> prompt = read_ids(dir, "prompt");
+  const std::vector<std::int32_t> expected = read_ids(dir, "greedy");
+  const Model f32 = load_model(b, dir);
+  const FixtureRun ref = run_fixture(f32, prompt);
+  REQUIRE(ref.greedy == expected);  // the f32 baseline is transformers' continuation
+  for (ActivationMode mode : {ActivationMode::weight_only, ActivationMode::w8a8}) {
+    QuantConfig cfg;  // experts, attention, dense MLPs int8; router, embeddings, head f32
+    cfg.spec.mode = mode;
+    const Model q = quantize_model(f32, cfg);
+    const FixtureRun got = run_fixture(q, prompt);
+    const double agree = routing_agreement(ref, got, static_cast<std::int64_t>(prompt.size()));
+    std::size_t same = 0;
+    while (same < expected.size() && got.greedy[same] == expected[same]) ++same;
+    const double kl = mean_kl(ref.logits, got.logits, f32.vocab_size());
+    WARN(name << " " << cfg.spec.scheme_name() << " " << cfg.spec.mode_name()
+              << ": prompt routing agrees " << 100.0 * agree << " %, greedy equal for " << same
+              << " of 16 tokens, mean KL " << kl);
+    if (mode == ActivationMode::weight_only) {
+      // The default configuration. deepseek_v3's 8th greedy token follows a near-tie of its
+      // sigmoid group routing in the second MoE layer (experts {4, 7} vs {7, 12}), which int8
+      // weights tip: 7 equal tokens there, documented in docs/quantization.md.
+      REQUIRE(same >= (name == "deepseek_v3" ? 7u : 8u));
+      REQUIRE(agree >= 0.99);
+      REQUIRE(kl < 0.01);
+    } else {
+      // Per-token int8 activations add their own error on these 48-64 wide models: looser.
+      REQUIRE(agree >= 0.9);
+      REQUIRE(kl < 0.05);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("int8 fixture mixtral_hub_sharded", "[quant][models]") { check_int8_fixture("mixtral_hub_sharded"); }
+TEST_CASE("int8 fixture mixtral_fused_tied", "[quant][models]") { check_int8_fixture("mixtral_fused_tied"); }
+TEST_CASE("int8 fixture qwen2_moe", "[quant][models]") { check_int8_fixture("qwen2_moe"); }
+TEST_CASE("int8 fixture qwen3_moe", "[quant][models]") { check_int8_fixture("qwen3_moe"); }
+TEST_CASE("int8 fixture olmoe", "[quant][models]") { check_int8_fixture("olmoe"); }
+TEST_CASE("int8 fixture deepseek_v3", "[quant][models]") { check_int8_fixture("deepseek_v3"); }
+TEST_CASE("int8 fixture deepseek_v3_fused_noqlora", "[quant][models]") {
+  check_int8_fixture("deepseek_v3_fused_noqlora");
+}
+TEST_CASE("int8 fixture glm4_moe_qknorm", "[quant][models]") { check_int8_fixture("glm4_moe_qknorm"); }
+TEST_CASE("int8 fixture glm4_moe_hub_tied", "[quant][models]") { check_int8_fixture("glm4_moe_hub_tied"); }
+
+namespace {
+
+/// A fresh empty directory under the system temp dir.
+fs::path temp_dir(const std::string& tag) {
+  const fs::path p = fs::temp_directory_path() /
+                     fmt::format("autoglm_test_{}_{}", tag, static_cast<long>(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+/// Rewrites dir/model.safetensors through `edit` (which may drop or replace entries).
+template <typename Edit>
+void rewrite_single(const fs::path& dir, Edit&& edit) {
+  const SafeTensorsFile f = SafeTensorsFile::open(dir / "model.safetensors");
+  std::vector<HostTensor> keep;
+  std::vector<SafeTensorsEntry> entries;
+  for (const std::string& name : f.names()) {
+    const TensorInfo& info = f.at(name);
+    HostTensor h = f.host_view(name);
+    SafeTensorsEntry e{name, info.dtype_tag, {}, h.view.data, info.nbytes};
+    for (std::uint64_t x : info.extents) e.shape.push_back(static_cast<std::int64_t>(x));
+    keep.push_back(std::move(h));
+    entries.push_back(std::move(e));
+  }
+  edit(entries);
+  const auto bytes = serialize_safetensors(entries, f.metadata());
+  keep.clear();
+  std::ofstream out(dir / "model.safetensors", std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+}  // namespace
+
+TEST_CASE("quantize_checkpoint: the file loads to the same model as quantize_model", "[quant][models]") {
+  CpuBackend& b = cpu2();
+  for (const std::string name : {"mixtral_hub_sharded", "qwen3_moe", "glm4_moe_hub_tied", "deepseek_v3"}) {
+    for (bool everything : {false, true}) {
+      QuantConfig cfg;
+      if (everything) cfg.lm_head = cfg.embeddings = true;
+      const fs::path src = fixture(name), dst = temp_dir("ckpt_" + name);
+      const QuantizeReport rep = quantize_checkpoint(src, dst, cfg);
+      REQUIRE(rep.quantized > 0);
+      WARN(name << (everything ? " (all parts)" : " (default parts)") << ": int8 file "
+                << rep.bytes_out << " / f32 " << rep.bytes_in << " bytes = "
+                << 100.0 * static_cast<double>(rep.bytes_out) / static_cast<double>(rep.bytes_in)
+                << " %");
+      const std::vector<std::int32_t> prompt = read_ids(src, "prompt");
+      const Model from_file = load_model(b, dst);
+      const Model in_memory = quantize_model(load_model(b, src), cfg);
+      Session s1(from_file), s2(in_memory);
+      const auto l1 = host_f32(b, s1.prefill(prompt, true)), l2 = host_f32(b, s2.prefill(prompt, true));
+      REQUIRE(l1 == l2);  // same codes, same scales, same kernels
+      fs::remove_all(dst);
+    }
+  }
+}
+
+TEST_CASE("int8 checkpoint errors name the tensor", "[quant][errors]") {
+  CpuBackend& b = cpu1();
+  const fs::path src = fixture("qwen3_moe");
+  const std::string w = "model.layers.0.self_attn.q_proj.weight";
+  SECTION("missing scale") {
+    const fs::path dst = temp_dir("noscale");
+    quantize_checkpoint(src, dst, QuantConfig{});
+    rewrite_single(dst, [&](std::vector<SafeTensorsEntry>& e) {
+      std::erase_if(e, [&](const SafeTensorsEntry& x) { return x.name == scale_name(w); });
+    });
+    REQUIRE_THROWS_MATCHES(load_model(b, dst), Error,
+                           ErrorMatcher(ErrorCode::not_found, {"[load_model]", scale_name(w), "missing"}));
+    fs::remove_all(dst);
+  }
+  SECTION("mis-shaped scale") {
+    const fs::path dst = temp_dir("badscale");
+    quantize_checkpoint(src, dst, QuantConfig{});
+    std::vector<float> wrong(7, 1.0f);
+    rewrite_single(dst, [&](std::vector<SafeTensorsEntry>& e) {
+      for (auto& x : e)
+        if (x.name == scale_name(w)) x = SafeTensorsEntry{x.name, "F32", {7, 1}, wrong.data(), 28};
+    });
+    REQUIRE_THROWS_MATCHES(load_model(b, dst), Error,
+                           ErrorMatcher(ErrorCode::shape_mismatch, {scale_name(w), "[7, 1]"}));
+    fs::remove_all(dst);
+  }
+  SECTION("int8 tensor without quantization_config") {
+    const fs::path dst = temp_dir("nocfg");
+    quantize_checkpoint(src, dst, QuantConfig{});
+    fs::copy_file(src / "config.json", dst / "config.json", fs::copy_options::overwrite_existing);
+    REQUIRE_THROWS_MATCHES(load_model(b, dst), Error,
+                           ErrorMatcher(ErrorCode::unsupported, {"is I8", "autoglm_int8"}));
+    fs::remove_all(dst);
+  }
+  SECTION("NaN weight in the source") {
+    const fs::path copy = temp_dir("nansrc"), dst = temp_dir("nandst");
+    for (const auto& f : fs::directory_iterator(src)) fs::copy_file(f.path(), copy / f.path().filename());
+    std::vector<float> bad;
+    rewrite_single(copy, [&](std::vector<SafeTensorsEntry>& e) {
+      for (auto& x : e)
+        if (x.name == w) {
+          bad.assign(static_cast<const float*>(x.data), static_cast<const float*>(x.data) + x.nbytes / 4);
+          bad[3] = std::numeric_limits<float>::quiet_NaN();
+          x.data = bad.data();
+        }
+    });
+    REQUIRE_THROWS_MATCHES(quantize_checkpoint(copy, dst, QuantConfig{}), Error,
+                           ErrorMatcher(ErrorCode::numeric, {"[quantize_checkpoint]", w, "nan"}));
+    fs::remove_all(copy);
+    fs::remove_all(dst);
+  }
+}
