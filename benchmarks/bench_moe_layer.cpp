@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-// MoE layer forward, FP32, at real model shapes (Mixtral-8x7B, Qwen3-30B-A3B, GLM-4.5-Air) and
-// 1 / 16 / 128 / 512 tokens, on the CPU backend.
+// MoE layer forward at real model shapes (Mixtral-8x7B, Qwen3-30B-A3B, GLM-4.5-Air) and
+// 1 / 16 / 128 / 512 tokens, on the CPU backend: FP32 (MoELayer/...) and with int8 experts
+// (router f32), per-channel scales, in both activation modes (MoELayerInt8W8A8/... and
+// MoELayerInt8WOnly/...), quantized from the same FP32 layer.
 //
 //   bench_moe_layer [--threads=N] [--tiny] [Google Benchmark flags]
 //
@@ -94,10 +96,14 @@ class CacheFlusher {
 };
 CacheFlusher* g_flush = nullptr;
 
-// The one model alive at a time.
+// How a benchmark runs the layer's experts.
+enum class Precision { fp32, int8_w8a8, int8_wonly };
+
+// The one model alive at a time, and its int8 forms (built on first use).
 struct LiveModel {
   std::string name;
   std::optional<Layer> layer;
+  std::optional<Layer> w8a8, wonly;
 };
 LiveModel g_live;
 
@@ -119,14 +125,23 @@ Layer build_layer(autoglm::CpuBackend& be, const ModelSpec& m) {
   return Layer(std::move(gate), std::move(experts), std::move(agg));
 }
 
-const Layer& acquire(const ModelSpec& m) {
+const Layer& acquire(const ModelSpec& m, Precision p = Precision::fp32) {
   if (g_live.name != m.name || !g_live.layer) {
     g_live.layer.reset();  // free the previous model before allocating the next
+    g_live.w8a8.reset();
+    g_live.wonly.reset();
     g_live.name.clear();
     g_live.layer.emplace(build_layer(*g_backend, m));
     g_live.name = m.name;
   }
-  return *g_live.layer;
+  if (p == Precision::fp32) return *g_live.layer;
+  std::optional<Layer>& q = p == Precision::int8_w8a8 ? g_live.w8a8 : g_live.wonly;
+  if (!q) {
+    const autoglm::QuantSpec spec{0, p == Precision::int8_w8a8 ? autoglm::ActivationMode::w8a8
+                                                               : autoglm::ActivationMode::weight_only};
+    q.emplace(g_live.layer->quantized(*g_backend, spec));
+  }
+  return *q;
 }
 
 // Bytes the kernels stream, from the tensors themselves (a backend layout such as panel32 may
@@ -143,9 +158,9 @@ double fixed_bytes(const Layer& l) {
   return b;
 }
 
-void BM_MoELayer(benchmark::State& state, const ModelSpec* m, std::int64_t T) {
+void BM_MoELayer(benchmark::State& state, const ModelSpec* m, std::int64_t T, Precision p) {
   autoglm::CpuBackend& be = *g_backend;
-  const Layer& layer = acquire(*m);
+  const Layer& layer = acquire(*m, p);
   autoglm::Tensor x(be, autoglm::DType::f32, autoglm::Shape{T, m->d});
   autoglm::Tensor out(be, autoglm::DType::f32, autoglm::Shape{T, m->d});
   be.fill_uniform(x, Seeds::input, 1.0f);
@@ -219,18 +234,25 @@ int main(int argc, char** argv) {
                            ",\"input\":" + std::to_string(Seeds::input) + "}");
 
   // Model-major order: each model is built once and freed before the next.
+  const std::pair<const char*, Precision> precisions[] = {
+      {"MoELayer/", Precision::fp32},
+      {"MoELayerInt8W8A8/", Precision::int8_w8a8},
+      {"MoELayerInt8WOnly/", Precision::int8_wonly}};
   for (const ModelSpec& m : models)
-    for (std::int64_t T : autoglm_bench::token_counts())
-      benchmark::RegisterBenchmark(
-          ("MoELayer/" + std::string(m.name) + "/tokens:" + std::to_string(T)).c_str(),
-          BM_MoELayer, &m, T)
-          ->UseRealTime()
-          ->MinTime(0.5)
-          ->Unit(benchmark::kMillisecond);
+    for (const auto& [prefix, p] : precisions)
+      for (std::int64_t T : autoglm_bench::token_counts())
+        benchmark::RegisterBenchmark(
+            (prefix + std::string(m.name) + "/tokens:" + std::to_string(T)).c_str(),
+            BM_MoELayer, &m, T, p)
+            ->UseRealTime()
+            ->MinTime(0.5)
+            ->Unit(benchmark::kMillisecond);
 
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
-  g_live.layer.reset();  // before the backend that owns the buffers
+  g_live.w8a8.reset();  // before the backend that owns the buffers
+  g_live.wonly.reset();
+  g_live.layer.reset();
   g_backend = nullptr;
   return 0;
 }

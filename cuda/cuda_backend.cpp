@@ -88,7 +88,9 @@ void CudaBackend::Impl::give(void* p) noexcept {
       return;
     }
   }
-  // cudaFree must not pull memory from under kernels still queued on the stream.
+  // cudaFree must not pull memory from under kernels still queued on the stream; the block
+  // belongs to this backend's device, whichever device the calling thread has current.
+  (void)cudaSetDevice(device);
   (void)cudaStreamSynchronize(stream);
   (void)cudaFree(p);
 }

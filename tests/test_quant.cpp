@@ -183,7 +183,7 @@ TEST_CASE("quantize: bad input is an Error", "[quant][errors]") {
 TEST_CASE("qgemm equals the naive int8 products in both activation modes", "[quant]") {
   for (CpuBackend* bp : {&cpu1(), &cpu2()}) {
     CpuBackend& b = *bp;
-    for (auto [n, k] : {std::pair<std::int64_t, std::int64_t>{50, 256}, {256, 64}, {160, 48}, {96, 64}, {64, 32}, {64, 96}, {192, 64}, {128, 64}, {64, 128}})
+    for (auto [n, k] : {std::pair<std::int64_t, std::int64_t>{50, 256}, {256, 64}, {160, 48}, {96, 64}, {64, 32}, {64, 96}, {192, 64}, {128, 64}, {64, 128}, {48, 2048}, {40, 768}, {33, 1408}})
     for (std::int64_t group : {0, 32, 128})
       for (ActivationMode mode : {ActivationMode::w8a8, ActivationMode::weight_only})
         for (std::int64_t m : {1, 7, 12, 33}) {

@@ -31,6 +31,10 @@ struct Args {
   long seed = 0;
   std::string group_mask = "neg_inf";  // transformers 5.x; "zero": transformers 4.x
   int repeat = 1;          // run the prompt this many times (the later runs reuse the cache)
+  std::string quantize;    // "" (as stored), int8, int8_g32, int8_g64, int8_g128
+  std::string activations = "weight_only";  // or w8a8
+  std::string save_quantized;  // write the int8 checkpoint here, then run it
+  std::string parts = "experts,attention,dense";  // what --quantize converts
 };
 
 void usage() {
@@ -38,11 +42,20 @@ void usage() {
       "usage: run_model --model DIR --tokens ID,ID,... [--max-new N] [--threads T]\n"
       "                 [--temperature X] [--top-k K] [--top-p P] [--seed S]\n"
       "                 [--group-mask neg_inf|zero|config] [--repeat R]\n"
+      "                 [--quantize int8|int8_g32|int8_g64|int8_g128] [--activations weight_only|w8a8]\n"
+      "                 [--save-quantized OUT_DIR] [--quantize-parts LIST]\n"
       "DIR holds config.json and model.safetensors (or a sharded index). Greedy by default.\n"
       "--group-mask: value of discarded expert groups (DeepSeek-V3 / GLM group-limited routing):\n"
       "  neg_inf (default: transformers 5.x, DeepSeek reference, llama.cpp, vLLM), zero\n"
       "  (transformers 4.x) or config (ModelConfig's FidelityOptions default).\n"
-      "--repeat R runs the same prompt R times in one session: the later runs reuse its cache.");
+      "--repeat R runs the same prompt R times in one session: the later runs reuse its cache.\n"
+      "--quantize: int8 experts, attention and dense MLPs after loading (per channel, or one scale\n"
+      "  per 32/64/128 inputs); router, embeddings and LM head stay f32. --activations w8a8 also\n"
+      "  quantizes activations per token (faster at long prompts, less accurate).\n"
+      "--quantize-parts: comma list of experts, attention, dense, head, embeddings, router\n"
+      "  (default experts,attention,dense).\n"
+      "--save-quantized OUT_DIR: writes the int8 checkpoint (quantize_checkpoint) and runs it;\n"
+      "  an int8 directory loads directly with --model, without re-quantizing.");
 }
 
 [[noreturn]] void bad(std::string_view msg) {
@@ -98,6 +111,10 @@ Args parse(int argc, char** argv) {
     else if (f == "--seed") a.seed = to_long(f, v);
     else if (f == "--group-mask") a.group_mask = v;
     else if (f == "--repeat") a.repeat = static_cast<int>(to_long(f, v));
+    else if (f == "--quantize") a.quantize = v;
+    else if (f == "--activations") a.activations = v;
+    else if (f == "--save-quantized") a.save_quantized = v;
+    else if (f == "--quantize-parts") a.parts = v;
     else bad(fmt::format("unknown flag {}; see --help", f));
   }
   if (a.model.empty()) bad("--model DIR is required");
@@ -106,6 +123,8 @@ Args parse(int argc, char** argv) {
   if (a.repeat < 1) bad(fmt::format("--repeat {} must be >= 1", a.repeat));
   if (a.group_mask != "neg_inf" && a.group_mask != "zero" && a.group_mask != "config")
     bad(fmt::format("--group-mask {} must be neg_inf, zero or config", a.group_mask));
+  if (!a.save_quantized.empty() && a.quantize.empty()) a.quantize = "int8";
+  if (!a.quantize.empty()) autoglm::QuantSpec::parse(a.quantize, a.activations);  // validates
   return a;
 }
 
@@ -146,16 +165,55 @@ int main(int argc, char** argv) {
       lo.fidelity = f;
     }
     const auto t0 = std::chrono::steady_clock::now();
-    const autoglm::Model model = autoglm::load_model(backend, a.model, lo);
+    autoglm::QuantConfig qc;
+    if (!a.quantize.empty()) {
+      qc.spec = autoglm::QuantSpec::parse(a.quantize, a.activations);
+      qc.experts = qc.attention = qc.dense_mlp = qc.lm_head = qc.embeddings = qc.router = false;
+      std::string_view rest = a.parts;
+      while (!rest.empty()) {
+        const std::size_t comma = rest.find(',');
+        const std::string_view part = rest.substr(0, comma);
+        if (part == "experts") qc.experts = true;
+        else if (part == "attention") qc.attention = true;
+        else if (part == "dense") qc.dense_mlp = true;
+        else if (part == "head") qc.lm_head = true;
+        else if (part == "embeddings") qc.embeddings = true;
+        else if (part == "router") qc.router = true;
+        else bad(fmt::format("--quantize-parts: unknown part '{}' (experts, attention, dense, "
+                             "head, embeddings, router)", part));
+        rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
+      }
+    }
+    std::string dir = a.model;
+    if (!a.save_quantized.empty()) {
+      const autoglm::QuantizeReport r = autoglm::quantize_checkpoint(a.model, a.save_quantized, qc);
+      fmt::print("quantized {} -> {}: {} int8 tensors, {} kept; {:.1f} MiB -> {:.1f} MiB ({:.1f} %)\n",
+                 a.model, a.save_quantized, r.quantized, r.kept,
+                 static_cast<double>(r.bytes_in) / (1 << 20),
+                 static_cast<double>(r.bytes_out) / (1 << 20),
+                 100.0 * static_cast<double>(r.bytes_out) / static_cast<double>(r.bytes_in));
+      dir = a.save_quantized;
+    }
+    autoglm::Model model = autoglm::load_model(backend, dir, lo);
+    if (!a.quantize.empty() && a.save_quantized.empty()) {
+      if (!model.config().quantization.method.empty())
+        bad(fmt::format("--quantize: {} is already quantized ({})", dir,
+                        model.config().quantization.method));
+      model = autoglm::quantize_model(model, qc);
+    }
     const double load_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const autoglm::ModelConfig& c = model.config();
     fmt::print("model: {} ({}), {} layers, hidden {}, {} experts (top-{}), vocab {}; loaded in "
                "{:.2f} s on {} threads\n",
-               a.model, autoglm::model_family_name(c.family), model.num_layers(), model.hidden(),
+               dir, autoglm::model_family_name(c.family), model.num_layers(), model.hidden(),
                c.num_experts, c.num_experts_per_tok, model.vocab_size(), load_s,
                backend.num_threads());
 
+    if (!a.quantize.empty())
+      fmt::print("weights: int8 ({}, {} activations)\n", qc.spec.scheme_name(), qc.spec.mode_name());
+    else if (!c.quantization.method.empty())
+      fmt::print("weights: int8, as stored ({})\n", c.quantization.method);
     autoglm::Session session(model);
     autoglm::GenerateOptions go;
     go.max_new_tokens = a.max_new;

@@ -111,7 +111,10 @@ class MoELayer {
                   "out must be f32 {}, got {} {}", x.shape.str(), dtype_name(out.dtype),
                   out.shape.str());
     if (x.dim(0) == 0) {
-      if (stats) *stats = RoutingStats{std::vector<std::int32_t>(num_experts(), 0)};
+      if (stats) {
+        *stats = RoutingStats{};
+        stats->tokens_per_expert.assign(static_cast<std::size_t>(num_experts()), 0);
+      }
       return;
     }
     const Routing r = route(backend, x);
