@@ -60,27 +60,46 @@ struct Block {
   __mmask16 mask[2];
 };
 
-// C tile (r, t) holds rows 16r ... of panel t; cbuf is 16 x 16 i32.
-inline void finish_tile(const Block& b, const std::int32_t* cbuf, int r, int t, std::int64_t g) {
-  const std::int64_t rows = imin(kTileRows, b.rows - 16 * r);
-  const __m512i nsv = _mm512_loadu_si512(b.ns[t] + g * 16);
-  const __m512 scv = _mm512_loadu_ps(b.sc[t] + g * 16);
-  const bool first = g == 0, last = g == b.groups - 1;
-  for (std::int64_t i = 0; i < rows; ++i) {
-    const std::int64_t row = 16 * r + i;
-    float* o = b.out + row * b.ldo + 16 * t;
-    const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_loadu_si512(cbuf + 16 * i), nsv));
-    __m512 v = first ? _mm512_mul_ps(f, scv)
-                     : _mm512_fmadd_ps(f, scv, _mm512_maskz_loadu_ps(b.mask[t], o));
-    if (last) v = _mm512_mul_ps(v, _mm512_set1_ps(b.xs[row]));
-    _mm512_mask_storeu_ps(o, b.mask[t], v);
+// The scaling of a finished block (its C tiles stored in cbuf: tile (r, t) at 512 r + 256 t)
+// into out. It runs a few rows at a time between the next block's tile steps, so the vector
+// units convert and scale while the AMX unit multiplies.
+struct Pending {
+  const std::int32_t* cbuf = nullptr;
+  float* out = nullptr;
+  std::int64_t ldo = 0;
+  const float* xs = nullptr;
+  const std::int32_t* ns[2] = {};
+  const float* sc[2] = {};
+  __mmask16 mask[2] = {};
+  int panels = 0;
+  bool first = false, last = false;
+  std::int64_t rows = 0, done = 0;
+};
+
+inline void drain(Pending& p, std::int64_t n) {
+  const std::int64_t end = imin(p.rows, p.done + n);
+  for (std::int64_t i = p.done; i < end; ++i) {
+    const std::int32_t* c = p.cbuf + (i / 16) * 512 + (i % 16) * 16;
+    for (int t = 0; t < p.panels; ++t) {
+      float* o = p.out + i * p.ldo + 16 * t;
+      const __m512 f = _mm512_cvtepi32_ps(
+          _mm512_add_epi32(_mm512_loadu_si512(c + 256 * t), _mm512_loadu_si512(p.ns[t])));
+      const __m512 scv = _mm512_loadu_ps(p.sc[t]);
+      __m512 v = p.first ? _mm512_mul_ps(f, scv)
+                         : _mm512_fmadd_ps(f, scv, _mm512_maskz_loadu_ps(p.mask[t], o));
+      if (p.last) v = _mm512_mul_ps(v, _mm512_set1_ps(p.xs[i]));
+      _mm512_mask_storeu_ps(o, p.mask[t], v);
+    }
   }
+  p.done = end;
 }
 
 template <bool TwoA, bool TwoB>
-void amx_block(const Block& b, std::int32_t* cbuf) {
+void amx_block(const Block& b, std::int32_t* cbufs, Pending& pend, int& parity) {
   const std::int64_t ldc_bytes = b.ldc * 4;
   std::int32_t* c1 = b.carry + 16 * b.ldc;  // second row tile's carry
+  // Rows of the pending scaling per tile step: all of it within one segment where possible.
+  const std::int64_t per_step = (2 * kTileRows + b.seg - 1) / b.seg;
   for (std::int64_t s = 0; s < b.nseg; ++s) {
     if (s == 0 && b.from_carry) {
       _tile_loadd(0, b.carry, ldc_bytes);
@@ -105,6 +124,7 @@ void amx_block(const Block& b, std::int32_t* cbuf) {
         _tile_dpbusd(2, 5, 6);
         if (TwoB) _tile_dpbusd(3, 5, 7);
       }
+      if (pend.done < pend.rows) drain(pend, per_step);
     }
     if (s == b.nseg - 1 && b.to_carry) {
       _tile_stored(0, b.carry, ldc_bytes);
@@ -113,15 +133,28 @@ void amx_block(const Block& b, std::int32_t* cbuf) {
       if (TwoA && TwoB) _tile_stored(3, c1 + 16, ldc_bytes);
       continue;
     }
+    drain(pend, pend.rows);
+    std::int32_t* cb = cbufs + parity * 1024;
+    parity ^= 1;
+    _tile_stored(0, cb, 64);
+    if (TwoB) _tile_stored(1, cb + 256, 64);
+    if (TwoA) _tile_stored(2, cb + 512, 64);
+    if (TwoA && TwoB) _tile_stored(3, cb + 768, 64);
     const std::int64_t g = b.g0 + s;
-    _tile_stored(0, cbuf, 64);
-    if (TwoB) _tile_stored(1, cbuf + 256, 64);
-    if (TwoA) _tile_stored(2, cbuf + 512, 64);
-    if (TwoA && TwoB) _tile_stored(3, cbuf + 768, 64);
-    finish_tile(b, cbuf, 0, 0, g);
-    if (TwoB) finish_tile(b, cbuf + 256, 0, 1, g);
-    if (TwoA) finish_tile(b, cbuf + 512, 1, 0, g);
-    if (TwoA && TwoB) finish_tile(b, cbuf + 768, 1, 1, g);
+    pend.cbuf = cb;
+    pend.out = b.out;
+    pend.ldo = b.ldo;
+    pend.xs = b.xs;
+    pend.panels = TwoB ? 2 : 1;
+    for (int t = 0; t < 2; ++t) {
+      pend.ns[t] = b.ns[t] + g * 16;
+      pend.sc[t] = b.sc[t] + g * 16;
+      pend.mask[t] = b.mask[t];
+    }
+    pend.first = g == 0;
+    pend.last = g == b.groups - 1;
+    pend.rows = b.rows;
+    pend.done = 0;
   }
 }
 
@@ -139,12 +172,12 @@ void gemm_w8a8_amx(const std::uint8_t* xq, std::int64_t ldq, const float* xs, st
   const std::int64_t ldc = panels * kPanel;
   const std::int64_t carry_elems = (m + 2 * kTileRows) * ldc;  // whole tiles of rows
   auto* base = static_cast<char*>(scratch(
-      static_cast<std::size_t>(4096 + 2 * ns_elems * 4 + carry_elems * 4 + kTileRows * kp + 64)));
+      static_cast<std::size_t>(8192 + 2 * ns_elems * 4 + carry_elems * 4 + kTileRows * kp + 64)));
   auto* cbuf = reinterpret_cast<std::int32_t*>(base);
-  auto* sct = reinterpret_cast<float*>(base + 4096);
-  auto* nst = reinterpret_cast<std::int32_t*>(base + 4096 + ns_elems * 4);
-  auto* carry = reinterpret_cast<std::int32_t*>(base + 4096 + 2 * ns_elems * 4);
-  auto* apad = reinterpret_cast<std::uint8_t*>(base + 4096 + 2 * ns_elems * 4 + carry_elems * 4);
+  auto* sct = reinterpret_cast<float*>(base + 8192);
+  auto* nst = reinterpret_cast<std::int32_t*>(base + 8192 + ns_elems * 4);
+  auto* carry = reinterpret_cast<std::int32_t*>(base + 8192 + 2 * ns_elems * 4);
+  auto* apad = reinterpret_cast<std::uint8_t*>(base + 8192 + 2 * ns_elems * 4 + carry_elems * 4);
   for (std::int64_t p = 0; p < panels; ++p)
     for (std::int64_t r = 0; r < kPanel; ++r) {
       const std::int64_t row = col0 + p * kPanel + r;
@@ -178,6 +211,8 @@ void gemm_w8a8_amx(const std::uint8_t* xq, std::int64_t ldq, const float* xs, st
     cfg.rows[t] = 16;
   }
   _tile_loadconfig(&cfg);
+  Pending pend;
+  int parity = 0;
   const std::int8_t* wbase = w.data + (col0 / kPanel) * pstride;
   const std::int64_t steps = kp / kTileK, gs = w.group / kTileK;
   // k blocks keep the tile's weights for the block (cols x kc bytes) and a row block's
@@ -229,9 +264,9 @@ void gemm_w8a8_amx(const std::uint8_t* xq, std::int64_t ldq, const float* xs, st
         b.mask[1] = col_mask(cols - (p + 1) * kPanel);
         if (same_stride) {
           if (two_b)
-            amx_block<true, true>(b, cbuf);
+            amx_block<true, true>(b, cbuf, pend, parity);
           else
-            amx_block<true, false>(b, cbuf);
+            amx_block<true, false>(b, cbuf, pend, parity);
           continue;
         }
         // One row tile, or two with different strides: run them one at a time.
@@ -245,14 +280,15 @@ void gemm_w8a8_amx(const std::uint8_t* xq, std::int64_t ldq, const float* xs, st
           bt.xs = b.xs + r;
           bt.carry = b.carry + r * ldc;
           if (two_b)
-            amx_block<false, true>(bt, cbuf);
+            amx_block<false, true>(bt, cbuf, pend, parity);
           else
-            amx_block<false, false>(bt, cbuf);
+            amx_block<false, false>(bt, cbuf, pend, parity);
         }
       }
     }
     s0 = s1;
   }
+  drain(pend, pend.rows);
   _tile_release();
 }
 
