@@ -52,6 +52,34 @@ inline void expect_matrix(std::string_view fn, std::string_view arg, const Tenso
   expect_dtype(fn, arg, t, dt);
 }
 
+/// The operands of a grouped GEMM around weights [E, n, k]: x [R, k] and out [R, n] matrices,
+/// offsets [E + 1] i32 on device d.
+inline void expect_grouped_io(std::string_view fn, const TensorView& x, std::int64_t E,
+                              std::int64_t n, std::int64_t k, const TensorView& offsets,
+                              const TensorView& out, Device d) {
+  expect_matrix(fn, "x", x, d);
+  expect_matrix(fn, "out", out, d);
+  expect_device(fn, "offsets", offsets, d);
+  expect_dtype(fn, "offsets", offsets, DType::i32);
+  expect_rank(fn, "offsets", offsets, 1);
+  expect_dim(fn, "offsets", offsets, 0, E + 1);
+  expect_dim(fn, "x", x, 1, k);
+  expect_dim(fn, "out", out, 1, n);
+  expect_dim(fn, "out", out, 0, x.dim(0));
+}
+
+/// Host offsets [E + 1] of a grouped GEMM over `rows` rows: start at 0, never decrease, end
+/// within the rows.
+inline void check_offsets(std::string_view fn, const std::int32_t* off, std::int64_t E,
+                          std::int64_t rows) {
+  AUTOGLM_CHECK(off[0] == 0 && off[E] <= rows, invalid_argument, fn,
+                "offsets must start at 0 and end within {} rows, got [{}, {}]", rows, off[0],
+                off[E]);
+  for (std::int64_t e = 0; e < E; ++e)
+    AUTOGLM_CHECK(off[e] <= off[e + 1], invalid_argument, fn,
+                  "offsets decrease at expert {}: {} > {}", e, off[e], off[e + 1]);
+}
+
 /// Validates RouteParams against E experts.
 inline void check_route_params(std::string_view fn, const RouteParams& p, std::int64_t experts) {
   AUTOGLM_CHECK(p.top_k >= 1 && p.top_k <= experts, invalid_argument, fn,

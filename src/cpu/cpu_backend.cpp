@@ -304,26 +304,13 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
 
 void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, TensorView out) {
   constexpr std::string_view fn = "CpuBackend::grouped_gemm";
-  expect_matrix(fn, "x", x, device());
-  expect_matrix(fn, "out", out, device());
   detail::expect_device(fn, "w", w, device(), /*any_layout=*/true);
   expect_rank(fn, "w", w, 3);
   expect_dtype(fn, "w", w, DType::f32);
-  detail::expect_device(fn, "offsets", offsets, device());
-  expect_dtype(fn, "offsets", offsets, DType::i32);
   const std::int64_t E = w.dim(0), n = w.dim(1), k = w.dim(2);
-  expect_rank(fn, "offsets", offsets, 1);
-  expect_dim(fn, "offsets", offsets, 0, E + 1);
-  expect_dim(fn, "x", x, 1, k);
-  expect_dim(fn, "out", out, 1, n);
-  expect_dim(fn, "out", out, 0, x.dim(0));
+  detail::expect_grouped_io(fn, x, E, n, k, offsets, out, device());
   const std::int32_t* off = offsets.as<std::int32_t>();
-  AUTOGLM_CHECK(off[0] == 0 && off[E] <= x.dim(0), invalid_argument, fn,
-                "offsets must start at 0 and end within {} rows, got [{}, {}]", x.dim(0), off[0],
-                off[E]);
-  for (std::int64_t e = 0; e < E; ++e)
-    AUTOGLM_CHECK(off[e] <= off[e + 1], invalid_argument, fn,
-                  "offsets decrease at expert {}: {} > {}", e, off[e], off[e + 1]);
+  detail::check_offsets(fn, off, E, x.dim(0));
   const bool panels = w.layout == Layout::panel32;
   // One task list across all experts, so a heavy expert is spread over every thread and light
   // experts do not leave threads waiting at a per-expert barrier.

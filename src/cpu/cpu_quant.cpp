@@ -156,26 +156,13 @@ void CpuBackend::qgemm(TensorView a, const QuantizedTensor& w, TensorView c) {
 void CpuBackend::grouped_qgemm(TensorView x, const QuantizedTensor& w, TensorView offsets,
                                TensorView out) {
   constexpr std::string_view fn = "CpuBackend::grouped_qgemm";
-  expect_matrix(fn, "x", x, device());
-  expect_matrix(fn, "out", out, device());
   AUTOGLM_CHECK(w.shape().rank() == 3, shape_mismatch, fn, "w must be [E, N, K], got {}",
                 w.shape().str());
   AUTOGLM_CHECK(w.backend() == this || w.empty(), device, fn, "w is on another backend");
-  detail::expect_device(fn, "offsets", offsets, device());
-  expect_dtype(fn, "offsets", offsets, DType::i32);
-  expect_rank(fn, "offsets", offsets, 1);
   const std::int64_t E = w.dim(0), n = w.dim(1), k = w.dim(2);
-  expect_dim(fn, "offsets", offsets, 0, E + 1);
-  expect_dim(fn, "x", x, 1, k);
-  expect_dim(fn, "out", out, 1, n);
-  expect_dim(fn, "out", out, 0, x.dim(0));
+  detail::expect_grouped_io(fn, x, E, n, k, offsets, out, device());
   const std::int32_t* off = offsets.as<std::int32_t>();
-  AUTOGLM_CHECK(off[0] == 0 && off[E] <= x.dim(0), invalid_argument, fn,
-                "offsets must start at 0 and end within {} rows, got [{}, {}]", x.dim(0), off[0],
-                off[E]);
-  for (std::int64_t e = 0; e < E; ++e)
-    AUTOGLM_CHECK(off[e] <= off[e + 1], invalid_argument, fn,
-                  "offsets decrease at expert {}: {} > {}", e, off[e], off[e + 1]);
+  detail::check_offsets(fn, off, E, x.dim(0));
   const std::int64_t rows = off[E];
   if (rows == 0 || n == 0) return;
   const QuantizedTensor packed = pack_quantized(w);
