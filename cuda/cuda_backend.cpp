@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
-// CudaBackend: construction, memory, conversions, GEMMs (cuBLAS), routing and dispatch.
+// CudaBackend: construction, memory, conversions, GEMMs (cuBLAS; int8 in kernels_ops.cu),
+// routing and dispatch.
 // Argument validation mirrors CpuBackend call for call (common/checks.hpp and the same
 // messages), so both backends reject the same input with the same Error.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -314,6 +316,138 @@ void CudaBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, T
                  cuda_detail::checked_int(er.rows, fn, "rows"), kk, &one,
                  w.as<float>() + er.expert * N * K, kk, x.as<float>() + er.row0 * K, kk, &zero, o, n);
   }
+}
+
+// ---------------------------------------------------------------------------- INT8 GEMM
+
+namespace {
+
+// The CUDA backend never packs (pack_quantized is the Backend default), so a packed tensor
+// comes from another backend's layout and cannot be read here.
+void expect_row_major_int8(std::string_view fn, std::string_view arg, const QuantizedTensor& w) {
+  AUTOGLM_CHECK(!w.is_packed(), unsupported, fn,
+                "{} is packed; the CUDA backend reads row-major int8 only", arg);
+}
+
+// Matrix e of w (a matrix, or expert e of a stack) in plain types; k > 0.
+kern::QMatrix qmatrix(const QuantizedTensor& w, std::int64_t e) {
+  const int r = w.shape().rank();
+  const std::int64_t n = w.dim(r - 2), k = w.dim(r - 1), groups = w.groups();
+  return kern::QMatrix{w.data().data<std::int8_t>() + e * n * k,
+                       w.scales().data<float>() + e * n * groups, n, k, w.group(), groups};
+}
+
+// One int8 product of `rows` rows ready to launch: the matrix, where its rows of x (or of
+// the quantised activations) and out start, and the kernel plan.
+struct QProduct {
+  kern::QMatrix w;
+  std::int64_t row0, rows;
+  cuda_detail::QGemmPlan plan;
+};
+
+QProduct plan_product(std::string_view fn, const QuantizedTensor& w, std::int64_t e,
+                      std::int64_t row0, std::int64_t rows, const float* x) {
+  const kern::QMatrix q = qmatrix(w, e);
+  const bool w8a8 = w.spec().mode == ActivationMode::w8a8;
+  // W8A8 reads its own quantised activations (always aligned), weight-only the f32 rows.
+  const auto xa = w8a8 ? std::uintptr_t{0} : reinterpret_cast<std::uintptr_t>(x + row0 * q.k);
+  const bool vec = cuda_detail::qgemm_vec16(q.k, reinterpret_cast<std::uintptr_t>(q.data), xa);
+  return {q, row0, rows, cuda_detail::plan_qgemm(rows, q.n, q.k, q.group, w8a8, vec, fn)};
+}
+
+// Runs the planned products of x [rows, k] into out [rows, n] (each product on its row
+// block). W8A8 quantises all rows once first. Every plan is made (and validated) before
+// anything is launched.
+template <typename Impl>
+void run_products(CudaBackend& backend, Impl& m, const QuantizedTensor& w,
+                  const std::vector<QProduct>& products, const float* x, std::int64_t rows,
+                  std::int64_t k, float* out) {
+  if (w.spec().mode == ActivationMode::weight_only) {
+    for (const QProduct& p : products) {
+      kern::qgemm_weight_only(x + p.row0 * k, p.rows, p.w, out + p.row0 * p.w.n, p.plan,
+                              m.stream);
+      Impl::launched("qgemm_weight_only");
+    }
+    return;
+  }
+  const std::int64_t ldq = cuda_detail::quantized_row_stride(k);
+  Tensor xq(backend, DType::i8, Shape{rows, ldq});
+  Tensor xs(backend, DType::f32, Shape{rows});
+  kern::quantize_activations(x, rows, k, xq.data<std::int8_t>(), ldq, xs.data<float>(), m.stream);
+  Impl::launched("quantize_activations");
+  for (const QProduct& p : products) {
+    kern::qgemm_w8a8(xq.data<std::int8_t>() + p.row0 * ldq, ldq, xs.data<float>() + p.row0,
+                     p.rows, p.w, out + p.row0 * p.w.n, p.plan, m.stream);
+    Impl::launched("qgemm_w8a8");
+  }
+}
+
+}  // namespace
+
+void CudaBackend::qgemm(TensorView a, const QuantizedTensor& w, TensorView c) {
+  constexpr std::string_view fn = "CudaBackend::qgemm";
+  // CpuBackend::qgemm's checks, in its order and words.
+  expect_matrix(fn, "a", a, device());
+  expect_matrix(fn, "c", c, device());
+  AUTOGLM_CHECK(w.shape().rank() == 2, shape_mismatch, fn, "w must be [N, K], got {}",
+                w.shape().str());
+  AUTOGLM_CHECK(w.backend() == this || w.empty(), device, fn, "w is on another backend");
+  AUTOGLM_CHECK(a.dim(1) == w.dim(1), shape_mismatch, fn, "a {} and w {} disagree on K",
+                a.shape.str(), w.shape().str());
+  expect_dim(fn, "c", c, 0, a.dim(0));
+  expect_dim(fn, "c", c, 1, w.dim(0));
+  expect_row_major_int8(fn, "w", w);
+  const std::int64_t M = a.dim(0), N = w.dim(0), K = w.dim(1);
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // an empty sum (and w.groups() is undefined for K = 0 per channel)
+    fill(c, 0.0f);
+    return;
+  }
+  cuda_detail::checked_int(M, fn, "M");
+  const std::vector<QProduct> products{plan_product(fn, w, 0, 0, M, a.as<float>())};
+  Impl& m = *impl_;
+  m.activate();
+  run_products(*this, m, w, products, a.as<float>(), M, K, c.as<float>());
+}
+
+void CudaBackend::grouped_qgemm(TensorView x, const QuantizedTensor& w, TensorView offsets,
+                                TensorView out) {
+  constexpr std::string_view fn = "CudaBackend::grouped_qgemm";
+  // CpuBackend::grouped_qgemm's checks, in its order and words.
+  expect_matrix(fn, "x", x, device());
+  expect_matrix(fn, "out", out, device());
+  AUTOGLM_CHECK(w.shape().rank() == 3, shape_mismatch, fn, "w must be [E, N, K], got {}",
+                w.shape().str());
+  AUTOGLM_CHECK(w.backend() == this || w.empty(), device, fn, "w is on another backend");
+  detail::expect_device(fn, "offsets", offsets, device());
+  expect_dtype(fn, "offsets", offsets, DType::i32);
+  expect_rank(fn, "offsets", offsets, 1);
+  const std::int64_t E = w.dim(0), N = w.dim(1), K = w.dim(2);
+  expect_dim(fn, "offsets", offsets, 0, E + 1);
+  expect_dim(fn, "x", x, 1, K);
+  expect_dim(fn, "out", out, 1, N);
+  expect_dim(fn, "out", out, 0, x.dim(0));
+  expect_row_major_int8(fn, "w", w);
+  Impl& m = *impl_;
+  m.activate();
+  // The plan needs the row ranges on the host: one small synchronous read, as grouped_gemm.
+  std::vector<std::int32_t> off(static_cast<std::size_t>(E + 1));
+  AUTOGLM_CUDA(cudaMemcpyAsync, off.data(), offsets.data, off.size() * sizeof(std::int32_t),
+               cudaMemcpyDeviceToHost, m.stream);
+  m.sync();
+  const auto active = cuda_detail::plan_grouped_gemm(off.data(), E, x.dim(0), fn);
+  const std::int64_t rows = off[static_cast<std::size_t>(E)];
+  if (rows == 0 || N == 0) return;
+  if (K == 0) {
+    fill(out.slice(0, rows), 0.0f);
+    return;
+  }
+  cuda_detail::checked_int(rows, fn, "rows");
+  std::vector<QProduct> products;
+  products.reserve(active.size());
+  for (const cuda_detail::ExpertRows& er : active)
+    products.push_back(plan_product(fn, w, er.expert, er.row0, er.rows, x.as<float>()));
+  run_products(*this, m, w, products, x.as<float>(), rows, K, out.as<float>());
 }
 
 // ---------------------------------------------------------------------------- routing

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// CudaBackend's elementwise, normalisation and attention primitives; validation mirrors
-// CpuBackend (src/cpu/cpu_backend.cpp, src/cpu/cpu_attention.cpp) with the same messages.
+// CudaBackend's elementwise, normalisation, attention and int8 embedding primitives;
+// validation mirrors CpuBackend (src/cpu/cpu_backend.cpp, cpu_attention.cpp, cpu_quant.cpp)
+// with the same messages.
 #include <cmath>
 #include <limits>
 
@@ -122,6 +123,33 @@ void CudaBackend::embedding(TensorView table, TensorView ids, TensorView out) {
                  m.element<std::int32_t>(ids.data, bad), bad, V);
   kern::embedding(table.as<float>(), V, ids.as<std::int32_t>(), T, d, out.as<float>(), m.stream);
   Impl::launched("embedding");
+}
+
+void CudaBackend::qembedding(const QuantizedTensor& table, TensorView ids, TensorView out) {
+  constexpr std::string_view fn = "CudaBackend::qembedding";
+  // CpuBackend::qembedding's checks, in its order and words.
+  AUTOGLM_CHECK(table.shape().rank() == 2 && !table.is_packed(), invalid_argument, fn,
+                "table must be a row-major int8 [V, d], got {}{}", table.shape().str(),
+                table.is_packed() ? " (packed)" : "");
+  AUTOGLM_CHECK(table.backend() == this, device, fn, "table is on another backend");
+  expect_matrix(fn, "out", out, device());
+  detail::expect_device(fn, "ids", ids, device());
+  expect_dtype(fn, "ids", ids, DType::i32);
+  const std::int64_t V = table.dim(0), d = table.dim(1), T = ids.numel();
+  expect_dim(fn, "out", out, 0, T);
+  expect_dim(fn, "out", out, 1, d);
+  Impl& m = *impl_;
+  m.activate();
+  const std::uint64_t bad = m.first_out_of_range(ids, T, 0, V - 1);
+  if (bad != cuda_detail::kNoFailure)
+    detail::fail(ErrorCode::out_of_range, fn,
+                 "token id {} at position {} outside vocabulary [0, {})",
+                 m.element<std::int32_t>(ids.data, bad), bad, V);
+  if (T == 0 || d == 0) return;  // (and table.groups() is undefined for d = 0 per channel)
+  const kern::QMatrix q{table.data().data<std::int8_t>(), table.scales().data<float>(), V, d,
+                        table.group(), table.groups()};
+  kern::qembedding(q, ids.as<std::int32_t>(), T, out.as<float>(), m.stream);
+  Impl::launched("qembedding");
 }
 
 void CudaBackend::add_bias(TensorView x, TensorView bias, TensorView out) {

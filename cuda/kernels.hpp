@@ -10,6 +10,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "host_plan.hpp"
+
 namespace autoglm::cuda_kernels {
 
 using i64 = std::int64_t;
@@ -100,5 +102,29 @@ void rope(float* x, const std::int32_t* pos, const float* inv_freq, i64 T, i64 H
 void attention(const float* q, const float* k, const float* v, const std::int32_t* pos, i64 T,
                i64 Hq, i64 S, i64 Hkv, i64 D, i64 Dv, float scale, bool causal, i64 window,
                float* out, std::uint32_t warps, std::size_t shared_bytes, cudaStream_t s);
+
+// ---------------------------------------------------------------- int8 (kernels_ops.cu)
+/// One row-major int8 matrix [n, k] with its f32 scales [n, groups], `group` columns per
+/// scale (k per channel).
+struct QMatrix {
+  const std::int8_t* data;
+  const float* scales;
+  i64 n, k, group, groups;
+};
+/// W8A8 activations, one block per row of x [m, k]: xs[i] = max|x[i, :]| / 127 and
+/// xq[i, c] = clamp(round_half_even(x[i, c] / xs[i]), -127, 127) (0 when xs[i] == 0), columns
+/// k ... ldq zero -- the CPU's quantize_activations less its +128 offset.
+void quantize_activations(const float* x, i64 m, i64 k, std::int8_t* xq, i64 ldq, float* xs,
+                          cudaStream_t s);
+// out: [m, w.n] row-major (row stride w.n); x: [m, w.k]; plan from cuda_detail::plan_qgemm.
+/// Weight-only: out[i, j] = sum_g scale[j, g] * sum_{c in g} x[i, c] * w[j, c], f32 sums.
+void qgemm_weight_only(const float* x, i64 m, const QMatrix& w, float* out,
+                       const cuda_detail::QGemmPlan& plan, cudaStream_t s);
+/// W8A8 on quantize_activations' output (row stride ldq): out[i, j] = xs[i] * sum_g
+/// scale[j, g] * (exact int32 sum over g of xq[i, c] * w[j, c]).
+void qgemm_w8a8(const std::int8_t* xq, i64 ldq, const float* xs, i64 m, const QMatrix& w,
+                float* out, const cuda_detail::QGemmPlan& plan, cudaStream_t s);
+/// out[t, c] = float(table[ids[t], c]) * scale[ids[t], c / group] (0 for an id outside [0, V)).
+void qembedding(const QMatrix& table, const std::int32_t* ids, i64 T, float* out, cudaStream_t s);
 
 }  // namespace autoglm::cuda_kernels

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// CUDA kernels for the elementwise, normalisation and attention primitives.
+// CUDA kernels for the elementwise, normalisation and attention primitives, and the int8
+// GEMMs (weight-only and W8A8) with the int8 embedding lookup.
 #include <cstdint>
 
 #include "device_common.cuh"
@@ -181,6 +182,353 @@ __global__ void attention_kernel(const float* q, const float* k, const float* v,
   }
 }
 
+// ------------------------------------------------------------------ int8 GEMM
+// Decode (m <= kQRowsMax rows of x): one warp per output column j reads weight row j once,
+// coalesced (16-byte loads when aligned), for all rows of x at once: the product is bound by
+// the weight stream. Prefill: kTile x kTile output tiles kTileK deep through shared memory.
+// Scales are applied once per group; W8A8 sums each group exactly in int32 first, as the CPU
+// does, so only the f32 sum over groups differs from it in rounding.
+
+constexpr int kQWarps = static_cast<int>(cuda_detail::kQRowsWarps);
+constexpr int kTile = static_cast<int>(cuda_detail::kQTile);
+constexpr int kTileK = static_cast<int>(cuda_detail::kQTileK);
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Exact int8 -> f32 of the four bytes of w (byte i -> f[i]): byte + 128 becomes the low
+// mantissa of 2^23, and subtracting 2^23 + 128 leaves the value. Two full-rate integer / FP
+// operations instead of a quarter-rate I2F conversion per weight, which would otherwise bound
+// the decode kernel below the memory bandwidth.
+__device__ __forceinline__ void bytes_to_floats(std::uint32_t w, float* f) {
+  const std::uint32_t u = w ^ 0x80808080u;
+#pragma unroll
+  for (unsigned i = 0; i < 4; ++i)
+    f[i] = __uint_as_float(__byte_perm(u, 0x4b000000u, 0x7440u + i)) - 8388736.0f;
+}
+
+// Weight-only, decode. V: weight bytes per lane load (16: int4 loads, needs k % 16 == 0 and
+// aligned rows; 1: any k). MR >= m rows of x. A 16-byte chunk lies within one scale group
+// (groups are multiples of 16), so its partial sum takes its scale once.
+template <int V, int MR>
+__global__ void __launch_bounds__(256) qrows_wonly_kernel(const float* __restrict__ x, dev::i64 m,
+                                                          QMatrix w, float* __restrict__ out) {
+  const int lane = static_cast<int>(threadIdx.x & 31u);
+  const dev::i64 j = static_cast<dev::i64>(blockIdx.x) * kQWarps + (threadIdx.x >> 5);
+  if (j >= w.n) return;  // a whole warp: nothing block-wide follows
+  const int k = static_cast<int>(w.k), group = static_cast<int>(w.group);
+  const std::int8_t* wj = w.data + j * w.k;
+  const float* sj = w.scales + j * w.groups;
+  float acc[MR];
+#pragma unroll
+  for (int r = 0; r < MR; ++r) acc[r] = 0.0f;
+  if constexpr (V == 16) {
+    for (int c = lane * 16; c < k; c += 32 * 16) {
+      const int4 raw = __ldg(reinterpret_cast<const int4*>(wj + c));
+      float wf[16];
+      bytes_to_floats(static_cast<std::uint32_t>(raw.x), wf);
+      bytes_to_floats(static_cast<std::uint32_t>(raw.y), wf + 4);
+      bytes_to_floats(static_cast<std::uint32_t>(raw.z), wf + 8);
+      bytes_to_floats(static_cast<std::uint32_t>(raw.w), wf + 12);
+      const float s = __ldg(sj + c / group);
+#pragma unroll
+      for (int r = 0; r < MR; ++r) {
+        if (r < m) {
+          const float4* xr = reinterpret_cast<const float4*>(x + r * w.k + c);
+          float part = 0.0f;
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const float4 v = __ldg(xr + q);
+            part = fmaf(v.x, wf[4 * q], part);
+            part = fmaf(v.y, wf[4 * q + 1], part);
+            part = fmaf(v.z, wf[4 * q + 2], part);
+            part = fmaf(v.w, wf[4 * q + 3], part);
+          }
+          acc[r] = fmaf(part, s, acc[r]);
+        }
+      }
+    }
+  } else {
+    for (int c = lane; c < k; c += 32) {
+      const float wv = static_cast<float>(wj[c]) * __ldg(sj + c / group);
+#pragma unroll
+      for (int r = 0; r < MR; ++r)
+        if (r < m) acc[r] = fmaf(__ldg(x + r * w.k + c), wv, acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < MR; ++r) {
+    const float v = dev::warp_sum(acc[r]);
+    if (lane == 0 && r < m) out[r * w.n + j] = v;
+  }
+}
+
+// W8A8, decode: int32 dot products (__dp4a, four int8 pairs per instruction) summed exactly
+// over each scale group, then scaled. A group of g columns spans L = g / V lanes of one pass
+// (V = 16: 2, 4 or 8 lanes; V = 1: 32) or P = g / (32 V) whole passes; its lanes' sums are
+// added with shuffles (exact) and one lane applies the scale. One group per row (per channel,
+// or a grouped k == g) sums the whole row: int32 per lane, int64 across lanes, then one
+// conversion, exactly the CPU's value.
+template <int V, int MR>
+__global__ void __launch_bounds__(256) qrows_w8a8_kernel(const std::int8_t* __restrict__ xq,
+                                                         dev::i64 ldq, const float* __restrict__ xs,
+                                                         dev::i64 m, QMatrix w,
+                                                         float* __restrict__ out) {
+  constexpr int kStep = 32 * V;
+  const int lane = static_cast<int>(threadIdx.x & 31u);
+  const dev::i64 j = static_cast<dev::i64>(blockIdx.x) * kQWarps + (threadIdx.x >> 5);
+  if (j >= w.n) return;
+  const int k = static_cast<int>(w.k), group = static_cast<int>(w.group);
+  const std::int8_t* wj = w.data + j * w.k;
+  const float* sj = w.scales + j * w.groups;
+  const bool whole = w.groups == 1;
+  const int L = whole ? 32 : min(group / V, 32);
+  const int P = whole ? 1 : max(group / kStep, 1);
+  int isum[MR];
+  float acc[MR];
+#pragma unroll
+  for (int r = 0; r < MR; ++r) {
+    isum[r] = 0;
+    acc[r] = 0.0f;
+  }
+  const int passes = (k + kStep - 1) / kStep;
+  for (int it = 0; it < passes; ++it) {
+    const int c = it * kStep + lane * V;
+    if (c < k) {
+      if constexpr (V == 16) {
+        const int4 wv = __ldg(reinterpret_cast<const int4*>(wj + c));
+#pragma unroll
+        for (int r = 0; r < MR; ++r) {
+          if (r < m) {
+            const int4 xv = __ldg(reinterpret_cast<const int4*>(xq + r * ldq + c));
+            isum[r] = __dp4a(xv.x, wv.x, isum[r]);
+            isum[r] = __dp4a(xv.y, wv.y, isum[r]);
+            isum[r] = __dp4a(xv.z, wv.z, isum[r]);
+            isum[r] = __dp4a(xv.w, wv.w, isum[r]);
+          }
+        }
+      } else {
+        const int wv = wj[c];
+#pragma unroll
+        for (int r = 0; r < MR; ++r)
+          if (r < m) isum[r] += static_cast<int>(xq[r * ldq + c]) * wv;
+      }
+    }
+    if (!whole && (it + 1) % P == 0) {  // the groups of this pass are complete
+      const bool leader = (lane & (L - 1)) == 0 && c < k;
+      const float s = leader ? __ldg(sj + c / group) : 0.0f;
+#pragma unroll
+      for (int r = 0; r < MR; ++r) {
+        int v = isum[r];
+        for (int o = 1; o < L; o <<= 1) v += __shfl_xor_sync(kFullMask, v, o);
+        if (leader) acc[r] = fmaf(__int2float_rn(v), s, acc[r]);
+        isum[r] = 0;
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < MR; ++r) {
+    float total;
+    if (whole) {
+      long long v = isum[r];
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+      total = __fmul_rn(__ll2float_rn(v), __ldg(sj));
+    } else {
+      total = dev::warp_sum(acc[r]);
+    }
+    if (lane == 0 && r < m) out[r * w.n + j] = __fmul_rn(total, __ldg(xs + r));
+  }
+}
+
+// Weight-only, prefill: 256 threads, each 4 x 4 outputs (rows ty + 16 i, columns tx + 16 j, so
+// that shared-memory reads are broadcasts or distinct banks). The products of one group are
+// summed in `part` and take the group's scale when the group ends (per channel: at the end).
+__global__ void __launch_bounds__(256) qtile_wonly_kernel(const float* __restrict__ x, dev::i64 m,
+                                                          QMatrix w, float* __restrict__ out) {
+  __shared__ float xt[kTile][kTileK + 1];
+  __shared__ float wt[kTile][kTileK + 1];
+  const int tx = static_cast<int>(threadIdx.x & 15u), ty = static_cast<int>(threadIdx.x >> 4);
+  const dev::i64 row0 = static_cast<dev::i64>(blockIdx.y) * kTile;
+  const dev::i64 col0 = static_cast<dev::i64>(blockIdx.x) * kTile;
+  const dev::i64 k = w.k;
+  float acc[4][4], part[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) acc[i][jj] = part[i][jj] = 0.0f;
+  for (dev::i64 k0 = 0; k0 < k; k0 += kTileK) {
+    for (int i = static_cast<int>(threadIdx.x); i < kTile * kTileK; i += 256) {
+      const int r = i / kTileK, c = i % kTileK;
+      const dev::i64 kc = k0 + c, xr = row0 + r, wr = col0 + r;
+      xt[r][c] = xr < m && kc < k ? x[xr * k + kc] : 0.0f;
+      wt[r][c] = wr < w.n && kc < k ? static_cast<float>(w.data[wr * k + kc]) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int c = 0; c < kTileK; ++c) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = xt[ty + 16 * i][c];
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) b[jj] = wt[tx + 16 * jj][c];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) part[i][jj] = fmaf(a[i], b[jj], part[i][jj]);
+    }
+    __syncthreads();
+    const dev::i64 end = k0 + kTileK < k ? k0 + kTileK : k;
+    if (end == k || end % w.group == 0) {
+      const dev::i64 g = (end - 1) / w.group;
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const dev::i64 col = col0 + tx + 16 * jj;
+        const float s = col < w.n ? w.scales[col * w.groups + g] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          acc[i][jj] = fmaf(part[i][jj], s, acc[i][jj]);
+          part[i][jj] = 0.0f;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const dev::i64 row = row0 + ty + 16 * i;
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      const dev::i64 col = col0 + tx + 16 * jj;
+      if (row < m && col < w.n) out[row * w.n + col] = acc[i][jj];
+    }
+  }
+}
+
+// Four int8 at p as one little-endian word for __dp4a; bytes at or past `avail` read as 0.
+__device__ __forceinline__ int load_quad(const std::int8_t* p, dev::i64 avail, bool aligned) {
+  if (aligned && avail >= 4) return *reinterpret_cast<const int*>(p);
+  unsigned v = 0;
+#pragma unroll
+  for (int b = 0; b < 4; ++b)
+    if (b < avail) v |= static_cast<unsigned>(static_cast<std::uint8_t>(p[b])) << (8 * b);
+  return static_cast<int>(v);
+}
+
+// W8A8, prefill: the tiling of qtile_wonly_kernel on int8 words (four columns each), __dp4a
+// products summed exactly in int32 over a group, converted and scaled in group order (the
+// CPU's order), times the row's activation scale at the end. xq rows are zero-padded to ldq,
+// a multiple of kTileK, so activation words are read without bounds on k.
+__global__ void __launch_bounds__(256) qtile_w8a8_kernel(const std::int8_t* __restrict__ xq,
+                                                         dev::i64 ldq, const float* __restrict__ xs,
+                                                         dev::i64 m, QMatrix w,
+                                                         float* __restrict__ out) {
+  constexpr int kQuads = kTileK / 4;
+  __shared__ int xt[kTile][kQuads + 1];
+  __shared__ int wt[kTile][kQuads + 1];
+  const int tx = static_cast<int>(threadIdx.x & 15u), ty = static_cast<int>(threadIdx.x >> 4);
+  const dev::i64 row0 = static_cast<dev::i64>(blockIdx.y) * kTile;
+  const dev::i64 col0 = static_cast<dev::i64>(blockIdx.x) * kTile;
+  const dev::i64 k = w.k;
+  const bool aligned = k % 4 == 0 && (reinterpret_cast<std::uintptr_t>(w.data) & 3u) == 0;
+  int isum[4][4];
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      isum[i][jj] = 0;
+      acc[i][jj] = 0.0f;
+    }
+  for (dev::i64 k0 = 0; k0 < k; k0 += kTileK) {
+    for (int i = static_cast<int>(threadIdx.x); i < kTile * kQuads; i += 256) {
+      const int r = i / kQuads, q = i % kQuads;
+      const dev::i64 kc = k0 + 4 * q, xr = row0 + r, wr = col0 + r;
+      xt[r][q] = xr < m ? *reinterpret_cast<const int*>(xq + xr * ldq + kc) : 0;
+      wt[r][q] = wr < w.n && kc < k ? load_quad(w.data + wr * k + kc, k - kc, aligned) : 0;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < kQuads; ++q) {
+      int a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = xt[ty + 16 * i][q];
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) b[jj] = wt[tx + 16 * jj][q];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) isum[i][jj] = __dp4a(a[i], b[jj], isum[i][jj]);
+    }
+    __syncthreads();
+    const dev::i64 end = k0 + kTileK < k ? k0 + kTileK : k;
+    if (end == k || end % w.group == 0) {
+      const dev::i64 g = (end - 1) / w.group;
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const dev::i64 col = col0 + tx + 16 * jj;
+        const float s = col < w.n ? w.scales[col * w.groups + g] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          acc[i][jj] = fmaf(__int2float_rn(isum[i][jj]), s, acc[i][jj]);
+          isum[i][jj] = 0;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const dev::i64 row = row0 + ty + 16 * i;
+    if (row >= m) continue;
+    const float sx = xs[row];
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      const dev::i64 col = col0 + tx + 16 * jj;
+      if (col < w.n) out[row * w.n + col] = __fmul_rn(acc[i][jj], sx);
+    }
+  }
+}
+
+// One block per row. Division and round-half-even as the CPU's nearbyint(x / s), so the
+// int8 activations are identical to the CPU's.
+__global__ void quantize_activations_kernel(const float* __restrict__ x, dev::i64 k,
+                                            std::int8_t* __restrict__ xq, dev::i64 ldq,
+                                            float* __restrict__ xs) {
+  __shared__ float red[32];
+  const dev::i64 i = blockIdx.x;
+  const float* xi = x + i * k;
+  float amax = 0.0f;
+  for (dev::i64 c = threadIdx.x; c < k; c += blockDim.x) amax = fmaxf(amax, fabsf(xi[c]));
+  amax = dev::block_max(amax, red);
+  const float s = __fdiv_rn(amax, 127.0f);
+  if (threadIdx.x == 0) xs[i] = s;
+  std::int8_t* qi = xq + i * ldq;
+  for (dev::i64 c = threadIdx.x; c < ldq; c += blockDim.x) {
+    int q = 0;
+    if (c < k && s != 0.0f) q = min(max(__float2int_rn(__fdiv_rn(xi[c], s)), -127), 127);
+    qi[c] = static_cast<std::int8_t>(q);
+  }
+}
+
+__global__ void qembedding_kernel(QMatrix t, const std::int32_t* ids, dev::i64 T, float* out) {
+  const dev::i64 d = t.k;
+  for (dev::i64 i = grid_start(); i < T * d; i += grid_stride()) {
+    const std::int32_t id = ids[i / d];
+    const dev::i64 c = i % d;
+    out[i] = id >= 0 && id < t.n ? __fmul_rn(static_cast<float>(t.data[id * d + c]),
+                                             t.scales[id * t.groups + c / t.group])
+                                 : 0.0f;
+  }
+}
+
+// Launches kernel<V, MR> for the plan's rows per pass.
+#define AUTOGLM_QROWS_LAUNCH(kernel, V, plan, s, ...)                                   \
+  do {                                                                                  \
+    const dim3 grid_(plan.grid_x, plan.grid_y);                                         \
+    switch (plan.rows_per_pass) {                                                       \
+      case 1: kernel<V, 1><<<grid_, plan.block, 0, s>>>(__VA_ARGS__); break;            \
+      case 2: kernel<V, 2><<<grid_, plan.block, 0, s>>>(__VA_ARGS__); break;            \
+      case 4: kernel<V, 4><<<grid_, plan.block, 0, s>>>(__VA_ARGS__); break;            \
+      default: kernel<V, 8><<<grid_, plan.block, 0, s>>>(__VA_ARGS__); break;           \
+    }                                                                                   \
+  } while (0)
+
 template <typename Kernel, typename... Args>
 void grid_launch(Kernel kernel, dev::i64 n, cudaStream_t s, Args... args) {
   const cuda_detail::LaunchConfig lc = cuda_detail::elementwise_launch(n);
@@ -247,5 +595,38 @@ void attention(const float* q, const float* k, const float* v, const std::int32_
   attention_kernel<<<static_cast<unsigned>(T * Hq), 32 * warps, shared_bytes, s>>>(
       q, k, v, pos, Hq, S, Hkv, D, Dv, scale, causal, window, out);
 }
+
+void quantize_activations(const float* x, i64 m, i64 k, std::int8_t* xq, i64 ldq, float* xs,
+                          cudaStream_t s) {
+  if (m <= 0) return;
+  quantize_activations_kernel<<<static_cast<unsigned>(m), cuda_detail::row_block(ldq), 0, s>>>(
+      x, k, xq, ldq, xs);
+}
+void qgemm_weight_only(const float* x, i64 m, const QMatrix& w, float* out,
+                       const cuda_detail::QGemmPlan& plan, cudaStream_t s) {
+  if (plan.grid_x == 0) return;
+  if (plan.kernel == cuda_detail::QKernel::tiled)
+    qtile_wonly_kernel<<<dim3(plan.grid_x, plan.grid_y), plan.block, 0, s>>>(x, m, w, out);
+  else if (plan.vec == 16)
+    AUTOGLM_QROWS_LAUNCH(qrows_wonly_kernel, 16, plan, s, x, m, w, out);
+  else
+    AUTOGLM_QROWS_LAUNCH(qrows_wonly_kernel, 1, plan, s, x, m, w, out);
+}
+void qgemm_w8a8(const std::int8_t* xq, i64 ldq, const float* xs, i64 m, const QMatrix& w,
+                float* out, const cuda_detail::QGemmPlan& plan, cudaStream_t s) {
+  if (plan.grid_x == 0) return;
+  if (plan.kernel == cuda_detail::QKernel::tiled)
+    qtile_w8a8_kernel<<<dim3(plan.grid_x, plan.grid_y), plan.block, 0, s>>>(xq, ldq, xs, m, w, out);
+  else if (plan.vec == 16)
+    AUTOGLM_QROWS_LAUNCH(qrows_w8a8_kernel, 16, plan, s, xq, ldq, xs, m, w, out);
+  else
+    AUTOGLM_QROWS_LAUNCH(qrows_w8a8_kernel, 1, plan, s, xq, ldq, xs, m, w, out);
+}
+void qembedding(const QMatrix& table, const std::int32_t* ids, i64 T, float* out, cudaStream_t s) {
+  grid_launch(qembedding_kernel, T * table.k, s, table, ids, T, out);
+}
+
+#undef AUTOGLM_QROWS_LAUNCH
+
 
 }  // namespace autoglm::cuda_kernels

@@ -1,14 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
 // CudaBackend against CpuBackend on the same inputs (larger and more varied shapes than the
 // conformance suite), exact where the interface fixes the result (conversions, the
-// counter-based generator, routing choices, dispatch plans), within per-dtype tolerances
-// elsewhere; then the model fixtures end to end on the GPU. Part of autoglm_cuda_tests, which
-// ctest reports as skipped on a machine without a CUDA device.
+// counter-based generator, routing choices, dispatch plans, int8 embeddings), within per-dtype
+// tolerances elsewhere (int8 GEMMs on the same quantised weights: 1e-5 of the product's scale
+// for W8A8, 1e-4 for weight-only); then the model fixtures end to end on the GPU, in f32 and
+// in int8. Part of autoglm_cuda_tests, which ctest reports as skipped on a machine without a
+// CUDA device.
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <limits>
 #include <map>
+#include <memory>
 #include <random>
 
 #include <nlohmann/json.hpp>
@@ -324,6 +327,244 @@ TEST_CASE("cuda: row-major weights only; CUDA-specific errors", "[cuda]") {
                 numeric, "CudaBackend::route_topk]", "router logit [3, 6] is inf");
 }
 
+// ------------------------------------------------------------------------------ int8
+
+namespace {
+
+/// max |got - want| <= rtol * max |want|: the error relative to the product's scale, as
+/// tests/test_quant.cpp measures int8 products (a single output may cancel to ~0, where an
+/// elementwise relative bound means nothing).
+void close_scaled(const Pair& p, double rtol, const std::string& what) {
+  const std::vector<float> got = host_f32(gpu(), p.g), want = host_f32(cpu(), p.c);
+  REQUIRE(got.size() == want.size());
+  double scale = 1e-30, diff = 0.0;
+  std::size_t worst = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    scale = std::max(scale, std::abs(static_cast<double>(want[i])));
+    const double d = std::abs(static_cast<double>(got[i]) - want[i]);
+    if (d > diff || std::isnan(d)) {
+      diff = std::isnan(d) ? std::numeric_limits<double>::infinity() : d;
+      worst = i;
+    }
+  }
+  INFO(what << ": max |diff| " << diff << " at " << worst << " vs max |ref| " << scale);
+  CHECK(diff <= rtol * scale);
+}
+
+/// The same int8 weights on both backends: quantised (row-major) on the CPU, data and scales
+/// copied to the GPU.
+struct QPair {
+  QuantizedTensor c, g;
+};
+
+/// A GPU tensor with src's contents whose first element sits `shift` elements past an aligned
+/// address (a view into a larger buffer): the kernels' unaligned paths.
+Tensor shifted_gpu_copy(const Tensor& src, Backend& src_backend, std::int64_t shift) {
+  const std::size_t es = dtype_size(src.dtype());
+  std::vector<unsigned char> bytes(src.nbytes());
+  src_backend.copy_to_host(bytes.data(), src);
+  auto big = std::make_shared<Tensor>(gpu(), src.dtype(), Shape{src.numel() + 16});
+  TensorView v = src.view();
+  v.device = gpu().device();
+  v.data = static_cast<unsigned char*>(big->view().data) + static_cast<std::size_t>(shift) * es;
+  gpu().copy_from_host(v, bytes.data());
+  return Tensor(gpu(), v, std::move(big));
+}
+
+QPair quantize_both(Shape s, const std::vector<float>& h, QuantSpec spec, std::int64_t shift = 0) {
+  QuantizedTensor c = quantize(cpu(), tensor_f32(cpu(), s, h), spec, "w", /*pack=*/false);
+  Tensor data = shifted_gpu_copy(c.data(), cpu(), shift);
+  Tensor scales = shifted_gpu_copy(c.scales(), cpu(), 0);
+  return {std::move(c), QuantizedTensor(std::move(data), std::move(scales), spec)};
+}
+
+/// Weights like trained ones: normal, a few columns 4x larger (test_quant.cpp's trained_like).
+std::vector<float> weights(std::int64_t rows, std::int64_t cols, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 0.05f);
+  std::vector<float> w(static_cast<std::size_t>(rows * cols));
+  for (float& v : w) v = nd(rng);
+  for (std::int64_t c = 0; c < cols; c += 97)
+    for (std::int64_t r = 0; r < rows; ++r) w[static_cast<std::size_t>(r * cols + c)] *= 4.0f;
+  return w;
+}
+
+/// Activations in [-2, 2] with an all-zero row (a zero activation scale) when m > 1.
+std::vector<float> activations(std::int64_t m, std::int64_t k, std::uint64_t seed) {
+  std::vector<float> x = random_floats(static_cast<std::size_t>(m * k), seed, -2.0f, 2.0f);
+  if (m > 1) std::fill(x.begin() + k, x.begin() + 2 * k, 0.0f);
+  x[0] = 0.0f;
+  return x;
+}
+
+double int8_rtol(ActivationMode mode) { return mode == ActivationMode::w8a8 ? 1e-5 : 1e-4; }
+
+}  // namespace
+
+TEST_CASE("cuda: qgemm equals the CPU's on the same int8 weights", "[cuda][int8]") {
+  struct Case {
+    std::int64_t n, k;
+  };
+  // k: vector loads (k % 16 == 0) and byte loads (per channel: 100, 99), groups 32 / 64 / 128;
+  // m: the decode kernel's 1, 2, 4 and 8 rows per pass, then the tiled kernel.
+  for (Case s : {Case{1000, 2048}, Case{300, 96}, Case{37, 1408}, Case{64, 100}, Case{130, 99},
+                 Case{1, 4096}, Case{200, 48}}) {
+    for (std::int64_t group : {0, 32, 64, 128}) {
+      if (group != 0 && s.k % group != 0) continue;
+      for (ActivationMode mode : {ActivationMode::w8a8, ActivationMode::weight_only}) {
+        const QuantSpec spec{group, mode};
+        const QPair w = quantize_both(Shape{s.n, s.k}, weights(s.n, s.k, 50 + s.k), spec);
+        for (std::int64_t m : {1, 2, 3, 5, 8, 9, 64, 130}) {
+          const Pair x = both_f32(Shape{m, s.k}, activations(m, s.k, 60 + m));
+          // Prefilled: every output must be written.
+          const Pair out = both_f32(Shape{m, s.n}, std::vector<float>(m * s.n, 7.0f));
+          cpu().qgemm(x.c, w.c, out.c);
+          gpu().qgemm(x.g, w.g, out.g);
+          close_scaled(out, int8_rtol(mode),
+                       fmt::format("qgemm n {} k {} {} {} m {}", s.n, s.k, spec.scheme_name(),
+                                   spec.mode_name(), m));
+        }
+      }
+    }
+  }
+  // Through linear(), as layers call it.
+  const QPair w = quantize_both(Shape{96, 256}, weights(96, 256, 70), QuantSpec{64});
+  const Pair x = both_f32(Shape{4, 256}, activations(4, 256, 71));
+  const Pair out = both_empty(DType::f32, Shape{4, 96});
+  linear(cpu(), x.c, Weight(w.c), out.c);
+  linear(gpu(), x.g, Weight(w.g), out.g);
+  close_scaled(out, 1e-4, "linear int8");
+}
+
+TEST_CASE("cuda: grouped_qgemm equals the CPU's; unaligned operands", "[cuda][int8]") {
+  const std::int64_t E = 9, R = 333;
+  std::vector<std::int32_t> off{0};
+  std::mt19937 g(80);
+  // Experts 2 and 5 empty, some with decode-sized row counts, some tiled.
+  for (std::int64_t e = 0; e < E; ++e) {
+    const std::int32_t rows = e == 2 || e == 5 ? 0 : e % 2 ? static_cast<std::int32_t>(1 + g() % 8)
+                                                           : static_cast<std::int32_t>(g() % 90);
+    off.push_back(std::min<std::int32_t>(static_cast<std::int32_t>(R - 7), off.back() + rows));
+  }
+  struct Case {
+    std::int64_t n, k, group;
+  };
+  for (Case c : {Case{96, 256, 0}, Case{200, 256, 32}, Case{64, 384, 128}, Case{50, 100, 0}})
+    for (ActivationMode mode : {ActivationMode::w8a8, ActivationMode::weight_only})
+      for (std::int64_t shift : {0, 1}) {  // 1: weights one byte off (byte-load paths)
+        const QuantSpec spec{c.group, mode};
+        const QPair w = quantize_both(Shape{E, c.n, c.k}, weights(E * c.n, c.k, 81), spec, shift);
+        const std::vector<float> xh = activations(R, c.k, 82);
+        const Pair x = both_f32(Shape{R, c.k}, xh), o = both_i32(Shape{E + 1}, off);
+        const Pair out = both_f32(Shape{R, c.n}, std::vector<float>(R * c.n, 3.0f));  // tail kept
+        cpu().grouped_qgemm(x.c, w.c, o.c, out.c);
+        gpu().grouped_qgemm(x.g, w.g, o.g, out.g);
+        const std::string what = fmt::format("grouped_qgemm n {} k {} {} {} shift {}", c.n, c.k,
+                                             spec.scheme_name(), spec.mode_name(), shift);
+        close_scaled(out, int8_rtol(mode), what);
+        // Activations one float off 16-byte alignment: the weight-only byte-load path.
+        const Tensor xs = shifted_gpu_copy(x.g, gpu(), 1);
+        const Pair out2{out.c, Tensor(gpu(), DType::f32, Shape{R, c.n})};
+        gpu().fill(out2.g, 3.0f);
+        gpu().grouped_qgemm(xs, w.g, o.g, out2.g);
+        close_scaled(out2, int8_rtol(mode), what + " (x unaligned)");
+      }
+}
+
+TEST_CASE("cuda: int8 weights stay row-major; qembedding is exact", "[cuda][int8]") {
+  const std::int64_t V = 500, d = 256;
+  for (std::int64_t group : {0, 32, 128}) {
+    const QuantSpec spec{group};
+    const std::vector<float> th = weights(V, d, 90);
+    const QPair t = quantize_both(Shape{V, d}, th, spec);
+    // quantize() on the GPU backend gives the CPU's codes and scales; pack_quantized keeps them
+    // row-major, so quantized_to_host's default reads them back.
+    const QuantizedTensor direct = quantize(gpu(), tensor_f32(gpu(), Shape{V, d}, th), spec, "t");
+    CHECK_FALSE(direct.is_packed());
+    std::vector<std::int8_t> codes(static_cast<std::size_t>(V * d)), codes_g(codes.size());
+    std::vector<float> sc(static_cast<std::size_t>(V * t.c.groups())), sc_g(sc.size());
+    cpu().quantized_to_host(t.c, codes.data(), sc.data());
+    gpu().quantized_to_host(direct, codes_g.data(), sc_g.data());
+    CHECK(codes_g == codes);
+    check_bitwise(sc_g, sc, "scales");
+    check_bitwise(host_f32(gpu(), dequantize(gpu(), direct)), host_f32(cpu(), dequantize(cpu(), t.c)),
+                  "dequantize");
+
+    std::vector<std::int32_t> ids(300);
+    std::mt19937 g(91);
+    for (auto& v : ids) v = static_cast<std::int32_t>(g() % V);
+    ids[0] = 0;
+    ids[1] = static_cast<std::int32_t>(V - 1);
+    const Pair id = both_i32(Shape{300}, ids), out = both_empty(DType::f32, Shape{300, d});
+    cpu().qembedding(t.c, id.c, out.c);
+    gpu().qembedding(t.g, id.g, out.g);
+    check_bitwise(host_f32(gpu(), out.g), host_f32(cpu(), out.c), "qembedding");
+  }
+  const QPair t = quantize_both(Shape{11, 64}, weights(11, 64, 92), QuantSpec{});
+  REQUIRE_ERROR(gpu().qembedding(t.g, tensor_i32(gpu(), Shape{4}, {0, 11, 1, -1}),
+                                 Tensor(gpu(), DType::f32, Shape{4, 64})),
+                out_of_range, "[CudaBackend::qembedding]", "token id 11 at position 1",
+                "[0, 11)");
+  REQUIRE_ERROR(gpu().qembedding(t.c, tensor_i32(gpu(), Shape{1}, {0}),
+                                 Tensor(gpu(), DType::f32, Shape{1, 64})),
+                device, "[CudaBackend::qembedding]", "another backend");
+}
+
+TEST_CASE("cuda: int8 argument errors match the CPU's", "[cuda][int8]") {
+  CudaBackend& b = gpu();
+  const QPair w = quantize_both(Shape{8, 64}, weights(8, 64, 100), QuantSpec{32});
+  Tensor c(b, DType::f32, Shape{3, 8});
+  REQUIRE_ERROR(b.qgemm(uniform(b, Shape{3, 32}, 1), w.g, c), shape_mismatch,
+                "[CudaBackend::qgemm]", "disagree on K");
+  REQUIRE_ERROR(b.qgemm(uniform(b, Shape{3, 64}, 1), w.c, c), device, "[CudaBackend::qgemm]",
+                "another backend");
+  REQUIRE_ERROR(b.qgemm(uniform(b, Shape{3, 64}, 1), w.g, Tensor(b, DType::f32, Shape{3, 9})),
+                shape_mismatch, "[CudaBackend::qgemm]", "c dimension 1 must be 8");
+  // A tensor packed for another layout is refused, not misread.
+  const QuantizedTensor packed =
+      QuantizedTensor::packed(w.g.shape(), w.g.spec(), w.g.data(), w.g.scales(), Tensor());
+  REQUIRE_ERROR(b.qgemm(uniform(b, Shape{3, 64}, 1), packed, c), unsupported,
+                "[CudaBackend::qgemm]", "packed");
+  REQUIRE_ERROR(b.qembedding(packed, tensor_i32(b, Shape{1}, {0}), Tensor(b, DType::f32, Shape{1, 64})),
+                invalid_argument, "[CudaBackend::qembedding]", "(packed)");
+  // W8A8 per channel past what int32 sums hold (127 * 127 * K > INT32_MAX) is refused;
+  // weight-only sums in f32 and takes it.
+  const std::int64_t long_k = 2147483647 / (127 * 127) + 1;
+  const Tensor xl = uniform(b, Shape{1, long_k}, 3);
+  Tensor cl(b, DType::f32, Shape{1, 1});
+  const QPair wl = quantize_both(Shape{1, long_k}, weights(1, long_k, 102),
+                                 QuantSpec{0, ActivationMode::w8a8});
+  REQUIRE_ERROR(b.qgemm(xl, wl.g, cl), unsupported, "[CudaBackend::qgemm]", "W8A8 sums in int32");
+  const QPair wl2 = quantize_both(Shape{1, long_k}, weights(1, long_k, 102), QuantSpec{});
+  b.qgemm(xl, wl2.g, cl);
+
+  const QPair e = quantize_both(Shape{3, 8, 64}, weights(24, 64, 101), QuantSpec{0});
+  Tensor x = uniform(b, Shape{6, 64}, 2), out(b, DType::f32, Shape{6, 8});
+  REQUIRE_ERROR(b.grouped_qgemm(x, e.g, tensor_i32(b, Shape{4}, {0, 4, 2, 6}), out),
+                invalid_argument, "[CudaBackend::grouped_qgemm]", "offsets decrease at expert 1");
+  REQUIRE_ERROR(b.grouped_qgemm(x, e.g, tensor_i32(b, Shape{4}, {0, 2, 4, 7}), out),
+                invalid_argument, "[CudaBackend::grouped_qgemm]", "within 6 rows");
+  REQUIRE_ERROR(b.grouped_qgemm(x, w.g, tensor_i32(b, Shape{4}, {0, 2, 4, 6}), out),
+                shape_mismatch, "[CudaBackend::grouped_qgemm]", "[E, N, K]");
+  REQUIRE_ERROR(b.grouped_qgemm(x, e.g, tensor_i32(b, Shape{3}, {0, 2, 4}), out), shape_mismatch,
+                "[CudaBackend::grouped_qgemm]", "offsets dimension 0 must be 4");
+  // Empty sums: K = 0 writes zeros, per channel too (where groups() would divide by zero).
+  for (std::int64_t group : {0, 32}) {
+    const QuantizedTensor k0(Tensor(b, DType::i8, Shape{5, 0}),
+                             Tensor(b, DType::f32, Shape{5, 0}), QuantSpec{group});
+    Tensor c0 = tensor_f32(b, Shape{2, 5}, std::vector<float>(10, 1.0f));
+    b.qgemm(Tensor(b, DType::f32, Shape{2, 0}), k0, c0);
+    CHECK(host_f32(b, c0) == std::vector<float>(10, 0.0f));
+    const QuantizedTensor e0(Tensor(b, DType::i8, Shape{2, 5, 0}),
+                             Tensor(b, DType::f32, Shape{2, 5, 0}), QuantSpec{group});
+    Tensor o0 = tensor_f32(b, Shape{4, 5}, std::vector<float>(20, 1.0f));
+    b.grouped_qgemm(Tensor(b, DType::f32, Shape{4, 0}), e0, tensor_i32(b, Shape{3}, {0, 1, 3}), o0);
+    std::vector<float> want(20, 0.0f);
+    std::fill(want.begin() + 15, want.end(), 1.0f);  // row 3 is past offsets[E]: untouched
+    CHECK(host_f32(b, o0) == want);
+  }
+}
+
 // ------------------------------------------------------------------------------ fixtures
 
 namespace {
@@ -409,5 +650,40 @@ TEST_CASE("cuda fixtures: every model family through the CUDA backend", "[cuda][
                            "olmoe", "deepseek_v3", "deepseek_v3_fused_noqlora", "glm4_moe_qknorm",
                            "glm4_moe_hub_tied"}) {
     DYNAMIC_SECTION(name) { check_fixture_on_gpu(name); }
+  }
+}
+
+TEST_CASE("cuda fixtures: int8 models equal the CPU's int8 models", "[cuda][fixtures][int8]") {
+  // quantize_model on each backend: the same int8 codes (quantize() rounds on the host), the
+  // embeddings and the head int8 too, so qembedding and the LM-head qgemm run as well.
+  for (const char* name : {"mixtral_hub_sharded", "qwen2_moe", "qwen3_moe", "olmoe",
+                           "deepseek_v3", "glm4_moe_qknorm", "glm4_moe_hub_tied"}) {
+    const fs::path dir = fs::path(AUTOGLM_FIXTURES_DIR) / name;
+    const Expected ex = read_expected(dir);
+    LoadOptions lo;
+    FidelityOptions f;
+    f.group_mask = GroupMask::neg_inf;
+    f.renorm_epsilon = 1e-20f;
+    lo.fidelity = f;
+    const Model g32 = load_model(gpu(), dir, lo);
+    const Model c32 = load_model(cpu(), dir, lo);
+    for (const QuantSpec spec : {QuantSpec{0, ActivationMode::weight_only},
+                                 QuantSpec{32, ActivationMode::weight_only},
+                                 QuantSpec{0, ActivationMode::w8a8},
+                                 QuantSpec{32, ActivationMode::w8a8}}) {
+      QuantConfig cfg;
+      cfg.spec = spec;
+      cfg.embeddings = true;
+      cfg.lm_head = true;
+      const Model gq = quantize_model(g32, cfg), cq = quantize_model(c32, cfg);
+      const double e = rel_error(host_f32(gpu(), gq.forward(ex.prompt)),
+                                 host_f32(cpu(), cq.forward(ex.prompt)));
+      INFO(name << " " << spec.scheme_name() << " " << spec.mode_name()
+                << ": relative error vs the CPU " << e);
+      // W8A8 rounds each activation to a grid of max|x| / 127: where the two backends' f32
+      // activations straddle a rounding boundary (they differ by ~1e-6 relative), one int8
+      // value differs by one step, ~1e-3 of a 64-wide product on these small models.
+      CHECK(e <= (spec.mode == ActivationMode::w8a8 ? 1e-2 : 1e-3));
+    }
   }
 }

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The CUDA backend's host-side logic (cuda/host_plan.cpp), compiled without CUDA into the
 // CPU test suite so that it is checked on every machine: launch shapes, the grouped-GEMM plan
-// and its errors (the same as the CPU backend's), kernel limits and CUDA error messages.
+// and its errors (the same as the CPU backend's), the int8 GEMM plans, kernel limits and CUDA
+// error messages.
 #include <limits>
 
 #include "host_plan.hpp"
@@ -71,6 +72,64 @@ TEST_CASE("cuda host: grouped GEMM plan lists active experts and their rows", "[
                 "within 14 rows", "[0, 15]");
   REQUIRE_ERROR(plan_grouped_gemm(start.data(), 5, 14, fn), invalid_argument, "grouped_gemm]",
                 "start at 0");
+}
+
+TEST_CASE("cuda host: int8 GEMM plans", "[cuda_host]") {
+  const std::string fn = "CudaBackend::qgemm";
+  // Decode: a warp per output column, 8 per block, every row of x in one pass.
+  for (auto [m, mr] : {std::pair<std::int64_t, int>{1, 1}, {2, 2}, {3, 4}, {4, 4}, {5, 8}, {8, 8}}) {
+    const QGemmPlan p = plan_qgemm(m, 1000, 2048, 0, false, true, fn);
+    CHECK(p.kernel == QKernel::rows);
+    CHECK(p.rows_per_pass == mr);
+    CHECK(p.rows_per_pass >= m);
+    CHECK(p.grid_x == 125);
+    CHECK(p.grid_y == 1);
+    CHECK(p.block == 32 * kQRowsWarps);
+    CHECK(p.vec == 16);
+  }
+  CHECK(plan_qgemm(1, 1001, 64, 32, true, false, fn).grid_x == 126);  // a partial last block
+  CHECK(plan_qgemm(1, 1, 64, 32, true, false, fn).vec == 1);
+  // Prefill: 64 x 64 tiles, ceil(n / 64) x ceil(m / 64) blocks of 256 threads.
+  QGemmPlan t = plan_qgemm(kQRowsMax + 1, 1000, 96, 32, true, true, fn);
+  CHECK(t.kernel == QKernel::tiled);
+  CHECK(t.grid_x == 16);
+  CHECK(t.grid_y == 1);
+  CHECK(t.block == 256);
+  t = plan_qgemm(130, 64, 4096, 128, false, true, fn);
+  CHECK(t.grid_x == 1);
+  CHECK(t.grid_y == 3);
+  // Nothing to do: no launch.
+  CHECK(plan_qgemm(0, 64, 64, 0, false, true, fn).grid_x == 0);
+  CHECK(plan_qgemm(4, 0, 64, 0, false, true, fn).grid_x == 0);
+  CHECK(plan_qgemm(4, 64, 0, 0, false, true, fn).grid_x == 0);
+  // Limits: the W8A8 int32 group sums, the 32-bit row index, the grid.
+  CHECK(plan_qgemm(1, 8, kMaxInt32DotLength, kMaxInt32DotLength, true, false, fn).grid_x == 1);
+  REQUIRE_ERROR(plan_qgemm(1, 8, kMaxInt32DotLength + 1, kMaxInt32DotLength + 1, true, false, fn),
+                unsupported, "[CudaBackend::qgemm]", "W8A8 sums in int32");
+  CHECK(plan_qgemm(1, 8, kMaxInt32DotLength + 1, kMaxInt32DotLength + 1, false, false, fn).grid_x ==
+        1);  // weight-only sums in f32: no such limit
+  REQUIRE_ERROR(plan_qgemm(1, 8, kMaxQGemmDepth + 32, 32, false, false, fn), unsupported,
+                "K=1073741856");
+  REQUIRE_ERROR(plan_qgemm(65535 * kQTile + 1, 8, 64, 0, false, true, fn), unsupported, "grid");
+  CHECK(plan_qgemm(65535 * kQTile, 8, 64, 0, false, true, fn).grid_y == 65535);
+}
+
+TEST_CASE("cuda host: int8 vector loads and activation rows", "[cuda_host]") {
+  CHECK(qgemm_vec16(2048, 0x10000, 0x20000));
+  CHECK(qgemm_vec16(48, 0x10000, 0));  // W8A8: no f32 rows read
+  CHECK_FALSE(qgemm_vec16(40, 0x10000, 0x20000));  // rows of 40 bytes lose the alignment
+  CHECK_FALSE(qgemm_vec16(64, 0x10001, 0x20000));
+  CHECK_FALSE(qgemm_vec16(64, 0x10000, 0x20004));
+  CHECK(quantized_row_stride(0) == 0);
+  CHECK(quantized_row_stride(1) == kQTileK);
+  CHECK(quantized_row_stride(32) == 32);
+  CHECK(quantized_row_stride(33) == 64);
+  CHECK(quantized_row_stride(2048) == 2048);
+  // A depth tile never straddles two scale groups, and a 16-byte chunk never does either.
+  for (std::int64_t g : {32, 64, 128}) {
+    CHECK(g % kQTileK == 0);
+    CHECK(g % 16 == 0);
+  }
 }
 
 TEST_CASE("cuda host: cuBLAS int extents", "[cuda_host]") {

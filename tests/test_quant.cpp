@@ -178,6 +178,14 @@ TEST_CASE("quantize: bad input is an Error", "[quant][errors]") {
   REQUIRE_THROWS_MATCHES(QuantizedTensor(data, bad_scales, QuantSpec{32}), Error,
                          ErrorMatcher(ErrorCode::shape_mismatch, {"scales must be [8, 2]"}));
   REQUIRE_THROWS_MATCHES(Weight(q).tensor(), Error, ErrorMatcher(ErrorCode::dtype_mismatch, {"int8"}));
+  // K = 0: an empty product is zeros, per channel and grouped, not a division by zero.
+  for (std::int64_t group : {0, 32}) {
+    const QuantizedTensor q0 = quantize(b, Tensor(b, DType::f32, Shape{4, 0}), QuantSpec{group});
+    REQUIRE(q0.groups() == 0);
+    Tensor x0(b, DType::f32, Shape{3, 0}), c0 = tensor_f32(b, Shape{3, 4}, std::vector<float>(12, 5.0f));
+    b.qgemm(x0, q0, c0);
+    REQUIRE(host_f32(b, c0) == std::vector<float>(12, 0.0f));
+  }
 }
 
 TEST_CASE("qgemm equals the naive int8 products in both activation modes", "[quant]") {

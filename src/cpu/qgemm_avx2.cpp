@@ -60,19 +60,25 @@ void w8a8_micro(const std::int16_t* x16, std::int64_t kp, const std::int8_t* wp,
   const std::int64_t nseg = kq / qpg;
   for (std::int64_t s = 0; s < nseg; ++s) {
     __m256i acc[MR][4];
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
       for (int c = 0; c < 4; ++c) acc[i][c] = _mm256_setzero_si256();
     for (std::int64_t q = s * qpg; q < (s + 1) * qpg; ++q) {
       __m256i xb[MR];
+#pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) xb[i] = _mm256_set1_epi64x(load_i64(x16 + i * kp + 4 * q));
+#pragma GCC unroll 8
       for (int c = 0; c < 4; ++c) {
         const __m256i w16 = _mm256_cvtepi8_epi16(
             _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + q * 64 + 16 * c)));
+#pragma GCC unroll 8
         for (int i = 0; i < MR; ++i)
           acc[i][c] = _mm256_add_epi32(acc[i][c], _mm256_madd_epi16(w16, xb[i]));
       }
     }
     const __m256 sc0 = _mm256_loadu_ps(sc + s * 16), sc1 = _mm256_loadu_ps(sc + s * 16 + 8);
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       // hadd gives rows (0 1 4 5 | 2 3 6 7); the 64-bit permute puts them in order.
       const __m256i lo = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[i][0], acc[i][1]), 0xD8);
@@ -90,15 +96,18 @@ template <int MR>
 void fma_micro(const float* x, std::int64_t ldx, const float* buf, std::int64_t kc, float* out,
                std::int64_t ldo, bool first, __m256i m0, __m256i m1) {
   __m256 acc[MR][2];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (std::int64_t c = 0; c < kc; ++c) {
     const __m256 w0 = _mm256_load_ps(buf + c * 16), w1 = _mm256_load_ps(buf + c * 16 + 8);
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m256 xb = _mm256_broadcast_ss(x + i * ldx + c);
       acc[i][0] = _mm256_fmadd_ps(xb, w0, acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(xb, w1, acc[i][1]);
     }
   }
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     float* o = out + i * ldo;
     __m256 r0 = acc[i][0], r1 = acc[i][1];
@@ -254,6 +263,7 @@ void gemm_wonly_avx2(const float* x, std::int64_t ldx, std::int64_t m, const QWe
           const __m256i v =
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + (q0 + q) * 64 + 32 * h));
           const __m256 scv = _mm256_loadu_ps(sp + (q0 + q) / qpg * kPanel + 8 * h);
+#pragma GCC unroll 8
           for (int j = 0; j < 4; ++j)
             _mm256_store_ps(buf + (4 * q + j) * kPanel + 8 * h,
                             _mm256_mul_ps(widen_byte(v, j), scv));

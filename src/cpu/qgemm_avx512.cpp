@@ -12,12 +12,12 @@
 namespace autoglm::detail::q8::impl {
 namespace {
 
-constexpr int kMR = 6;                  // rows of x per W8A8 micro-tile
-constexpr int kNP = 4;                  // panels (16 columns each) per micro-tile
-constexpr std::int64_t kKcQuads = 64;   // W8A8 k block when row blocks reuse the weights
+constexpr int kMR = 6;                       // rows of x per W8A8 micro-tile
+constexpr int kNP = 4;                       // panels (16 columns each) per micro-tile
+constexpr std::int64_t kKcQuads = 64;        // W8A8 k block when row blocks reuse the weights
 constexpr std::int64_t kPrefetchQuads = 16;  // software prefetch distance (1 KB per panel)
-constexpr int kStreamRows = 4;          // wonly: up to this many rows stream the weights
-constexpr std::int64_t kDeqQuads = 32;  // wonly: k block dequantized to f32 (32 KB)
+constexpr int kStreamRows = 4;               // wonly: up to this many rows stream the weights
+constexpr std::int64_t kDeqQuads = 32;       // wonly: k block dequantized to f32 (32 KB)
 
 inline std::int64_t imin(std::int64_t a, std::int64_t b) {
   return a < b ? a : b;
@@ -81,11 +81,15 @@ void w8a8_micro(const W8A8Args& a) {
   __m512i acc[MR][NP];
   for (std::int64_t s = 0; s < a.nseg; ++s) {
     if (s == 0 && a.from_carry) {
+#pragma GCC unroll 8
       for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
         for (int t = 0; t < NP; ++t) acc[i][t] = _mm512_loadu_si512(a.carry + i * a.ldc + 16 * t);
     } else {
+#pragma GCC unroll 8
       for (int t = 0; t < NP; ++t) {
         const __m512i v = _mm512_loadu_si512(a.ns + t * a.sstride + s * 16);
+#pragma GCC unroll 8
         for (int i = 0; i < MR; ++i) acc[i][t] = v;
       }
     }
@@ -93,6 +97,7 @@ void w8a8_micro(const W8A8Args& a) {
     const std::int8_t* wp = a.w + s * a.seg * 64;
     for (std::int64_t q = 0; q < a.seg; ++q) {
       __m512i wv[NP];
+#pragma GCC unroll 8
       for (int t = 0; t < NP; ++t) {
         // Short panels (k of a few thousand) leave the hardware prefetcher little time to ramp
         // up on each of the NP streams; a line kPrefetchQuads ahead keeps memory busy.
@@ -100,19 +105,25 @@ void w8a8_micro(const W8A8Args& a) {
                      _MM_HINT_T0);
         wv[t] = _mm512_loadu_si512(wp + t * a.pstride + q * 64);
       }
+#pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const __m512i xb = _mm512_set1_epi32(load_i32(xp + i * a.ldq + q * 4));
+#pragma GCC unroll 8
         for (int t = 0; t < NP; ++t) acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], xb, wv[t]);
       }
     }
     const bool end = s == a.nseg - 1;
     if (end && a.to_carry) {
+#pragma GCC unroll 8
       for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
         for (int t = 0; t < NP; ++t) _mm512_storeu_si512(a.carry + i * a.ldc + 16 * t, acc[i][t]);
       continue;
     }
+#pragma GCC unroll 8
     for (int t = 0; t < NP; ++t) {
       const __m512 scv = _mm512_loadu_ps(a.sc + t * a.sstride + s * 16);
+#pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         float* o = a.out + i * a.ldo + 16 * t;
         const __m512 f = _mm512_cvtepi32_ps(acc[i][t]);
@@ -189,26 +200,34 @@ template <int MR, int NP>
 void wonly_stream(const StreamArgs& a) {
   for (std::int64_t s = 0; s < a.nseg; ++s) {
     __m512 acc[MR][NP];
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
       for (int t = 0; t < NP; ++t) acc[i][t] = _mm512_setzero_ps();
     const std::int8_t* wp = a.w + s * a.seg * 64;
     const float* xp = a.x + s * a.seg * 4;
     for (std::int64_t q = 0; q < a.seg; ++q) {
       __m512i v[NP];
+#pragma GCC unroll 8
       for (int t = 0; t < NP; ++t) {
         _mm_prefetch(reinterpret_cast<const char*>(wp + t * a.pstride + (q + kPrefetchQuads) * 64),
                      _MM_HINT_T0);
         v[t] = _mm512_loadu_si512(wp + t * a.pstride + q * 64);
       }
+#pragma GCC unroll 8
       for (int j = 0; j < 4; ++j)
+#pragma GCC unroll 8
         for (int t = 0; t < NP; ++t) {
           const __m512 wf = widen_byte(v[t], j);
+#pragma GCC unroll 8
           for (int i = 0; i < MR; ++i)
             acc[i][t] = _mm512_fmadd_ps(_mm512_set1_ps(xp[i * a.ldx + q * 4 + j]), wf, acc[i][t]);
         }
     }
+#pragma GCC unroll 8
     for (int t = 0; t < NP; ++t) {
       const __m512 scv = _mm512_loadu_ps(a.sc + t * a.sstride + s * 16);
+#pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         float* o = a.out + i * a.ldo + 16 * t;
         const __m512 r = s == 0
@@ -248,17 +267,24 @@ template <int MR, int NP>
 void fma_micro(const float* x, std::int64_t ldx, const float* buf, std::int64_t kc, float* out,
                std::int64_t ldo, bool first, const __mmask16* mask) {
   __m512 acc[MR][NP];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
     for (int t = 0; t < NP; ++t) acc[i][t] = _mm512_setzero_ps();
   for (std::int64_t c = 0; c < kc; ++c) {
     __m512 wv[NP];
+#pragma GCC unroll 8
     for (int t = 0; t < NP; ++t) wv[t] = _mm512_load_ps(buf + c * 64 + 16 * t);
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 xb = _mm512_set1_ps(x[i * ldx + c]);
+#pragma GCC unroll 8
       for (int t = 0; t < NP; ++t) acc[i][t] = _mm512_fmadd_ps(xb, wv[t], acc[i][t]);
     }
   }
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
     for (int t = 0; t < NP; ++t) {
       float* o = out + i * ldo + 16 * t;
       const __m512 r =
@@ -366,6 +392,7 @@ void gemm_w8a8_avx512(const std::uint8_t* xq, std::int64_t ldq, const float* xs,
     a.sstride = ng * kPanel;
     a.ldc = ldc;
     a.ldo = ldo;
+#pragma GCC unroll 8
     for (int t = 0; t < kNP; ++t) a.mask[t] = col_mask(cols - (pp + t) * kPanel);
     for (std::int64_t q0 = 0; q0 < kq;) {
       std::int64_t q1;
@@ -431,6 +458,7 @@ void gemm_wonly_avx512(const float* x, std::int64_t ldx, std::int64_t m, const Q
   for (std::int64_t pp = 0; pp < panels; pp += kNP) {
     const int np = static_cast<int>(imin(kNP, panels - pp));
     __mmask16 mask[kNP];
+#pragma GCC unroll 8
     for (int t = 0; t < kNP; ++t) mask[t] = col_mask(cols - (pp + t) * kPanel);
     if (stream) {
       StreamArgs a{};
@@ -444,6 +472,7 @@ void gemm_wonly_avx512(const float* x, std::int64_t ldx, std::int64_t m, const Q
       a.sstride = ng * kPanel;
       a.out = out + pp * kPanel;
       a.ldo = ldo;
+#pragma GCC unroll 8
       for (int t = 0; t < kNP; ++t) a.mask[t] = mask[t];
       stream_kernel(static_cast<int>(m), np)(a);
       continue;
@@ -456,6 +485,7 @@ void gemm_wonly_avx512(const float* x, std::int64_t ldx, std::int64_t m, const Q
         for (std::int64_t q = 0; q < nq; ++q) {
           const __m512i v = _mm512_loadu_si512(wp + (q0 + q) * 64);
           const __m512 scv = _mm512_loadu_ps(sp + (q0 + q) / qpg * kPanel);
+#pragma GCC unroll 8
           for (int j = 0; j < 4; ++j)
             _mm512_store_ps(buf + (4 * q + j) * 64 + 16 * t, _mm512_mul_ps(widen_byte(v, j), scv));
         }

@@ -123,7 +123,10 @@ void gemm_w8a8_portable(const std::uint8_t* xq, std::int64_t ldq, const float* x
         std::int64_t isum = 0;
         for (std::int64_t c = g * w.group; c < (g + 1) * w.group; ++c)
           isum += (std::int64_t{xi[c]} - 128) * w.data[packed_index(j, c, kq)];
-        acc += static_cast<float>(isum) * sc[g];
+        // The vector paths' rounding exactly (a product, then fused multiply-adds), so every
+        // path gives bit-identical W8A8 results.
+        const float f = static_cast<float>(isum);
+        acc = g == 0 ? f * sc[g] : std::fma(f, sc[g], acc);
       }
       out[i * ldo + jj] = acc * xs[i];
     }

@@ -123,7 +123,8 @@ class Checkpoint {
   /// take_q packed for the backend's kernels, the file's pages released.
   QuantizedTensor take_packed(const std::string& name) {
     QuantizedTensor q = backend_.pack_quantized(take_q(name));
-    if (q.is_packed()) st_.release(name);
+    // Row-major int8 on the CPU aliases the mapping; anything else is a copy.
+    if (q.is_packed() || backend_.device().kind != DeviceKind::cpu) st_.release(name);
     return q;
   }
 

@@ -23,15 +23,16 @@ struct CudaBackendOptions {
   bool check_values = true;
 };
 
-/// CUDA backend: kernels on one stream of one device, FP32 GEMMs through cuBLAS, device
-/// memory from a caching pool (cudaMalloc, never managed memory). Calls are asynchronous
-/// except those that return data to the host (copy_to_host), validate device values (see
-/// CudaBackendOptions::check_values) or plan from device data (grouped_gemm reads offsets);
-/// copy_from_host returns once the host buffer may be reused. Results match CpuBackend within
-/// floating-point tolerance; conversions, fill_uniform, routing choices and dispatch plans
-/// match it exactly. Only Layout::row_major weights. Every CUDA or cuBLAS failure is an
-/// autoglm::Error (ErrorCode::device) naming the call and its status. Tensors must not
-/// outlive the backend that made them.
+/// CUDA backend: kernels on one stream of one device, FP32 GEMMs through cuBLAS, INT8 GEMMs
+/// (weight-only and W8A8) in its own kernels, device memory from a caching pool (cudaMalloc,
+/// never managed memory). Calls are asynchronous except those that return data to the host
+/// (copy_to_host), validate device values (see CudaBackendOptions::check_values) or plan from
+/// device data (grouped_gemm and grouped_qgemm read offsets); copy_from_host returns once the
+/// host buffer may be reused. Results match CpuBackend within floating-point tolerance;
+/// conversions, fill_uniform, routing choices, dispatch plans, int8 embedding lookups and the
+/// W8A8 activation quantisation match it exactly. Only Layout::row_major weights. Every CUDA
+/// or cuBLAS failure is an autoglm::Error (ErrorCode::device) naming the call and its status.
+/// Tensors must not outlive the backend that made them.
 class CudaBackend final : public Backend {
  public:
   /// Creates a stream and a cuBLAS handle on options.device; Error (device) when there is no
@@ -63,6 +64,16 @@ class CudaBackend final : public Backend {
 
   void gemm(TensorView a, TensorView b, TensorView c, GemmParams p = {}) override;
   void grouped_gemm(TensorView x, TensorView w, TensorView offsets, TensorView out) override;
+
+  // INT8 weights stay row-major on the device (pack_quantized and quantized_to_host are the
+  // Backend defaults). Both activation modes, with the CPU's semantics (docs/cuda.md).
+  /// Int8 GEMM: a warp per output column for up to 8 rows, shared-memory tiles above.
+  void qgemm(TensorView a, const QuantizedTensor& w, TensorView c) override;
+  /// Grouped int8 GEMM; reads the offsets to the host (one synchronisation) as grouped_gemm.
+  void grouped_qgemm(TensorView x, const QuantizedTensor& w, TensorView offsets,
+                     TensorView out) override;
+  /// Int8 embedding lookup, dequantised; ids are checked as embedding checks them.
+  void qembedding(const QuantizedTensor& table, TensorView ids, TensorView out) override;
 
   void route_topk(TensorView logits, TensorView bias, const RouteParams& p, TensorView ids,
                   TensorView weights, TensorView stats) override;

@@ -91,7 +91,10 @@ class QuantizedTensor {
   /// Input columns per scale.
   std::int64_t group() const noexcept { return spec_.group_of(shape_[shape_.rank() - 1]); }
   /// Scales per row.
-  std::int64_t groups() const noexcept { return shape_[shape_.rank() - 1] / group(); }
+  std::int64_t groups() const noexcept {
+    const std::int64_t k = shape_[shape_.rank() - 1];
+    return k == 0 ? 0 : k / group();
+  }
   /// True when data() is in a backend's kernel layout rather than row-major.
   bool is_packed() const noexcept { return packed_; }
   /// Int8 data (row-major [..., N, K] unless packed).
