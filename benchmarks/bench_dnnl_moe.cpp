@@ -14,7 +14,7 @@
 // the comparison favours oneDNN. Cold caches as in bench_moe_layer: a 1 GiB buffer is read
 // before every timed call (AUTOGLM_BENCH_FLUSH_MB). oneDNN threads: OpenMP, --threads (2).
 //
-// Counters: GOPS (2 * active MACs / s), tokens/s.
+// Counters: GOPS (2 * active MACs / s), tokens/s, tokens, experts_hit, active_macs.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -154,6 +154,7 @@ void BM_DnnlMoE(benchmark::State& state, const ModelSpec* m, std::int64_t T) {
   state.SetLabel(m->name);
   state.counters["GOPS"] = C(2.0 * macs * 1e-9, C::kIsIterationInvariantRate);
   state.counters["tokens/s"] = C(static_cast<double>(T), C::kIsIterationInvariantRate);
+  state.counters["tokens"] = C(static_cast<double>(T));
   state.counters["experts_hit"] = C(static_cast<double>(hit));
   state.counters["active_macs"] = C(macs);
 }

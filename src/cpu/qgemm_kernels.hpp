@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // INT8 GEMM kernels of the CPU backend: out[m, n] = x[m, :] . dequant(w[n, :]) for int8 weights
 // with one f32 scale per (output row, group of `group` input columns); per-channel is
-// group == k. Three paths, chosen at run time from the CPU's features (AVX-512 VNNI, AVX2,
-// portable); every path reads the same packed weight layout, so weights are packed once.
+// group == k. Three paths, chosen at run time from the CPU's features (AVX-512 VNNI, with AMX
+// tiles for W8A8 of >= 16 rows where the CPU and the OS allow them, AUTOGLM_Q8_AMX=0 to disable;
+// AVX2; portable); every path reads the same packed weight layout, so weights are packed once.
 #pragma once
 
 #include <cstdint>
