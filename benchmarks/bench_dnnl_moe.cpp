@@ -139,8 +139,8 @@ void BM_DnnlMoE(benchmark::State& state, const ModelSpec* m, std::int64_t T) {
   }
   auto run = [&] {
     for (Gemm& g : gemms)
-      g.prim.execute(strm, {{DNNL_ARG_SRC, g.src}, {DNNL_ARG_WEIGHTS, g.weights},
-                            {DNNL_ARG_DST, g.dst}});
+      g.prim.execute(strm,
+                     {{DNNL_ARG_SRC, g.src}, {DNNL_ARG_WEIGHTS, g.weights}, {DNNL_ARG_DST, g.dst}});
     strm.wait();
   };
   run();  // warm-up: OpenMP threads, first touch
@@ -176,8 +176,8 @@ int main(int argc, char** argv) {
   for (const ModelSpec& m : models)
     for (std::int64_t T : autoglm_bench::token_counts())
       benchmark::RegisterBenchmark(
-          ("DnnlMoE/" + std::string(m.name) + "/tokens:" + std::to_string(T)).c_str(),
-          BM_DnnlMoE, &m, T)
+          ("DnnlMoE/" + std::string(m.name) + "/tokens:" + std::to_string(T)).c_str(), BM_DnnlMoE,
+          &m, T)
           ->UseRealTime()
           ->MinTime(0.5)
           ->Unit(benchmark::kMillisecond);

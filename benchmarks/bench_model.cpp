@@ -19,10 +19,10 @@
 // getrusage ru_maxrss) and the current RSS split into anonymous and file-backed (mmap) pages
 // (/proc/self/status RssAnon / RssFile). The peak reported is VmHWM: Linux carries ru_maxrss
 // over fork + exec, so under a parent that was larger (compare_model.py after transformers)
-// ru_maxrss is the parent's peak, not this process's. --memory-only stops after that (no benchmarks), so the
-// peak is the load's and one prefill's alone. --dump-logits writes the prefill's last-position
-// logits as raw little-endian float32 (tools/bench/compare_model.py compares them with
-// transformers').
+// ru_maxrss is the parent's peak, not this process's. --memory-only stops after that (no
+// benchmarks), so the peak is the load's and one prefill's alone. --dump-logits writes the
+// prefill's last-position logits as raw little-endian float32 (tools/bench/compare_model.py
+// compares them with transformers').
 //
 // Threads: --threads=N, else AUTOGLM_THREADS, else 2. tools/bench/compare_model.py runs this
 // against transformers eager on the same checkpoint.
@@ -85,18 +85,25 @@ ModelArgs parse_model_args(int& argc, char** argv) {
       if (s.rfind(f, 0) == 0) return s.substr(f.size());
       return std::nullopt;
     };
-    if (auto v = value("--model")) a.model = *v;
-    else if (auto v = value("--prompt")) a.prompt = to_long("--prompt", *v);
-    else if (auto v = value("--decode")) a.decode = to_long("--decode", *v);
-    else if (auto v = value("--greedy")) a.greedy = to_long("--greedy", *v);
-    else if (auto v = value("--dump-logits")) a.dump_logits = *v;
+    if (auto v = value("--model"))
+      a.model = *v;
+    else if (auto v = value("--prompt"))
+      a.prompt = to_long("--prompt", *v);
+    else if (auto v = value("--decode"))
+      a.decode = to_long("--decode", *v);
+    else if (auto v = value("--greedy"))
+      a.greedy = to_long("--greedy", *v);
+    else if (auto v = value("--dump-logits"))
+      a.dump_logits = *v;
     else if (auto v = value("--tokens")) {
       std::stringstream ss(*v);
       std::string item;
       while (std::getline(ss, item, ','))
         a.tokens.push_back(static_cast<std::int32_t>(to_long("--tokens", item)));
-    } else if (s == "--memory-only") a.memory_only = true;
-    else argv[out++] = argv[i];
+    } else if (s == "--memory-only")
+      a.memory_only = true;
+    else
+      argv[out++] = argv[i];
   }
   argc = out;
   if (a.model.empty()) die("--model=DIR (or AUTOGLM_BENCH_MODEL) is required");
@@ -288,19 +295,20 @@ int main(int argc, char** argv) {
     benchmark::AddCustomContext("autoglm_version", AUTOGLM_VERSION_STRING);
     benchmark::AddCustomContext("autoglm_threads", std::to_string(backend.num_threads()));
     benchmark::AddCustomContext("autoglm_model", info.str());
-    std::fprintf(stderr,
-                 "bench_model: %s: %lld layers, %.2f GiB checkpoint, loaded in %.2f s; peak RSS "
-                 "(VmHWM) after load %.2f GiB (%.2fx), after a prefill %.2f GiB (%.2fx); RSS now %.2f GiB "
-                 "(anon %.2f, file %.2f)\n",
-                 a.model.c_str(), static_cast<long long>(model.num_layers()),
-                 static_cast<double>(bytes) / (1 << 30), load_s,
-                 static_cast<double>(loaded.hwm_kib) / (1 << 20),
-                 static_cast<double>(loaded.hwm_kib) * 1024 / static_cast<double>(bytes),
-                 static_cast<double>(prefilled.hwm_kib) / (1 << 20),
-                 static_cast<double>(prefilled.hwm_kib) * 1024 / static_cast<double>(bytes),
-                 static_cast<double>(prefilled.rss_kib) / (1 << 20),
-                 static_cast<double>(prefilled.anon_kib) / (1 << 20),
-                 static_cast<double>(prefilled.file_kib) / (1 << 20));
+    std::fprintf(
+        stderr,
+        "bench_model: %s: %lld layers, %.2f GiB checkpoint, loaded in %.2f s; peak RSS "
+        "(VmHWM) after load %.2f GiB (%.2fx), after a prefill %.2f GiB (%.2fx); RSS now %.2f GiB "
+        "(anon %.2f, file %.2f)\n",
+        a.model.c_str(), static_cast<long long>(model.num_layers()),
+        static_cast<double>(bytes) / (1 << 30), load_s,
+        static_cast<double>(loaded.hwm_kib) / (1 << 20),
+        static_cast<double>(loaded.hwm_kib) * 1024 / static_cast<double>(bytes),
+        static_cast<double>(prefilled.hwm_kib) / (1 << 20),
+        static_cast<double>(prefilled.hwm_kib) * 1024 / static_cast<double>(bytes),
+        static_cast<double>(prefilled.rss_kib) / (1 << 20),
+        static_cast<double>(prefilled.anon_kib) / (1 << 20),
+        static_cast<double>(prefilled.file_kib) / (1 << 20));
     std::fprintf(stderr, "bench_model: greedy %s\n", ids_json(greedy).c_str());
 
     if (a.memory_only) {

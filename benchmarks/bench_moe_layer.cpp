@@ -137,8 +137,9 @@ const Layer& acquire(const ModelSpec& m, Precision p = Precision::fp32) {
   if (p == Precision::fp32) return *g_live.layer;
   std::optional<Layer>& q = p == Precision::int8_w8a8 ? g_live.w8a8 : g_live.wonly;
   if (!q) {
-    const autoglm::QuantSpec spec{0, p == Precision::int8_w8a8 ? autoglm::ActivationMode::w8a8
-                                                               : autoglm::ActivationMode::weight_only};
+    const autoglm::QuantSpec spec{0, p == Precision::int8_w8a8
+                                         ? autoglm::ActivationMode::w8a8
+                                         : autoglm::ActivationMode::weight_only};
     q.emplace(g_live.layer->quantized(*g_backend, spec));
   }
   return *q;
@@ -227,11 +228,11 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("autoglm_version", AUTOGLM_VERSION_STRING);
   benchmark::AddCustomContext("autoglm_threads", std::to_string(backend.num_threads()));
   benchmark::AddCustomContext("autoglm_models", autoglm_bench::specs_json(models));
-  benchmark::AddCustomContext(
-      "autoglm_seeds", "{\"router\":" + std::to_string(Seeds::router) +
-                           ",\"experts\":" + std::to_string(Seeds::experts) +
-                           ",\"shared\":" + std::to_string(Seeds::shared) +
-                           ",\"input\":" + std::to_string(Seeds::input) + "}");
+  benchmark::AddCustomContext("autoglm_seeds",
+                              "{\"router\":" + std::to_string(Seeds::router) +
+                                  ",\"experts\":" + std::to_string(Seeds::experts) +
+                                  ",\"shared\":" + std::to_string(Seeds::shared) +
+                                  ",\"input\":" + std::to_string(Seeds::input) + "}");
 
   // Model-major order: each model is built once and freed before the next.
   const std::pair<const char*, Precision> precisions[] = {
@@ -242,8 +243,8 @@ int main(int argc, char** argv) {
     for (const auto& [prefix, p] : precisions)
       for (std::int64_t T : autoglm_bench::token_counts())
         benchmark::RegisterBenchmark(
-            (prefix + std::string(m.name) + "/tokens:" + std::to_string(T)).c_str(),
-            BM_MoELayer, &m, T, p)
+            (prefix + std::string(m.name) + "/tokens:" + std::to_string(T)).c_str(), BM_MoELayer,
+            &m, T, p)
             ->UseRealTime()
             ->MinTime(0.5)
             ->Unit(benchmark::kMillisecond);

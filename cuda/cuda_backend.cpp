@@ -32,7 +32,9 @@ std::size_t rounded_size(std::size_t bytes) {
   return (std::max<std::size_t>(bytes, 1) + step - 1) / step * step;
 }
 
-bool is_float(DType t) { return t == DType::f32 || t == DType::f16 || t == DType::bf16; }
+bool is_float(DType t) {
+  return t == DType::f32 || t == DType::f16 || t == DType::bf16;
+}
 
 // Every layout other than row_major is refused with the same words.
 void expect_row_major(std::string_view fn, std::string_view arg, const TensorView& t) {
@@ -66,8 +68,8 @@ void* CudaBackend::Impl::take(std::size_t bytes) {
   }
   if (st == cudaErrorMemoryAllocation) {
     (void)cudaGetLastError();
-    detail::fail(ErrorCode::device, "CudaBackend::allocate", "out of memory for {} bytes on cuda:{}",
-                 bytes, device);
+    detail::fail(ErrorCode::device, "CudaBackend::allocate",
+                 "out of memory for {} bytes on cuda:{}", bytes, device);
   }
   cuda_detail::check(st, "cudaMalloc");
   std::lock_guard lock(pool_mutex);
@@ -152,14 +154,18 @@ CudaBackend::~CudaBackend() {
   (void)cudaStreamDestroy(m.stream);
 }
 
-Device CudaBackend::device() const noexcept { return Device{DeviceKind::cuda, impl_->device}; }
+Device CudaBackend::device() const noexcept {
+  return Device{DeviceKind::cuda, impl_->device};
+}
 
 void* CudaBackend::allocate(std::size_t bytes) {
   impl_->activate();
   return impl_->take(bytes);
 }
 
-void CudaBackend::deallocate(void* ptr) noexcept { impl_->give(ptr); }
+void CudaBackend::deallocate(void* ptr) noexcept {
+  impl_->give(ptr);
+}
 
 void CudaBackend::synchronize() {
   impl_->activate();
@@ -199,8 +205,8 @@ void CudaBackend::relayout(TensorView src, TensorView dst) {
   expect_same_shape(fn, "src", src, "dst", dst);
   AUTOGLM_CHECK(src.rank() >= 2, shape_mismatch, fn, "weights need rank >= 2, got {}",
                 src.shape.str());
-  AUTOGLM_CHECK(src.layout == Layout::row_major && dst.layout == Layout::row_major, unsupported,
-                fn, "backend cuda has no other layouts than row_major");
+  AUTOGLM_CHECK(src.layout == Layout::row_major && dst.layout == Layout::row_major, unsupported, fn,
+                "backend cuda has no other layouts than row_major");
   if (src.data == dst.data || src.nbytes() == 0) return;
   Impl& m = *impl_;
   m.activate();
@@ -227,7 +233,7 @@ void CudaBackend::convert(TensorView src, TensorView dst) {
                 "cannot convert {} to {}", dtype_name(src.dtype), dtype_name(dst.dtype));
   m.activate();
   kern::convert(src.data, static_cast<int>(src.dtype), dst.data, static_cast<int>(dst.dtype),
-             src.numel(), m.stream);
+                src.numel(), m.stream);
   Impl::launched("convert");
 }
 
@@ -314,7 +320,8 @@ void CudaBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, T
     // One GEMM per active expert: out rows = x rows * W_e^T (see gemm for the transposition).
     AUTOGLM_CUDA(cublasSgemm, m.blas, CUBLAS_OP_T, CUBLAS_OP_N, n,
                  cuda_detail::checked_int(er.rows, fn, "rows"), kk, &one,
-                 w.as<float>() + er.expert * N * K, kk, x.as<float>() + er.row0 * K, kk, &zero, o, n);
+                 w.as<float>() + er.expert * N * K, kk, x.as<float>() + er.row0 * K, kk, &zero, o,
+                 n);
   }
 }
 
@@ -334,7 +341,11 @@ kern::QMatrix qmatrix(const QuantizedTensor& w, std::int64_t e) {
   const int r = w.shape().rank();
   const std::int64_t n = w.dim(r - 2), k = w.dim(r - 1), groups = w.groups();
   return kern::QMatrix{w.data().data<std::int8_t>() + e * n * k,
-                       w.scales().data<float>() + e * n * groups, n, k, w.group(), groups};
+                       w.scales().data<float>() + e * n * groups,
+                       n,
+                       k,
+                       w.group(),
+                       groups};
 }
 
 // One int8 product of `rows` rows ready to launch: the matrix, where its rows of x (or of
@@ -364,8 +375,7 @@ void run_products(CudaBackend& backend, Impl& m, const QuantizedTensor& w,
                   std::int64_t k, float* out) {
   if (w.spec().mode == ActivationMode::weight_only) {
     for (const QProduct& p : products) {
-      kern::qgemm_weight_only(x + p.row0 * k, p.rows, p.w, out + p.row0 * p.w.n, p.plan,
-                              m.stream);
+      kern::qgemm_weight_only(x + p.row0 * k, p.rows, p.w, out + p.row0 * p.w.n, p.plan, m.stream);
       Impl::launched("qgemm_weight_only");
     }
     return;
@@ -376,8 +386,8 @@ void run_products(CudaBackend& backend, Impl& m, const QuantizedTensor& w,
   kern::quantize_activations(x, rows, k, xq.data<std::int8_t>(), ldq, xs.data<float>(), m.stream);
   Impl::launched("quantize_activations");
   for (const QProduct& p : products) {
-    kern::qgemm_w8a8(xq.data<std::int8_t>() + p.row0 * ldq, ldq, xs.data<float>() + p.row0,
-                     p.rows, p.w, out + p.row0 * p.w.n, p.plan, m.stream);
+    kern::qgemm_w8a8(xq.data<std::int8_t>() + p.row0 * ldq, ldq, xs.data<float>() + p.row0, p.rows,
+                     p.w, out + p.row0 * p.w.n, p.plan, m.stream);
     Impl::launched("qgemm_w8a8");
   }
 }
@@ -457,8 +467,7 @@ namespace {
 // Throws the CPU's "router logit [t, e] is v" Error when logits hold a non-finite value.
 // (Impl is deduced: a free function may not name the private CudaBackend::Impl.)
 template <typename Impl>
-void check_logits(Impl& m, std::string_view fn, const TensorView& logits,
-                  std::int64_t E) {
+void check_logits(Impl& m, std::string_view fn, const TensorView& logits, std::int64_t E) {
   if (!m.check_values || logits.empty()) return;
   const std::uint64_t i = m.first_failure([&](unsigned long long* flag) {
     kern::find_nonfinite(logits.as<float>(), logits.numel(), flag, m.stream);
@@ -508,17 +517,17 @@ void CudaBackend::route_topk(TensorView logits, TensorView bias, const RoutePara
   }
   Tensor partial(*this, DType::f32, Shape{T, E + 1});
   const kern::RouteArgs args{p.score == ScoreFunc::sigmoid ? 1 : 0,
-                          p.top_k,
-                          p.renormalize ? 1 : 0,
-                          p.renorm_epsilon,
-                          p.routed_scaling,
-                          p.n_group,
-                          p.topk_group,
-                          p.group_mask == GroupMask::neg_inf ? 1 : 0,
-                          p.noise_std,
-                          p.seed};
+                             p.top_k,
+                             p.renormalize ? 1 : 0,
+                             p.renorm_epsilon,
+                             p.routed_scaling,
+                             p.n_group,
+                             p.topk_group,
+                             p.group_mask == GroupMask::neg_inf ? 1 : 0,
+                             p.noise_std,
+                             p.seed};
   kern::route_topk(logits.as<float>(), B, T, E, args, ids.as<std::int32_t>(), weights.as<float>(),
-                partial.data<float>(), shared, m.stream);
+                   partial.data<float>(), shared, m.stream);
   Impl::launched("route_topk");
   kern::reduce_columns(partial.data<float>(), T, E + 1, stats.as<float>(), m.stream);
   Impl::launched("reduce_columns");
@@ -551,7 +560,7 @@ void CudaBackend::route_expert_choice(TensorView logits, std::int64_t capacity, 
   kern::softmax_stats(logits.as<float>(), T, E, partial.data<float>(), m.stream);
   Impl::launched("softmax_stats");
   kern::expert_choice_select(partial.data<float>(), T, E, std::min(capacity, T),
-                          ids.as<std::int32_t>(), weights.as<float>(), m.stream);
+                             ids.as<std::int32_t>(), weights.as<float>(), m.stream);
   Impl::launched("expert_choice_select");
   kern::reduce_columns(partial.data<float>(), T, E + 1, stats.as<float>(), m.stream);
   Impl::launched("reduce_columns");
@@ -559,14 +568,15 @@ void CudaBackend::route_expert_choice(TensorView logits, std::int64_t capacity, 
 
 // ---------------------------------------------------------------------------- dispatch
 
-
 void CudaBackend::plan_dispatch(TensorView ids, std::int64_t capacity, TensorView counts,
                                 TensorView offsets, TensorView row_token, TensorView slot_row) {
   constexpr std::string_view fn = "CudaBackend::plan_dispatch";
   expect_matrix(fn, "ids", ids, device(), DType::i32);
   const std::int64_t T = ids.dim(0), kk = ids.dim(1);
-  for (auto [name, v] : {std::pair{"counts", &counts}, {"offsets", &offsets},
-                         {"row_token", &row_token}, {"slot_row", &slot_row}}) {
+  for (auto [name, v] : {std::pair{"counts", &counts},
+                         {"offsets", &offsets},
+                         {"row_token", &row_token},
+                         {"slot_row", &slot_row}}) {
     detail::expect_device(fn, name, *v, device());
     expect_dtype(fn, name, *v, DType::i32);
   }
@@ -587,12 +597,12 @@ void CudaBackend::plan_dispatch(TensorView ids, std::int64_t capacity, TensorVie
   }
   const std::int64_t cap = capacity <= 0 ? std::numeric_limits<std::int64_t>::max() : capacity;
   kern::dispatch_rank(ids.as<std::int32_t>(), T, kk, E, cap, counts.as<std::int32_t>(),
-                   slot_row.as<std::int32_t>(), m.stream);
+                      slot_row.as<std::int32_t>(), m.stream);
   Impl::launched("dispatch_rank");
   kern::dispatch_offsets(counts.as<std::int32_t>(), E, offsets.as<std::int32_t>(), m.stream);
   Impl::launched("dispatch_offsets");
   kern::dispatch_place(ids.as<std::int32_t>(), T * kk, kk, offsets.as<std::int32_t>(),
-                    slot_row.as<std::int32_t>(), row_token.as<std::int32_t>(), m.stream);
+                       slot_row.as<std::int32_t>(), row_token.as<std::int32_t>(), m.stream);
   Impl::launched("dispatch_place");
 }
 
@@ -612,7 +622,8 @@ void CudaBackend::gather_rows(TensorView x, TensorView row_token, TensorView out
   if (bad != cuda_detail::kNoFailure)
     detail::fail(ErrorCode::out_of_range, fn, "row {} names token {} of {}", bad,
                  m.element<std::int32_t>(row_token.data, bad), T);
-  kern::gather_rows(x.as<float>(), T, row_token.as<std::int32_t>(), R, d, out.as<float>(), m.stream);
+  kern::gather_rows(x.as<float>(), T, row_token.as<std::int32_t>(), R, d, out.as<float>(),
+                    m.stream);
   Impl::launched("gather_rows");
 }
 
@@ -636,7 +647,7 @@ void CudaBackend::combine(TensorView y, TensorView slot_row, TensorView weights,
     detail::fail(ErrorCode::out_of_range, fn, "slot {} names row {} of {}", bad,
                  m.element<std::int32_t>(slot_row.data, bad), R);
   kern::combine(y.as<float>(), R, slot_row.as<std::int32_t>(), weights.as<float>(), T, kk, d,
-             out.as<float>(), accumulate, m.stream);
+                out.as<float>(), accumulate, m.stream);
   Impl::launched("combine");
 }
 

@@ -52,8 +52,8 @@ struct CudaBackend::Impl {
   // size. Blocks are reused in stream order, so a block still read by queued kernels can be
   // handed out again at once; only cudaFree waits for the stream.
   std::mutex pool_mutex;
-  std::unordered_map<void*, std::size_t> live;     // allocated blocks and their sizes
-  std::multimap<std::size_t, void*> free_blocks;   // cached, by size
+  std::unordered_map<void*, std::size_t> live;    // allocated blocks and their sizes
+  std::multimap<std::size_t, void*> free_blocks;  // cached, by size
   std::size_t cached = 0;
   std::size_t cache_limit = 0;
 

@@ -102,7 +102,7 @@ void CudaBackend::add_scaled_rows(TensorView x, TensorView scale, RowScale f, Te
                 scale.numel());
   impl_->activate();
   kern::add_scaled_rows(x.as<float>(), scale.as<float>(), f == RowScale::sigmoid, T, d,
-                     out.as<float>(), impl_->stream);
+                        out.as<float>(), impl_->stream);
   Impl::launched("add_scaled_rows");
 }
 
@@ -119,7 +119,8 @@ void CudaBackend::embedding(TensorView table, TensorView ids, TensorView out) {
   m.activate();
   const std::uint64_t bad = m.first_out_of_range(ids, T, 0, V - 1);
   if (bad != cuda_detail::kNoFailure)
-    detail::fail(ErrorCode::out_of_range, fn, "token id {} at position {} outside vocabulary [0, {})",
+    detail::fail(ErrorCode::out_of_range, fn,
+                 "token id {} at position {} outside vocabulary [0, {})",
                  m.element<std::int32_t>(ids.data, bad), bad, V);
   kern::embedding(table.as<float>(), V, ids.as<std::int32_t>(), T, d, out.as<float>(), m.stream);
   Impl::launched("embedding");
@@ -146,8 +147,12 @@ void CudaBackend::qembedding(const QuantizedTensor& table, TensorView ids, Tenso
                  "token id {} at position {} outside vocabulary [0, {})",
                  m.element<std::int32_t>(ids.data, bad), bad, V);
   if (T == 0 || d == 0) return;  // (and table.groups() is undefined for d = 0 per channel)
-  const kern::QMatrix q{table.data().data<std::int8_t>(), table.scales().data<float>(), V, d,
-                        table.group(), table.groups()};
+  const kern::QMatrix q{table.data().data<std::int8_t>(),
+                        table.scales().data<float>(),
+                        V,
+                        d,
+                        table.group(),
+                        table.groups()};
   kern::qembedding(q, ids.as<std::int32_t>(), T, out.as<float>(), m.stream);
   Impl::launched("qembedding");
 }
@@ -187,11 +192,10 @@ void CudaBackend::copy_columns(TensorView src, std::int64_t src_col, TensorView 
   AUTOGLM_CHECK(src.dtype == dst.dtype, dtype_mismatch, fn, "src is {} but dst is {}",
                 dtype_name(src.dtype), dtype_name(dst.dtype));
   const std::int64_t R = src.dim(0), Cs = src.dim(1), Rd = dst.dim(0), Cd = dst.dim(1);
-  AUTOGLM_CHECK(width >= 0 && src_col >= 0 && dst_col >= 0 && src_col + width <= Cs &&
-                    dst_col + width <= Cd,
-                out_of_range, fn,
-                "columns [{}, {}) of src {} or [{}, {}) of dst {} are outside the matrix", src_col,
-                src_col + width, src.shape.str(), dst_col, dst_col + width, dst.shape.str());
+  AUTOGLM_CHECK(
+      width >= 0 && src_col >= 0 && dst_col >= 0 && src_col + width <= Cs && dst_col + width <= Cd,
+      out_of_range, fn, "columns [{}, {}) of src {} or [{}, {}) of dst {} are outside the matrix",
+      src_col, src_col + width, src.shape.str(), dst_col, dst_col + width, dst.shape.str());
   AUTOGLM_CHECK((R == 0 && Rd == 0) || (R > 0 && Rd % R == 0 && Rd >= R), shape_mismatch, fn,
                 "dst rows {} must be a positive multiple of src rows {}", Rd, R);
   if (Rd == 0 || width == 0) return;
@@ -210,7 +214,7 @@ void CudaBackend::copy_columns(TensorView src, std::int64_t src_col, TensorView 
     from = staged.view().data;
   }
   kern::copy_columns(from, Cs, src_col, dst.data, Rd, Cd, dst_col, width, Rd / R,
-                  static_cast<int>(dtype_size(src.dtype)), m.stream);
+                     static_cast<int>(dtype_size(src.dtype)), m.stream);
   Impl::launched("copy_columns");
 }
 
@@ -228,8 +232,8 @@ void CudaBackend::rope(TensorView x, TensorView positions, TensorView inv_freq,
   AUTOGLM_CHECK(positions.numel() == T, shape_mismatch, fn,
                 "positions must hold {} values (one per token), got shape {}", T,
                 positions.shape.str());
-  AUTOGLM_CHECK(p.offset >= 0 && p.offset <= D, out_of_range, fn,
-                "offset={} outside head_dim={}", p.offset, D);
+  AUTOGLM_CHECK(p.offset >= 0 && p.offset <= D, out_of_range, fn, "offset={} outside head_dim={}",
+                p.offset, D);
   const std::int64_t r = p.rotary_dim == 0 ? D - p.offset : p.rotary_dim;
   AUTOGLM_CHECK(r >= 2 && r % 2 == 0 && p.offset + r <= D, invalid_argument, fn,
                 "rotary_dim={} must be even, >= 2 and fit head_dim={} after offset={}", r, D,
@@ -249,8 +253,8 @@ void CudaBackend::rope(TensorView x, TensorView positions, TensorView inv_freq,
   if (bad != cuda_detail::kNoFailure)
     detail::fail(ErrorCode::out_of_range, fn, "position {} of token {} is negative",
                  m.element<std::int32_t>(positions.data, bad), bad);
-  kern::rope(x.as<float>(), positions.as<std::int32_t>(), inv_freq.as<float>(), T, H, D, p.offset, r,
-          p.interleaved, p.attention_factor, m.stream);
+  kern::rope(x.as<float>(), positions.as<std::int32_t>(), inv_freq.as<float>(), T, H, D, p.offset,
+             r, p.interleaved, p.attention_factor, m.stream);
   Impl::launched("rope");
 }
 
@@ -293,9 +297,9 @@ void CudaBackend::attention(TensorView q, TensorView k, TensorView v, TensorView
   if (bad != cuda_detail::kNoFailure)
     detail::fail(ErrorCode::out_of_range, fn, "position {} of query {} is negative",
                  m.element<std::int32_t>(positions.data, bad), bad);
-  kern::attention(q.as<float>(), k.as<float>(), v.as<float>(), positions.as<std::int32_t>(), T, Hq, S,
-               Hkv, D, Dv, p.scale, p.causal, p.window, out.as<float>(), kAttentionWarps, shared,
-               m.stream);
+  kern::attention(q.as<float>(), k.as<float>(), v.as<float>(), positions.as<std::int32_t>(), T, Hq,
+                  S, Hkv, D, Dv, p.scale, p.causal, p.window, out.as<float>(), kAttentionWarps,
+                  shared, m.stream);
   Impl::launched("attention");
 }
 

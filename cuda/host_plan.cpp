@@ -50,8 +50,8 @@ std::size_t attention_shared_bytes(std::int64_t D, std::int64_t Dv, std::uint32_
   return static_cast<std::size_t>(D + warps * (2 + Dv)) * 4;
 }
 
-QGemmPlan plan_qgemm(std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t group,
-                     bool w8a8, bool vec16, std::string_view fn) {
+QGemmPlan plan_qgemm(std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t group, bool w8a8,
+                     bool vec16, std::string_view fn) {
   AUTOGLM_CHECK(!w8a8 || group <= kMaxInt32DotLength, unsupported, fn,
                 "{} columns per scale exceed the {} that W8A8 sums in int32", group,
                 kMaxInt32DotLength);

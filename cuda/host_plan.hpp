@@ -59,7 +59,8 @@ inline constexpr std::int64_t kMaxAttentionValueDim = 32 * 16;
 
 /// Dynamic shared memory bytes of the attention kernel: the query row, and per warp its
 /// running max, sum and value accumulator.
-std::size_t attention_shared_bytes(std::int64_t head_dim, std::int64_t value_dim, std::uint32_t warps);
+std::size_t attention_shared_bytes(std::int64_t head_dim, std::int64_t value_dim,
+                                   std::uint32_t warps);
 
 // ---------------------------------------------------------------- int8 GEMM (qgemm)
 
@@ -98,8 +99,8 @@ struct QGemmPlan {
 /// `group` is the scale group (k per channel) and `w8a8` the activation mode. Errors
 /// (unsupported, naming fn): k beyond kMaxQGemmDepth, a grid beyond CUDA's limits, or a W8A8
 /// group longer than kMaxInt32DotLength.
-QGemmPlan plan_qgemm(std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t group,
-                     bool w8a8, bool vec16, std::string_view fn);
+QGemmPlan plan_qgemm(std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t group, bool w8a8,
+                     bool vec16, std::string_view fn);
 
 /// Whether the 16-byte vector path applies to weight rows of k int8 (and f32 activation rows
 /// of k floats): k % 16 == 0 and the weight and activation base addresses 16-byte aligned

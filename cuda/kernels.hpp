@@ -37,14 +37,14 @@ void find_out_of_range(const std::int32_t* p, i64 n, std::int32_t lo, std::int32
 // ---------------------------------------------------------------- routing (kernels_core.cu)
 /// RouteParams in plain types.
 struct RouteArgs {
-  int sigmoid;          ///< 0: softmax scores, 1: sigmoid scores
+  int sigmoid;  ///< 0: softmax scores, 1: sigmoid scores
   int top_k;
   int renormalize;
   float renorm_epsilon;
   float routed_scaling;
   int n_group;
   int topk_group;
-  int mask_neg_inf;     ///< 1: discarded groups -inf, 0: 0.0
+  int mask_neg_inf;  ///< 1: discarded groups -inf, 0: 0.0
   float noise_std;
   std::uint64_t seed;
 };
@@ -96,8 +96,8 @@ void clamp(float* x, i64 n, float lo, float hi, cudaStream_t s);
 void copy_columns(const void* src, i64 Cs, i64 src_col, void* dst, i64 Rd, i64 Cd, i64 dst_col,
                   i64 width, i64 g, int elem, cudaStream_t s);
 /// Rotary embedding in place on x [T, H, D], dimensions [offset, offset + r) of each head.
-void rope(float* x, const std::int32_t* pos, const float* inv_freq, i64 T, i64 H, i64 D,
-          i64 offset, i64 r, bool interleaved, float attention_factor, cudaStream_t s);
+void rope(float* x, const std::int32_t* pos, const float* inv_freq, i64 T, i64 H, i64 D, i64 offset,
+          i64 r, bool interleaved, float attention_factor, cudaStream_t s);
 /// Grouped-query attention, one block of `warps` warps per (query, head), online softmax.
 void attention(const float* q, const float* k, const float* v, const std::int32_t* pos, i64 T,
                i64 Hq, i64 S, i64 Hkv, i64 D, i64 Dv, float scale, bool causal, i64 window,

@@ -115,7 +115,8 @@ __global__ void fill_uniform_kernel(float* p, dev::i64 n, std::uint64_t seed, fl
 }
 
 __global__ void scale_kernel(float* p, dev::i64 n, float beta) {
-  for (dev::i64 i = grid_start(); i < n; i += grid_stride()) p[i] = beta == 0.0f ? 0.0f : p[i] * beta;
+  for (dev::i64 i = grid_start(); i < n; i += grid_stride())
+    p[i] = beta == 0.0f ? 0.0f : p[i] * beta;
 }
 
 // ------------------------------------------------------------------ value checks
@@ -181,7 +182,8 @@ __global__ void route_topk_kernel(const float* logits, const float* bias, int E,
   for (int e = tid; e < E; e += bd) {
     float l = L[e];
     if (a.noise_std > 0.0f)
-      l = __fadd_rn(l, __fmul_rn(a.noise_std, normal(a.seed, static_cast<std::uint64_t>(t * E + e))));
+      l = __fadd_rn(l,
+                    __fmul_rn(a.noise_std, normal(a.seed, static_cast<std::uint64_t>(t * E + e))));
     sel[e] = l;
   }
   // 2. scores and logsumexp.
@@ -230,7 +232,8 @@ __global__ void route_topk_kernel(const float* logits, const float* bias, int E,
       for (int r = 0; r < a.topk_group; ++r) {
         int best = -1;
         for (int g = 0; g < a.n_group; ++g)
-          if (!gkeep[g] && ranks_before(gscore[g], g, best < 0 ? 0.0f : gscore[best], best)) best = g;
+          if (!gkeep[g] && ranks_before(gscore[g], g, best < 0 ? 0.0f : gscore[best], best))
+            best = g;
         gkeep[best] = 1;
       }
     }
@@ -309,7 +312,8 @@ __global__ void expert_choice_kernel(const float* P, dev::i64 T, dev::i64 E, dev
   }
 }
 
-__global__ void reduce_columns_kernel(const float* partial, dev::i64 rows, dev::i64 cols, float* out) {
+__global__ void reduce_columns_kernel(const float* partial, dev::i64 rows, dev::i64 cols,
+                                      float* out) {
   __shared__ float red[32];
   const dev::i64 c = blockIdx.x;
   float s = 0.0f;
@@ -354,7 +358,8 @@ __global__ void dispatch_rank_kernel(const std::int32_t* ids, dev::i64 T, dev::i
     running += total;
     __syncthreads();  // warp_count is rewritten next round
   }
-  if (threadIdx.x == 0 && e >= 0) counts[e] = static_cast<std::int32_t>(running < cap ? running : cap);
+  if (threadIdx.x == 0 && e >= 0)
+    counts[e] = static_cast<std::int32_t>(running < cap ? running : cap);
 }
 
 __global__ void dispatch_offsets_kernel(const std::int32_t* counts, dev::i64 E, std::int32_t* off) {
@@ -409,11 +414,15 @@ void grid_launch(Kernel kernel, dev::i64 n, cudaStream_t s, Args... args) {
 void convert(const void* src, int sc, void* dst, int dc, i64 n, cudaStream_t s) {
   grid_launch(convert_kernel, n, s, src, sc, dst, dc, n);
 }
-void fill(float* p, i64 n, float v, cudaStream_t s) { grid_launch(fill_kernel, n, s, p, n, v); }
+void fill(float* p, i64 n, float v, cudaStream_t s) {
+  grid_launch(fill_kernel, n, s, p, n, v);
+}
 void fill_uniform(float* p, i64 n, std::uint64_t seed, float scale, cudaStream_t s) {
   grid_launch(fill_uniform_kernel, n, s, p, n, seed, scale);
 }
-void scale(float* p, i64 n, float beta, cudaStream_t s) { grid_launch(scale_kernel, n, s, p, n, beta); }
+void scale(float* p, i64 n, float beta, cudaStream_t s) {
+  grid_launch(scale_kernel, n, s, p, n, beta);
+}
 void find_nonfinite(const float* p, i64 n, unsigned long long* first, cudaStream_t s) {
   grid_launch(nonfinite_kernel, n, s, p, n, first);
 }
@@ -437,7 +446,8 @@ void softmax_stats(const float* logits, i64 T, i64 E, float* partial, cudaStream
 void expert_choice_select(const float* partial, i64 T, i64 E, i64 C, std::int32_t* ids,
                           float* weights, cudaStream_t s) {
   const cuda_detail::LaunchConfig lc = cuda_detail::elementwise_launch(T, 64);
-  if (lc.grid > 0) expert_choice_kernel<<<lc.grid, lc.block, 0, s>>>(partial, T, E, C, ids, weights);
+  if (lc.grid > 0)
+    expert_choice_kernel<<<lc.grid, lc.block, 0, s>>>(partial, T, E, C, ids, weights);
 }
 void reduce_columns(const float* partial, i64 rows, i64 cols, float* out, cudaStream_t s) {
   if (cols <= 0) return;
@@ -447,7 +457,7 @@ void reduce_columns(const float* partial, i64 rows, i64 cols, float* out, cudaSt
 void dispatch_rank(const std::int32_t* ids, i64 T, i64 k, i64 E, i64 cap, std::int32_t* counts,
                    std::int32_t* slot_row, cudaStream_t s) {
   dispatch_rank_kernel<<<static_cast<unsigned>(E + 1), kRankThreads, 0, s>>>(ids, T, k, E, cap,
-                                                                            counts, slot_row);
+                                                                             counts, slot_row);
 }
 void dispatch_offsets(const std::int32_t* counts, i64 E, std::int32_t* offsets, cudaStream_t s) {
   dispatch_offsets_kernel<<<1, 1, 0, s>>>(counts, E, offsets);

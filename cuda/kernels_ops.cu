@@ -64,15 +64,16 @@ __global__ void add_scaled_rows_kernel(const float* x, const float* scale, bool 
   }
 }
 
-__global__ void embedding_kernel(const float* table, dev::i64 V, const std::int32_t* ids, dev::i64 T,
-                                 dev::i64 d, float* out) {
+__global__ void embedding_kernel(const float* table, dev::i64 V, const std::int32_t* ids,
+                                 dev::i64 T, dev::i64 d, float* out) {
   for (dev::i64 i = grid_start(); i < T * d; i += grid_stride()) {
     const std::int32_t id = ids[i / d];
     out[i] = id >= 0 && id < V ? table[id * d + i % d] : 0.0f;
   }
 }
 
-__global__ void add_bias_kernel(const float* x, const float* b, dev::i64 R, dev::i64 N, float* out) {
+__global__ void add_bias_kernel(const float* x, const float* b, dev::i64 R, dev::i64 N,
+                                float* out) {
   for (dev::i64 i = grid_start(); i < R * N; i += grid_stride()) out[i] = x[i] + b[i % N];
 }
 
@@ -86,8 +87,9 @@ __global__ void clamp_kernel(float* x, dev::i64 n, float lo, float hi) {
 }
 
 template <typename T>
-__global__ void copy_columns_kernel(const T* src, dev::i64 Cs, dev::i64 src_col, T* dst, dev::i64 Rd,
-                                    dev::i64 Cd, dev::i64 dst_col, dev::i64 width, dev::i64 g) {
+__global__ void copy_columns_kernel(const T* src, dev::i64 Cs, dev::i64 src_col, T* dst,
+                                    dev::i64 Rd, dev::i64 Cd, dev::i64 dst_col, dev::i64 width,
+                                    dev::i64 g) {
   for (dev::i64 i = grid_start(); i < Rd * width; i += grid_stride()) {
     const dev::i64 r = i / width, j = i % width;
     dst[r * Cd + dst_col + j] = src[(r / g) * Cs + src_col + j];
@@ -96,8 +98,8 @@ __global__ void copy_columns_kernel(const T* src, dev::i64 Cs, dev::i64 src_col,
 
 // One block per (token, head): the rotated slice is staged in shared memory first, because
 // the interleaved layout writes element i from elements 2i and 2i + 1.
-__global__ void rope_kernel(float* x, const std::int32_t* pos, const float* f, dev::i64 H, dev::i64 D,
-                            dev::i64 offset, dev::i64 r, bool interleaved, float af) {
+__global__ void rope_kernel(float* x, const std::int32_t* pos, const float* f, dev::i64 H,
+                            dev::i64 D, dev::i64 offset, dev::i64 r, bool interleaved, float af) {
   extern __shared__ float buf[];
   const dev::i64 th = blockIdx.x, t = th / H, half = r / 2;
   float* v = x + th * D + offset;
@@ -126,10 +128,10 @@ __global__ void attention_kernel(const float* q, const float* k, const float* v,
                                  float* out) {
   extern __shared__ float sh[];
   const unsigned warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
-  float* qs = sh;                // [D]
-  float* wm = qs + D;            // [warps]
-  float* wl = wm + warps;        // [warps]
-  float* wacc = wl + warps;      // [warps, Dv]
+  float* qs = sh;            // [D]
+  float* wm = qs + D;        // [warps]
+  float* wl = wm + warps;    // [warps]
+  float* wacc = wl + warps;  // [warps, Dv]
   const dev::i64 th = blockIdx.x, t = th / Hq, h = th % Hq, kh = h / (Hq / Hkv);
   const dev::i64 p_t = pos[t];
   const dev::i64 end = causal ? (S < p_t + 1 ? S : p_t + 1) : S;
@@ -268,10 +270,10 @@ __global__ void __launch_bounds__(256) qrows_wonly_kernel(const float* __restric
 // or a grouped k == g) sums the whole row: int32 per lane, int64 across lanes, then one
 // conversion, exactly the CPU's value.
 template <int V, int MR>
-__global__ void __launch_bounds__(256) qrows_w8a8_kernel(const std::int8_t* __restrict__ xq,
-                                                         dev::i64 ldq, const float* __restrict__ xs,
-                                                         dev::i64 m, QMatrix w,
-                                                         float* __restrict__ out) {
+__global__ void __launch_bounds__(256)
+    qrows_w8a8_kernel(const std::int8_t* __restrict__ xq, dev::i64 ldq,
+                      const float* __restrict__ xs, dev::i64 m, QMatrix w,
+                      float* __restrict__ out) {
   constexpr int kStep = 32 * V;
   const int lane = static_cast<int>(threadIdx.x & 31u);
   const dev::i64 j = static_cast<dev::i64>(blockIdx.x) * kQWarps + (threadIdx.x >> 5);
@@ -415,10 +417,10 @@ __device__ __forceinline__ int load_quad(const std::int8_t* p, dev::i64 avail, b
 // products summed exactly in int32 over a group, converted and scaled in group order (the
 // CPU's order), times the row's activation scale at the end. xq rows are zero-padded to ldq,
 // a multiple of kTileK, so activation words are read without bounds on k.
-__global__ void __launch_bounds__(256) qtile_w8a8_kernel(const std::int8_t* __restrict__ xq,
-                                                         dev::i64 ldq, const float* __restrict__ xs,
-                                                         dev::i64 m, QMatrix w,
-                                                         float* __restrict__ out) {
+__global__ void __launch_bounds__(256)
+    qtile_w8a8_kernel(const std::int8_t* __restrict__ xq, dev::i64 ldq,
+                      const float* __restrict__ xs, dev::i64 m, QMatrix w,
+                      float* __restrict__ out) {
   constexpr int kQuads = kTileK / 4;
   __shared__ int xt[kTile][kQuads + 1];
   __shared__ int wt[kTile][kQuads + 1];
@@ -518,15 +520,23 @@ __global__ void qembedding_kernel(QMatrix t, const std::int32_t* ids, dev::i64 T
 }
 
 // Launches kernel<V, MR> for the plan's rows per pass.
-#define AUTOGLM_QROWS_LAUNCH(kernel, V, plan, s, ...)                                   \
-  do {                                                                                  \
-    const dim3 grid_(plan.grid_x, plan.grid_y);                                         \
-    switch (plan.rows_per_pass) {                                                       \
-      case 1: kernel<V, 1><<<grid_, plan.block, 0, s>>>(__VA_ARGS__); break;            \
-      case 2: kernel<V, 2><<<grid_, plan.block, 0, s>>>(__VA_ARGS__); break;            \
-      case 4: kernel<V, 4><<<grid_, plan.block, 0, s>>>(__VA_ARGS__); break;            \
-      default: kernel<V, 8><<<grid_, plan.block, 0, s>>>(__VA_ARGS__); break;           \
-    }                                                                                   \
+#define AUTOGLM_QROWS_LAUNCH(kernel, V, plan, s, ...)           \
+  do {                                                          \
+    const dim3 grid_(plan.grid_x, plan.grid_y);                 \
+    switch (plan.rows_per_pass) {                               \
+      case 1:                                                   \
+        kernel<V, 1><<<grid_, plan.block, 0, s>>>(__VA_ARGS__); \
+        break;                                                  \
+      case 2:                                                   \
+        kernel<V, 2><<<grid_, plan.block, 0, s>>>(__VA_ARGS__); \
+        break;                                                  \
+      case 4:                                                   \
+        kernel<V, 4><<<grid_, plan.block, 0, s>>>(__VA_ARGS__); \
+        break;                                                  \
+      default:                                                  \
+        kernel<V, 8><<<grid_, plan.block, 0, s>>>(__VA_ARGS__); \
+        break;                                                  \
+    }                                                           \
   } while (0)
 
 template <typename Kernel, typename... Args>
@@ -540,7 +550,9 @@ void grid_launch(Kernel kernel, dev::i64 n, cudaStream_t s, Args... args) {
 void silu_mul(const float* in, i64 R, i64 F, float* out, cudaStream_t s) {
   grid_launch(silu_mul_kernel, R * F, s, in, R, F, out);
 }
-void gelu(const float* in, float* out, i64 n, cudaStream_t s) { grid_launch(gelu_kernel, n, s, in, out, n); }
+void gelu(const float* in, float* out, i64 n, cudaStream_t s) {
+  grid_launch(gelu_kernel, n, s, in, out, n);
+}
 void softmax_rows(float* x, i64 rows, i64 n, cudaStream_t s) {
   if (rows <= 0 || n <= 0) return;
   softmax_kernel<<<static_cast<unsigned>(rows), cuda_detail::row_block(n), 0, s>>>(x, n);
@@ -563,22 +575,24 @@ void embedding(const float* table, i64 V, const std::int32_t* ids, i64 T, i64 d,
 void add_bias(const float* x, const float* bias, i64 R, i64 N, float* out, cudaStream_t s) {
   grid_launch(add_bias_kernel, R * N, s, x, bias, R, N, out);
 }
-void clamp(float* x, i64 n, float lo, float hi, cudaStream_t s) { grid_launch(clamp_kernel, n, s, x, n, lo, hi); }
+void clamp(float* x, i64 n, float lo, float hi, cudaStream_t s) {
+  grid_launch(clamp_kernel, n, s, x, n, lo, hi);
+}
 void copy_columns(const void* src, i64 Cs, i64 src_col, void* dst, i64 Rd, i64 Cd, i64 dst_col,
                   i64 width, i64 g, int elem, cudaStream_t s) {
   const i64 n = Rd * width;
   switch (elem) {
     case 1:
-      grid_launch(copy_columns_kernel<std::uint8_t>, n, s, static_cast<const std::uint8_t*>(src), Cs,
-                  src_col, static_cast<std::uint8_t*>(dst), Rd, Cd, dst_col, width, g);
+      grid_launch(copy_columns_kernel<std::uint8_t>, n, s, static_cast<const std::uint8_t*>(src),
+                  Cs, src_col, static_cast<std::uint8_t*>(dst), Rd, Cd, dst_col, width, g);
       break;
     case 2:
-      grid_launch(copy_columns_kernel<std::uint16_t>, n, s, static_cast<const std::uint16_t*>(src), Cs,
-                  src_col, static_cast<std::uint16_t*>(dst), Rd, Cd, dst_col, width, g);
+      grid_launch(copy_columns_kernel<std::uint16_t>, n, s, static_cast<const std::uint16_t*>(src),
+                  Cs, src_col, static_cast<std::uint16_t*>(dst), Rd, Cd, dst_col, width, g);
       break;
     default:
-      grid_launch(copy_columns_kernel<std::uint32_t>, n, s, static_cast<const std::uint32_t*>(src), Cs,
-                  src_col, static_cast<std::uint32_t*>(dst), Rd, Cd, dst_col, width, g);
+      grid_launch(copy_columns_kernel<std::uint32_t>, n, s, static_cast<const std::uint32_t*>(src),
+                  Cs, src_col, static_cast<std::uint32_t*>(dst), Rd, Cd, dst_col, width, g);
   }
 }
 void rope(float* x, const std::int32_t* pos, const float* inv_freq, i64 T, i64 H, i64 D, i64 offset,
@@ -627,6 +641,5 @@ void qembedding(const QMatrix& table, const std::int32_t* ids, i64 T, float* out
 }
 
 #undef AUTOGLM_QROWS_LAUNCH
-
 
 }  // namespace autoglm::cuda_kernels

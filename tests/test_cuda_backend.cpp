@@ -43,7 +43,9 @@ Pair both_f32(Shape s, const std::vector<float>& h) {
 Pair both_i32(Shape s, const std::vector<std::int32_t>& h) {
   return {tensor_i32(cpu(), s, h), tensor_i32(gpu(), s, h)};
 }
-Pair both_empty(DType dt, Shape s) { return {Tensor(cpu(), dt, s), Tensor(gpu(), dt, s)}; }
+Pair both_empty(DType dt, Shape s) {
+  return {Tensor(cpu(), dt, s), Tensor(gpu(), dt, s)};
+}
 
 void close_f32(const Pair& p, double atol, double rtol, const std::string& what) {
   const auto want = host_f32(cpu(), p.c);
@@ -113,7 +115,10 @@ TEST_CASE("cuda: gemm and grouped_gemm at larger shapes; TF32 opt-in", "[cuda]")
   std::vector<std::int32_t> off{0};
   std::mt19937 g(4);
   for (std::int64_t e = 0; e < E; ++e)
-    off.push_back(e == 2 || e == 5 ? off.back() : std::min<std::int32_t>(static_cast<std::int32_t>(R - 7), off.back() + static_cast<std::int32_t>(g() % 80)));
+    off.push_back(e == 2 || e == 5
+                      ? off.back()
+                      : std::min<std::int32_t>(static_cast<std::int32_t>(R - 7),
+                                               off.back() + static_cast<std::int32_t>(g() % 80)));
   const Pair x = both_f32(Shape{R, K}, random_floats(R * K, 5)),
              w = both_f32(Shape{E, N, K}, random_floats(E * N * K, 6)),
              o = both_i32(Shape{E + 1}, off);
@@ -149,7 +154,8 @@ TEST_CASE("cuda: routing choices and plans equal the CPU's", "[cuda]") {
     p.seed = 99;
     p.renorm_epsilon = c.f == ScoreFunc::sigmoid ? 1e-20f : 0.0f;
     p.routed_scaling = 2.5f;
-    const Pair ids = both_empty(DType::i32, Shape{T, c.k}), wts = both_empty(DType::f32, Shape{T, c.k}),
+    const Pair ids = both_empty(DType::i32, Shape{T, c.k}),
+               wts = both_empty(DType::f32, Shape{T, c.k}),
                st = both_empty(DType::f32, Shape{E + 1});
     cpu().route_topk(logits.c, c.use_bias ? TensorView(b.c) : TensorView{}, p, ids.c, wts.c, st.c);
     gpu().route_topk(logits.g, c.use_bias ? TensorView(b.g) : TensorView{}, p, ids.g, wts.g, st.g);
@@ -159,7 +165,8 @@ TEST_CASE("cuda: routing choices and plans equal the CPU's", "[cuda]") {
 
     // The plan of these ids, with and without capacity.
     for (std::int64_t cap : {0, 9}) {
-      const Pair cnt = both_empty(DType::i32, Shape{E}), offs = both_empty(DType::i32, Shape{E + 1}),
+      const Pair cnt = both_empty(DType::i32, Shape{E}),
+                 offs = both_empty(DType::i32, Shape{E + 1}),
                  rt = both_i32(Shape{T * c.k}, std::vector<std::int32_t>(T * c.k, -7)),
                  sr = both_empty(DType::i32, Shape{T * c.k});
       cpu().plan_dispatch(ids.c, cap, cnt.c, offs.c, rt.c, sr.c);
@@ -278,7 +285,8 @@ TEST_CASE("cuda: copy_columns (dtypes, repeats, overlap), rope, attention", "[cu
     const std::int64_t r = p.rotary_dim == 0 ? D - p.offset : p.rotary_dim;
     std::vector<float> inv(static_cast<std::size_t>(r / 2));
     for (std::size_t i = 0; i < inv.size(); ++i)
-      inv[i] = static_cast<float>(std::pow(10000.0, -2.0 * static_cast<double>(i) / static_cast<double>(r)));
+      inv[i] = static_cast<float>(
+          std::pow(10000.0, -2.0 * static_cast<double>(i) / static_cast<double>(r)));
     const Pair f = both_f32(Shape{r / 2}, inv);
     const Pair xr = both_f32(Shape{T, H, D}, random_floats(T * H * D, 31));
     cpu().rope(xr.c, positions.c, f.c, p);
@@ -295,8 +303,10 @@ TEST_CASE("cuda: copy_columns (dtypes, repeats, overlap), rope, attention", "[cu
                  Case{40, 300, 4, 1, 192, 128, {0.07f, true, 64}},
                  Case{16, 50, 6, 3, 32, 48, {0.2f, false, 0}},
                  Case{3, 10, 2, 1, 16, 512, {0.2f, true, 0}}}) {
-    const Pair q = both_f32(Shape{c.T, c.Hq, c.D}, random_floats(c.T * c.Hq * c.D, 40, -2.0f, 2.0f));
-    const Pair kk = both_f32(Shape{c.S, c.Hkv, c.D}, random_floats(c.S * c.Hkv * c.D, 41, -2.0f, 2.0f));
+    const Pair q =
+        both_f32(Shape{c.T, c.Hq, c.D}, random_floats(c.T * c.Hq * c.D, 40, -2.0f, 2.0f));
+    const Pair kk =
+        both_f32(Shape{c.S, c.Hkv, c.D}, random_floats(c.S * c.Hkv * c.D, 41, -2.0f, 2.0f));
     const Pair v = both_f32(Shape{c.S, c.Hkv, c.Dv}, random_floats(c.S * c.Hkv * c.Dv, 42));
     std::vector<std::int32_t> qp(static_cast<std::size_t>(c.T));
     for (std::int64_t t = 0; t < c.T; ++t) qp[t] = static_cast<std::int32_t>(c.S - c.T + t);
@@ -318,13 +328,16 @@ TEST_CASE("cuda: row-major weights only; CUDA-specific errors", "[cuda]") {
   std::vector<float> h(2 * 40 * 8);
   REQUIRE_ERROR(b.copy_from_host(Tensor(b, DType::f32, Shape{2, 40, 8}, Layout::panel32), h.data()),
                 unsupported, "copy_from_host]", "row-major");
-  REQUIRE_ERROR(CudaBackend(CudaBackendOptions{.device = 1000}), device, "CudaBackend", "device=1000");
+  REQUIRE_ERROR(CudaBackend(CudaBackendOptions{.device = 1000}), device, "CudaBackend",
+                "device=1000");
   // Non-finite router logits are found on the device and reported like the CPU does.
   std::vector<float> L(5 * 8, 0.5f);
   L[3 * 8 + 6] = std::numeric_limits<float>::infinity();
-  Tensor ids(b, DType::i32, Shape{5, 2}), wt(b, DType::f32, Shape{5, 2}), st(b, DType::f32, Shape{9});
-  REQUIRE_ERROR(b.route_topk(tensor_f32(b, Shape{5, 8}, L), TensorView{}, RouteParams{}, ids, wt, st),
-                numeric, "CudaBackend::route_topk]", "router logit [3, 6] is inf");
+  Tensor ids(b, DType::i32, Shape{5, 2}), wt(b, DType::f32, Shape{5, 2}),
+      st(b, DType::f32, Shape{9});
+  REQUIRE_ERROR(
+      b.route_topk(tensor_f32(b, Shape{5, 8}, L), TensorView{}, RouteParams{}, ids, wt, st),
+      numeric, "CudaBackend::route_topk]", "router logit [3, 6] is inf");
 }
 
 // ------------------------------------------------------------------------------ int8
@@ -397,7 +410,9 @@ std::vector<float> activations(std::int64_t m, std::int64_t k, std::uint64_t see
   return x;
 }
 
-double int8_rtol(ActivationMode mode) { return mode == ActivationMode::w8a8 ? 1e-5 : 1e-4; }
+double int8_rtol(ActivationMode mode) {
+  return mode == ActivationMode::w8a8 ? 1e-5 : 1e-4;
+}
 
 }  // namespace
 
@@ -442,8 +457,9 @@ TEST_CASE("cuda: grouped_qgemm equals the CPU's; unaligned operands", "[cuda][in
   std::mt19937 g(80);
   // Experts 2 and 5 empty, some with decode-sized row counts, some tiled.
   for (std::int64_t e = 0; e < E; ++e) {
-    const std::int32_t rows = e == 2 || e == 5 ? 0 : e % 2 ? static_cast<std::int32_t>(1 + g() % 8)
-                                                           : static_cast<std::int32_t>(g() % 90);
+    const std::int32_t rows = e == 2 || e == 5 ? 0
+                              : e % 2          ? static_cast<std::int32_t>(1 + g() % 8)
+                                               : static_cast<std::int32_t>(g() % 90);
     off.push_back(std::min<std::int32_t>(static_cast<std::int32_t>(R - 7), off.back() + rows));
   }
   struct Case {
@@ -487,8 +503,8 @@ TEST_CASE("cuda: int8 weights stay row-major; qembedding is exact", "[cuda][int8
     gpu().quantized_to_host(direct, codes_g.data(), sc_g.data());
     CHECK(codes_g == codes);
     check_bitwise(sc_g, sc, "scales");
-    check_bitwise(host_f32(gpu(), dequantize(gpu(), direct)), host_f32(cpu(), dequantize(cpu(), t.c)),
-                  "dequantize");
+    check_bitwise(host_f32(gpu(), dequantize(gpu(), direct)),
+                  host_f32(cpu(), dequantize(cpu(), t.c)), "dequantize");
 
     std::vector<std::int32_t> ids(300);
     std::mt19937 g(91);
@@ -503,8 +519,7 @@ TEST_CASE("cuda: int8 weights stay row-major; qembedding is exact", "[cuda][int8
   const QPair t = quantize_both(Shape{11, 64}, weights(11, 64, 92), QuantSpec{});
   REQUIRE_ERROR(gpu().qembedding(t.g, tensor_i32(gpu(), Shape{4}, {0, 11, 1, -1}),
                                  Tensor(gpu(), DType::f32, Shape{4, 64})),
-                out_of_range, "[CudaBackend::qembedding]", "token id 11 at position 1",
-                "[0, 11)");
+                out_of_range, "[CudaBackend::qembedding]", "token id 11 at position 1", "[0, 11)");
   REQUIRE_ERROR(gpu().qembedding(t.c, tensor_i32(gpu(), Shape{1}, {0}),
                                  Tensor(gpu(), DType::f32, Shape{1, 64})),
                 device, "[CudaBackend::qembedding]", "another backend");
@@ -525,15 +540,16 @@ TEST_CASE("cuda: int8 argument errors match the CPU's", "[cuda][int8]") {
       QuantizedTensor::packed(w.g.shape(), w.g.spec(), w.g.data(), w.g.scales(), Tensor());
   REQUIRE_ERROR(b.qgemm(uniform(b, Shape{3, 64}, 1), packed, c), unsupported,
                 "[CudaBackend::qgemm]", "packed");
-  REQUIRE_ERROR(b.qembedding(packed, tensor_i32(b, Shape{1}, {0}), Tensor(b, DType::f32, Shape{1, 64})),
-                invalid_argument, "[CudaBackend::qembedding]", "(packed)");
+  REQUIRE_ERROR(
+      b.qembedding(packed, tensor_i32(b, Shape{1}, {0}), Tensor(b, DType::f32, Shape{1, 64})),
+      invalid_argument, "[CudaBackend::qembedding]", "(packed)");
   // W8A8 per channel past what int32 sums hold (127 * 127 * K > INT32_MAX) is refused;
   // weight-only sums in f32 and takes it.
   const std::int64_t long_k = 2147483647 / (127 * 127) + 1;
   const Tensor xl = uniform(b, Shape{1, long_k}, 3);
   Tensor cl(b, DType::f32, Shape{1, 1});
-  const QPair wl = quantize_both(Shape{1, long_k}, weights(1, long_k, 102),
-                                 QuantSpec{0, ActivationMode::w8a8});
+  const QPair wl =
+      quantize_both(Shape{1, long_k}, weights(1, long_k, 102), QuantSpec{0, ActivationMode::w8a8});
   REQUIRE_ERROR(b.qgemm(xl, wl.g, cl), unsupported, "[CudaBackend::qgemm]", "W8A8 sums in int32");
   const QPair wl2 = quantize_both(Shape{1, long_k}, weights(1, long_k, 102), QuantSpec{});
   b.qgemm(xl, wl2.g, cl);
@@ -544,14 +560,14 @@ TEST_CASE("cuda: int8 argument errors match the CPU's", "[cuda][int8]") {
                 invalid_argument, "[CudaBackend::grouped_qgemm]", "offsets decrease at expert 1");
   REQUIRE_ERROR(b.grouped_qgemm(x, e.g, tensor_i32(b, Shape{4}, {0, 2, 4, 7}), out),
                 invalid_argument, "[CudaBackend::grouped_qgemm]", "within 6 rows");
-  REQUIRE_ERROR(b.grouped_qgemm(x, w.g, tensor_i32(b, Shape{4}, {0, 2, 4, 6}), out),
-                shape_mismatch, "[CudaBackend::grouped_qgemm]", "[E, N, K]");
+  REQUIRE_ERROR(b.grouped_qgemm(x, w.g, tensor_i32(b, Shape{4}, {0, 2, 4, 6}), out), shape_mismatch,
+                "[CudaBackend::grouped_qgemm]", "[E, N, K]");
   REQUIRE_ERROR(b.grouped_qgemm(x, e.g, tensor_i32(b, Shape{3}, {0, 2, 4}), out), shape_mismatch,
                 "[CudaBackend::grouped_qgemm]", "offsets dimension 0 must be 4");
   // Empty sums: K = 0 writes zeros, per channel too (where groups() would divide by zero).
   for (std::int64_t group : {0, 32}) {
-    const QuantizedTensor k0(Tensor(b, DType::i8, Shape{5, 0}),
-                             Tensor(b, DType::f32, Shape{5, 0}), QuantSpec{group});
+    const QuantizedTensor k0(Tensor(b, DType::i8, Shape{5, 0}), Tensor(b, DType::f32, Shape{5, 0}),
+                             QuantSpec{group});
     Tensor c0 = tensor_f32(b, Shape{2, 5}, std::vector<float>(10, 1.0f));
     b.qgemm(Tensor(b, DType::f32, Shape{2, 0}), k0, c0);
     CHECK(host_f32(b, c0) == std::vector<float>(10, 0.0f));
@@ -646,18 +662,20 @@ void check_fixture_on_gpu(const std::string& name) {
 }  // namespace
 
 TEST_CASE("cuda fixtures: every model family through the CUDA backend", "[cuda][fixtures]") {
-  for (const char* name : {"mixtral_hub_sharded", "mixtral_fused_tied", "qwen2_moe", "qwen3_moe",
-                           "olmoe", "deepseek_v3", "deepseek_v3_fused_noqlora", "glm4_moe_qknorm",
-                           "glm4_moe_hub_tied"}) {
-    DYNAMIC_SECTION(name) { check_fixture_on_gpu(name); }
+  for (const char* name :
+       {"mixtral_hub_sharded", "mixtral_fused_tied", "qwen2_moe", "qwen3_moe", "olmoe",
+        "deepseek_v3", "deepseek_v3_fused_noqlora", "glm4_moe_qknorm", "glm4_moe_hub_tied"}) {
+    DYNAMIC_SECTION(name) {
+      check_fixture_on_gpu(name);
+    }
   }
 }
 
 TEST_CASE("cuda fixtures: int8 models equal the CPU's int8 models", "[cuda][fixtures][int8]") {
   // quantize_model on each backend: the same int8 codes (quantize() rounds on the host), the
   // embeddings and the head int8 too, so qembedding and the LM-head qgemm run as well.
-  for (const char* name : {"mixtral_hub_sharded", "qwen2_moe", "qwen3_moe", "olmoe",
-                           "deepseek_v3", "glm4_moe_qknorm", "glm4_moe_hub_tied"}) {
+  for (const char* name : {"mixtral_hub_sharded", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3",
+                           "glm4_moe_qknorm", "glm4_moe_hub_tied"}) {
     const fs::path dir = fs::path(AUTOGLM_FIXTURES_DIR) / name;
     const Expected ex = read_expected(dir);
     LoadOptions lo;
@@ -667,17 +685,16 @@ TEST_CASE("cuda fixtures: int8 models equal the CPU's int8 models", "[cuda][fixt
     lo.fidelity = f;
     const Model g32 = load_model(gpu(), dir, lo);
     const Model c32 = load_model(cpu(), dir, lo);
-    for (const QuantSpec spec : {QuantSpec{0, ActivationMode::weight_only},
-                                 QuantSpec{32, ActivationMode::weight_only},
-                                 QuantSpec{0, ActivationMode::w8a8},
-                                 QuantSpec{32, ActivationMode::w8a8}}) {
+    for (const QuantSpec spec :
+         {QuantSpec{0, ActivationMode::weight_only}, QuantSpec{32, ActivationMode::weight_only},
+          QuantSpec{0, ActivationMode::w8a8}, QuantSpec{32, ActivationMode::w8a8}}) {
       QuantConfig cfg;
       cfg.spec = spec;
       cfg.embeddings = true;
       cfg.lm_head = true;
       const Model gq = quantize_model(g32, cfg), cq = quantize_model(c32, cfg);
-      const double e = rel_error(host_f32(gpu(), gq.forward(ex.prompt)),
-                                 host_f32(cpu(), cq.forward(ex.prompt)));
+      const double e =
+          rel_error(host_f32(gpu(), gq.forward(ex.prompt)), host_f32(cpu(), cq.forward(ex.prompt)));
       INFO(name << " " << spec.scheme_name() << " " << spec.mode_name()
                 << ": relative error vs the CPU " << e);
       // W8A8 rounds each activation to a grid of max|x| / 127: where the two backends' f32

@@ -77,7 +77,8 @@ TEST_CASE("cuda host: grouped GEMM plan lists active experts and their rows", "[
 TEST_CASE("cuda host: int8 GEMM plans", "[cuda_host]") {
   const std::string fn = "CudaBackend::qgemm";
   // Decode: a warp per output column, 8 per block, every row of x in one pass.
-  for (auto [m, mr] : {std::pair<std::int64_t, int>{1, 1}, {2, 2}, {3, 4}, {4, 4}, {5, 8}, {8, 8}}) {
+  for (auto [m, mr] :
+       {std::pair<std::int64_t, int>{1, 1}, {2, 2}, {3, 4}, {4, 4}, {5, 8}, {8, 8}}) {
     const QGemmPlan p = plan_qgemm(m, 1000, 2048, 0, false, true, fn);
     CHECK(p.kernel == QKernel::rows);
     CHECK(p.rows_per_pass == mr);
@@ -116,7 +117,7 @@ TEST_CASE("cuda host: int8 GEMM plans", "[cuda_host]") {
 
 TEST_CASE("cuda host: int8 vector loads and activation rows", "[cuda_host]") {
   CHECK(qgemm_vec16(2048, 0x10000, 0x20000));
-  CHECK(qgemm_vec16(48, 0x10000, 0));  // W8A8: no f32 rows read
+  CHECK(qgemm_vec16(48, 0x10000, 0));              // W8A8: no f32 rows read
   CHECK_FALSE(qgemm_vec16(40, 0x10000, 0x20000));  // rows of 40 bytes lose the alignment
   CHECK_FALSE(qgemm_vec16(64, 0x10001, 0x20000));
   CHECK_FALSE(qgemm_vec16(64, 0x10000, 0x20004));
@@ -155,6 +156,6 @@ TEST_CASE("cuda host: CUDA failures become device Errors naming the call", "[cud
         "cudaMalloc failed: cudaErrorMemoryAllocation (2): out of memory");
   REQUIRE_ERROR(throw_cuda_error("cublasSgemm", 13, "CUBLAS_STATUS_EXECUTION_FAILED",
                                  "the GPU program failed to execute"),
-                device, "[CudaBackend]", "cublasSgemm failed", "CUBLAS_STATUS_EXECUTION_FAILED (13)",
-                "failed to execute");
+                device, "[CudaBackend]", "cublasSgemm failed",
+                "CUBLAS_STATUS_EXECUTION_FAILED (13)", "failed to execute");
 }

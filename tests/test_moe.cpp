@@ -192,8 +192,10 @@ TEST_CASE("MoELayer matches the dense reference for every gate policy", "[moe]")
     for (std::int64_t T : {1, 37}) {
       seed += 100;
       DYNAMIC_SECTION(c.name << ", T=" << T) {
-        if (c.gelu) run_layer_case<GeluExperts>(b, c, T, seed);
-        else run_layer_case<SwiGluExperts>(b, c, T, seed);
+        if (c.gelu)
+          run_layer_case<GeluExperts>(b, c, T, seed);
+        else
+          run_layer_case<SwiGluExperts>(b, c, T, seed);
       }
     }
   }
@@ -216,7 +218,8 @@ TEST_CASE("GateNetwork: argmax weights are exactly 1, capacity formula", "[moe]"
     q.top_k = k;
     q.capacity_factor = cf;
     const GateNetwork gq = GateNetwork::random(b, E, kD, q, 1);
-    const auto want = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(static_cast<double>(cf) * T * k / E)));
+    const auto want = std::max<std::int64_t>(
+        1, static_cast<std::int64_t>(std::ceil(static_cast<double>(cf) * T * k / E)));
     CHECK(gq.capacity(T) == want);
   }
   GateOptions unlimited;
@@ -234,25 +237,26 @@ TEST_CASE("GateNetwork rejects bad options and inputs", "[moe][errors]") {
     f(o);
     return o;
   };
-  REQUIRE_ERROR(GateNetwork(w, Tensor(), opts([](GateOptions& o) { o.top_k = 0; })), invalid_argument,
-                "[GateNetwork]", "top_k=0 outside [1, num_experts=8]");
-  REQUIRE_ERROR(GateNetwork(w, Tensor(), opts([](GateOptions& o) { o.top_k = 9; })), invalid_argument,
-                "[GateNetwork]", "top_k=9 outside [1, num_experts=8]");
+  REQUIRE_ERROR(GateNetwork(w, Tensor(), opts([](GateOptions& o) { o.top_k = 0; })),
+                invalid_argument, "[GateNetwork]", "top_k=0 outside [1, num_experts=8]");
+  REQUIRE_ERROR(GateNetwork(w, Tensor(), opts([](GateOptions& o) { o.top_k = 9; })),
+                invalid_argument, "[GateNetwork]", "top_k=9 outside [1, num_experts=8]");
   for (float cf : {0.0f, -1.0f}) {
     REQUIRE_ERROR(GateNetwork(w, Tensor(), opts([cf](GateOptions& o) { o.capacity_factor = cf; })),
-                  invalid_argument, "[GateNetwork]", fmt::format("capacity_factor={} must be > 0", cf));
+                  invalid_argument, "[GateNetwork]",
+                  fmt::format("capacity_factor={} must be > 0", cf));
   }
   REQUIRE_ERROR(GateNetwork(w, Tensor(), opts([](GateOptions& o) { o.capacity_factor = kNaN; })),
                 invalid_argument, "[GateNetwork]", "capacity_factor=nan");
   REQUIRE_ERROR(GateNetwork(w, Tensor(), opts([](GateOptions& o) { o.capacity_factor = kInf; })),
                 invalid_argument, "[GateNetwork]", "capacity_factor=inf");
   REQUIRE_ERROR(GateNetwork(w, Tensor(), opts([](GateOptions& o) {
-                  o.policy = GatePolicy::noisy_topk;
-                  o.noise_std = -0.5f;
-                })),
+                              o.policy = GatePolicy::noisy_topk;
+                              o.noise_std = -0.5f;
+                            })),
                 invalid_argument, "[GateNetwork]", "noise_std=-0.5");
-  REQUIRE_ERROR(GateNetwork(w, uniform(b, Shape{7}, 2), GateOptions{}), shape_mismatch, "[GateNetwork]",
-                "selection bias must hold 8 values, got 7");
+  REQUIRE_ERROR(GateNetwork(w, uniform(b, Shape{7}, 2), GateOptions{}), shape_mismatch,
+                "[GateNetwork]", "selection bias must hold 8 values, got 7");
   REQUIRE_ERROR(GateNetwork(uniform(b, Shape{8 * kD}, 1), Tensor(), GateOptions{}), shape_mismatch,
                 "[GateNetwork]", "router weight must be f32 or int8 [E, d]", "[256]");
   REQUIRE_ERROR(GateNetwork(Tensor(b, DType::f32, Shape{0, kD}), Tensor(), GateOptions{}),
@@ -262,15 +266,15 @@ TEST_CASE("GateNetwork rejects bad options and inputs", "[moe][errors]") {
 
   const GateNetwork g(w, Tensor(), GateOptions{});
   Routing r;
-  REQUIRE_ERROR(g.route(b, uniform(b, Shape{3, kD + 1}, 3), r), shape_mismatch, "[GateNetwork::route]",
-                "x must be [tokens, 32], got [3, 33]");
+  REQUIRE_ERROR(g.route(b, uniform(b, Shape{3, kD + 1}, 3), r), shape_mismatch,
+                "[GateNetwork::route]", "x must be [tokens, 32], got [3, 33]");
   // Group parameters are validated where they are used, by the backend's router.
   const GateNetwork bad_groups(w, Tensor(), opts([](GateOptions& o) {
-    o.policy = GatePolicy::sigmoid_group;
-    o.n_group = 3;
-  }));
-  REQUIRE_ERROR(bad_groups.route(b, uniform(b, Shape{3, kD}, 3), r), invalid_argument, "route_topk]",
-                "n_group=3 does not divide num_experts=8");
+                                 o.policy = GatePolicy::sigmoid_group;
+                                 o.n_group = 3;
+                               }));
+  REQUIRE_ERROR(bad_groups.route(b, uniform(b, Shape{3, kD}, 3), r), invalid_argument,
+                "route_topk]", "n_group=3 does not divide num_experts=8");
 }
 
 TEST_CASE("SwiGluExperts and GeluExperts match naive per-expert MLPs", "[moe]") {
@@ -302,7 +306,8 @@ TEST_CASE("SwiGluExperts and GeluExperts match naive per-expert MLPs", "[moe]") 
 
   SECTION("SwiGLU takes gate rows first (transformers gate_up_proj layout)") {
     // One expert, F = 1, d = 1: gate weight 2, up weight 3, down weight 1: y = silu(2x) * 3x.
-    SwiGluExperts one(tensor_f32(b, Shape{1, 2, 1}, {2.0f, 3.0f}), tensor_f32(b, Shape{1, 1, 1}, {1.0f}));
+    SwiGluExperts one(tensor_f32(b, Shape{1, 2, 1}, {2.0f, 3.0f}),
+                      tensor_f32(b, Shape{1, 1, 1}, {1.0f}));
     Tensor xo = tensor_f32(b, Shape{1, 1}, {0.5f}), o(b, DType::f32, Shape{1, 1});
     one.forward(b, xo, tensor_i32(b, Shape{2}, {0, 1}), o);
     CHECK(host_f32(b, o)[0] == Approx(ref::silu(1.0) * 1.5).epsilon(1e-6));
@@ -313,14 +318,14 @@ TEST_CASE("SwiGluExperts and GeluExperts match naive per-expert MLPs", "[moe]") 
     ge.forward(b, e0, tensor_i32(b, Shape{E + 1}, {0, 0, 0, 0, 0}), e0);
   }
   SECTION("bad shapes") {
-    REQUIRE_ERROR(SwiGluExperts(uniform(b, Shape{4, 7, d}, 1), uniform(b, Shape{4, d, 3}, 2)), shape_mismatch,
-                  "[SwiGluExperts]", "[E, 2F, d]", "[4, 7, 32]");
-    REQUIRE_ERROR(SwiGluExperts(uniform(b, Shape{4, 8, d}, 1), uniform(b, Shape{4, d, 5}, 2)), shape_mismatch,
-                  "[SwiGluExperts]", "down must be [4, 32, 4], got [4, 32, 5]");
-    REQUIRE_ERROR(SwiGluExperts(uniform(b, Shape{4, 8}, 1), uniform(b, Shape{4, d, 4}, 2)), shape_mismatch,
-                  "[SwiGluExperts]", "rank 3");
-    REQUIRE_ERROR(GeluExperts(uniform(b, Shape{4, 8, d}, 1), uniform(b, Shape{3, d, 8}, 2)), shape_mismatch,
-                  "[GeluExperts]", "w2 must be [4, 32, 8], got [3, 32, 8]");
+    REQUIRE_ERROR(SwiGluExperts(uniform(b, Shape{4, 7, d}, 1), uniform(b, Shape{4, d, 3}, 2)),
+                  shape_mismatch, "[SwiGluExperts]", "[E, 2F, d]", "[4, 7, 32]");
+    REQUIRE_ERROR(SwiGluExperts(uniform(b, Shape{4, 8, d}, 1), uniform(b, Shape{4, d, 5}, 2)),
+                  shape_mismatch, "[SwiGluExperts]", "down must be [4, 32, 4], got [4, 32, 5]");
+    REQUIRE_ERROR(SwiGluExperts(uniform(b, Shape{4, 8}, 1), uniform(b, Shape{4, d, 4}, 2)),
+                  shape_mismatch, "[SwiGluExperts]", "rank 3");
+    REQUIRE_ERROR(GeluExperts(uniform(b, Shape{4, 8, d}, 1), uniform(b, Shape{3, d, 8}, 2)),
+                  shape_mismatch, "[GeluExperts]", "w2 must be [4, 32, 8], got [3, 32, 8]");
     REQUIRE_ERROR(SwiGluExperts::random(b, 0, d, 4, 1), invalid_argument, "[SwiGluExperts::random]",
                   "experts=0");
     Tensor out(b, DType::f32, Shape{R, d});
@@ -356,8 +361,8 @@ TEST_CASE("SharedExpert adds its (sigmoid-gated) MLP to every token", "[moe]") {
       check_close(host_f32(b, out), want, 1e-5, 1e-4, "shared expert");
     }
   }
-  REQUIRE_ERROR(SharedExpert(SwiGluExperts::random(b, 2, d, 8, 1)), shape_mismatch, "[SharedExpert]",
-                "one-expert bank, got 2 experts");
+  REQUIRE_ERROR(SharedExpert(SwiGluExperts::random(b, 2, d, 8, 1)), shape_mismatch,
+                "[SharedExpert]", "one-expert bank, got 2 experts");
   REQUIRE_ERROR(SharedExpert(SwiGluExperts::random(b, 1, d, 8, 1), uniform(b, Shape{1, d + 1}, 2)),
                 shape_mismatch, "[SharedExpert]", "gate must be f32 [1, 32], got [1, 33]");
 }
@@ -431,8 +436,9 @@ TEST_CASE("MoELayer capacity: dropped slots contribute nothing, weights are not 
     const ref::Dispatch plan = ref::plan(ids, T, 2, E, 5);
     CHECK(plan.counts == std::vector<std::int32_t>{5, 0, 5, 0});
     for (std::int64_t i = 0; i < T * 2; ++i) CHECK((sr[i] >= 0) == static_cast<bool>(plan.kept[i]));
-    check_close(host_f32(b, out), ref::dense_moe(hb, hx, ref::dense_mask(ids, w, plan.kept, T, 2, E), T, E, d),
-                1e-5, 1e-4, "top-2 capacity");
+    check_close(host_f32(b, out),
+                ref::dense_moe(hb, hx, ref::dense_mask(ids, w, plan.kept, T, 2, E), T, E, d), 1e-5,
+                1e-4, "top-2 capacity");
   }
 }
 
@@ -456,7 +462,8 @@ TEST_CASE("RoutingStats: uniform router gives aux_loss 1 and z_loss (ln E)^2", "
 TEST_CASE("MoELayer: empty batch, bad input", "[moe][errors]") {
   Backend& b = test_backend();
   const std::int64_t E = 4, d = kD;
-  MoELayer layer(GateNetwork::random(b, E, d, GateOptions{}, 1), SwiGluExperts::random(b, E, d, 8, 2));
+  MoELayer layer(GateNetwork::random(b, E, d, GateOptions{}, 1),
+                 SwiGluExperts::random(b, E, d, 8, 2));
   CHECK(layer.num_experts() == E);
   CHECK(layer.hidden() == d);
 
@@ -473,24 +480,29 @@ TEST_CASE("MoELayer: empty batch, bad input", "[moe][errors]") {
     CHECK(host_i32(b, r.offsets) == std::vector<std::int32_t>(E + 1, 0));
   }
   SECTION("mismatched parts") {
-    REQUIRE_ERROR(MoELayer(GateNetwork::random(b, E, d, GateOptions{}, 1), SwiGluExperts::random(b, E + 1, d, 8, 2)),
-                  shape_mismatch, "[MoELayer]", "gate has 4 experts of width 32, expert bank has 5 of width 32");
-    REQUIRE_ERROR(MoELayer(GateNetwork::random(b, E, d, GateOptions{}, 1), GeluExperts::random(b, E, d + 8, 8, 2)),
+    REQUIRE_ERROR(MoELayer(GateNetwork::random(b, E, d, GateOptions{}, 1),
+                           SwiGluExperts::random(b, E + 1, d, 8, 2)),
+                  shape_mismatch, "[MoELayer]",
+                  "gate has 4 experts of width 32, expert bank has 5 of width 32");
+    REQUIRE_ERROR(MoELayer(GateNetwork::random(b, E, d, GateOptions{}, 1),
+                           GeluExperts::random(b, E, d + 8, 8, 2)),
                   shape_mismatch, "[MoELayer]", "expert bank has 4 of width 40");
   }
   SECTION("shape and dtype of x and out") {
     Tensor out(b, DType::f32, Shape{3, d});
-    REQUIRE_ERROR(layer.forward(b, uniform(b, Shape{3, d - 16}, 1), out), shape_mismatch, "[MoELayer::forward]",
-                  "x must be f32 [tokens, 32], got f32 [3, 16]");
-    REQUIRE_ERROR(layer.forward(b, uniform(b, Shape{3, d, 1}, 1), out), shape_mismatch, "[MoELayer::forward]",
-                  "[3, 32, 1]");
+    REQUIRE_ERROR(layer.forward(b, uniform(b, Shape{3, d - 16}, 1), out), shape_mismatch,
+                  "[MoELayer::forward]", "x must be f32 [tokens, 32], got f32 [3, 16]");
+    REQUIRE_ERROR(layer.forward(b, uniform(b, Shape{3, d, 1}, 1), out), shape_mismatch,
+                  "[MoELayer::forward]", "[3, 32, 1]");
     REQUIRE_ERROR(layer.forward(b, Tensor(b, DType::f16, Shape{3, d}), out), dtype_mismatch,
                   "[MoELayer::forward]", "got f16 [3, 32]");
-    REQUIRE_ERROR(layer.forward(b, uniform(b, Shape{3, d}, 1), Tensor(b, DType::f32, Shape{3, d - 1})),
-                  shape_mismatch, "[MoELayer::forward]", "out must be f32 [3, 32], got f32 [3, 31]");
+    REQUIRE_ERROR(
+        layer.forward(b, uniform(b, Shape{3, d}, 1), Tensor(b, DType::f32, Shape{3, d - 1})),
+        shape_mismatch, "[MoELayer::forward]", "out must be f32 [3, 32], got f32 [3, 31]");
     REQUIRE_ERROR(layer.forward(b, uniform(b, Shape{3, d}, 1), Tensor(b, DType::bf16, Shape{3, d})),
                   dtype_mismatch, "[MoELayer::forward]", "got bf16 [3, 32]");
-    REQUIRE_ERROR(layer.route(b, uniform(b, Shape{3, d + 1}, 1)), shape_mismatch, "[MoELayer::route]");
+    REQUIRE_ERROR(layer.route(b, uniform(b, Shape{3, d + 1}, 1)), shape_mismatch,
+                  "[MoELayer::route]");
   }
   SECTION("NaN / Inf input reaches the router as non-finite logits") {
     for (float bad : {kNaN, kInf}) {
@@ -502,8 +514,8 @@ TEST_CASE("MoELayer: empty batch, bad input", "[moe][errors]") {
       GateOptions ec;
       ec.policy = GatePolicy::expert_choice;
       MoELayer ecl(GateNetwork::random(b, E, d, ec, 1), SwiGluExperts::random(b, E, d, 8, 2));
-      REQUIRE_ERROR(ecl.forward(b, tensor_f32(b, Shape{3, d}, h), out), numeric, "route_expert_choice]",
-                    "router logit [1, ");
+      REQUIRE_ERROR(ecl.forward(b, tensor_f32(b, Shape{3, d}, h), out), numeric,
+                    "route_expert_choice]", "router logit [1, ");
     }
   }
 }
@@ -519,17 +531,20 @@ TEST_CASE("MoELayer output is bit-identical with 1 and 2 oneTBB threads", "[moe]
         GateNetwork gate = GateNetwork::random(b, c.E, d, c.o, seed, c.bias);
         WeightedSumAggregator agg;
         if (c.shared)
-          agg = WeightedSumAggregator(SharedExpert(SwiGluExperts::random(b, 1, d, 16, seed + 20),
-                                                   c.shared == 2 ? uniform(b, Shape{1, d}, seed + 30) : Tensor()));
+          agg = WeightedSumAggregator(
+              SharedExpert(SwiGluExperts::random(b, 1, d, 16, seed + 20),
+                           c.shared == 2 ? uniform(b, Shape{1, d}, seed + 30) : Tensor()));
         Tensor x = uniform(b, Shape{T, d}, seed + 40), out(b, DType::f32, Shape{T, d});
         RoutingStats s;
         std::vector<float> scores;
         if (c.gelu) {
-          MoELayer l(std::move(gate), GeluExperts::random(b, c.E, d, kF, seed + 10), std::move(agg));
+          MoELayer l(std::move(gate), GeluExperts::random(b, c.E, d, kF, seed + 10),
+                     std::move(agg));
           l.forward(b, x, out, &s);
           scores = host_f32(b, l.route(b, x).scores);
         } else {
-          MoELayer l(std::move(gate), SwiGluExperts::random(b, c.E, d, kF, seed + 10), std::move(agg));
+          MoELayer l(std::move(gate), SwiGluExperts::random(b, c.E, d, kF, seed + 10),
+                     std::move(agg));
           l.forward(b, x, out, &s);
           scores = host_f32(b, l.route(b, x).scores);
         }

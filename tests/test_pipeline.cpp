@@ -135,8 +135,10 @@ TEST_CASE("Sampler: greedy, seeded sampling, temperature, top-k, top-p", "[pipel
   auto expect_freq = [](const std::vector<double>& got, const std::vector<double>& want) {
     for (std::size_t i = 0; i < want.size(); ++i) {
       INFO("token " << i << ": frequency " << got[i] << ", probability " << want[i]);
-      if (want[i] == 0.0) CHECK(got[i] == 0.0);
-      else CHECK(std::abs(got[i] - want[i]) < 0.03);
+      if (want[i] == 0.0)
+        CHECK(got[i] == 0.0);
+      else
+        CHECK(std::abs(got[i] - want[i]) < 0.03);
     }
   };
 
@@ -221,16 +223,17 @@ TEST_CASE("Sampler: greedy, seeded sampling, temperature, top-k, top-p", "[pipel
                   "[Sampler]", "temperature=-1 must be >= 0");
     REQUIRE_ERROR(Sampler(opt([](SamplingOptions& o) { o.temperature = kNaN; })), invalid_argument,
                   "[Sampler]", "temperature=nan");
-    REQUIRE_ERROR(Sampler(opt([](SamplingOptions& o) { o.top_k = -1; })), invalid_argument, "[Sampler]",
-                  "top_k=-1 must be >= 0");
-    REQUIRE_ERROR(Sampler(opt([](SamplingOptions& o) { o.top_p = 0.0f; })), invalid_argument, "[Sampler]",
-                  "top_p=0 must be in (0, 1]");
-    REQUIRE_ERROR(Sampler(opt([](SamplingOptions& o) { o.top_p = 1.5f; })), invalid_argument, "[Sampler]",
-                  "top_p=1.5");
+    REQUIRE_ERROR(Sampler(opt([](SamplingOptions& o) { o.top_k = -1; })), invalid_argument,
+                  "[Sampler]", "top_k=-1 must be >= 0");
+    REQUIRE_ERROR(Sampler(opt([](SamplingOptions& o) { o.top_p = 0.0f; })), invalid_argument,
+                  "[Sampler]", "top_p=0 must be in (0, 1]");
+    REQUIRE_ERROR(Sampler(opt([](SamplingOptions& o) { o.top_p = 1.5f; })), invalid_argument,
+                  "[Sampler]", "top_p=1.5");
     Sampler s(opt([](SamplingOptions& o) { o.temperature = 1.0f; }));
     REQUIRE_ERROR(s.sample(std::vector<float>{0.0f, 1.0f, kNaN}), numeric, "[Sampler::sample]",
                   "logit 2 is NaN");
-    REQUIRE_ERROR(s.sample(std::vector<float>{}), invalid_argument, "[Sampler::sample]", "empty logits");
+    REQUIRE_ERROR(s.sample(std::vector<float>{}), invalid_argument, "[Sampler::sample]",
+                  "empty logits");
   }
   SECTION("an infinite logit is taken (its probability is 1) or rejected, never skipped") {
     SamplingOptions o;
@@ -259,7 +262,8 @@ TEST_CASE("ClassifierHead: last and mean pooling against the naive head", "[pipe
       std::vector<double> pooled(static_cast<std::size_t>(d), 0.0);
       const std::int64_t first = pool == Pooling::last ? T - 1 : 0;
       for (std::int64_t t = first; t < T; ++t)
-        for (std::int64_t c = 0; c < d; ++c) pooled[c] += hh[t * d + c] / static_cast<double>(T - first);
+        for (std::int64_t c = 0; c < d; ++c)
+          pooled[c] += hh[t * d + c] / static_cast<double>(T - first);
       const auto logit = ref::matmul_nt(pooled, hw, 1, C, d);
       const double mx = *std::max_element(logit.begin(), logit.end());
       double z = 0.0;
@@ -276,9 +280,10 @@ TEST_CASE("ClassifierHead: last and mean pooling against the naive head", "[pipe
   const ClassifierHead head(w);
   REQUIRE_ERROR(head.classify(b, Tensor(b, DType::f32, Shape{0, d})), shape_mismatch,
                 "[ClassifierHead::classify]", "h must be [tokens >= 1, 16], got [0, 16]");
-  REQUIRE_ERROR(head.classify(b, uniform(b, Shape{T, d + 1}, 1)), shape_mismatch, "[ClassifierHead::classify]",
-                "got [7, 17]");
-  REQUIRE_ERROR(ClassifierHead(uniform(b, Shape{C}, 1)), shape_mismatch, "[ClassifierHead]", "got [5]");
+  REQUIRE_ERROR(head.classify(b, uniform(b, Shape{T, d + 1}, 1)), shape_mismatch,
+                "[ClassifierHead::classify]", "got [7, 17]");
+  REQUIRE_ERROR(ClassifierHead(uniform(b, Shape{C}, 1)), shape_mismatch, "[ClassifierHead]",
+                "got [5]");
 }
 
 namespace {
@@ -303,7 +308,8 @@ struct HostPipeline {
 
 /// A three-layer pipeline (softmax top-2 + gated shared expert, DeepSeek-style sigmoid with
 /// groups, bias and scaling, expert choice) and its host copy.
-std::pair<StaticPipeline, HostPipeline> make_pipeline(Backend& b, PipelineOptions po, bool enc_norm) {
+std::pair<StaticPipeline, HostPipeline> make_pipeline(Backend& b, PipelineOptions po,
+                                                      bool enc_norm) {
   HostPipeline hp;
   hp.V = 40;
   hp.d = 16;
@@ -372,7 +378,8 @@ std::vector<double> naive_forward(const HostPipeline& hp, const std::vector<std:
     const RefRouting rr = reference_routing(L.o, L.W, L.bias, h, T, L.E, d);
     INFO("layer " << l);
     REQUIRE(lib.layers[l].slots == rr.route.slots);
-    const std::vector<double> M = check_routing(rr, lib.layers[l].ids, lib.layers[l].weights, T, L.E);
+    const std::vector<double> M =
+        check_routing(rr, lib.layers[l].ids, lib.layers[l].weights, T, L.E);
     std::vector<double> y = ref::dense_moe(L.bank, h, M, T, L.E, d);
     if (L.shared) L.shared->add_to(y, h, T, d);
     for (std::size_t i = 0; i < x.size(); ++i) x[i] += y[i];
@@ -402,13 +409,14 @@ TEST_CASE("Pipeline forward matches a naive pipeline built from host copies", "[
       for (std::size_t l = 0; l < res.layers.size(); ++l) {
         const LayerTrace& lt = res.layers[l];
         CHECK(static_cast<std::int64_t>(lt.stats.tokens_per_expert.size()) == hp.layers[l].E);
-        CHECK(std::accumulate(lt.stats.tokens_per_expert.begin(), lt.stats.tokens_per_expert.end(), 0) ==
-              lt.stats.assignments - lt.stats.dropped);
+        CHECK(std::accumulate(lt.stats.tokens_per_expert.begin(), lt.stats.tokens_per_expert.end(),
+                              0) == lt.stats.assignments - lt.stats.dropped);
       }
       // Without tracing: same logits, no trace.
       const PipelineResult quiet = pipe.forward(b, tokens);
       CHECK(quiet.layers.empty());
-      check_bitwise(host_f32(b, quiet.logits), host_f32(b, res.logits), "trace does not change logits");
+      check_bitwise(host_f32(b, quiet.logits), host_f32(b, res.logits),
+                    "trace does not change logits");
     }
   }
 }
@@ -424,7 +432,8 @@ TEST_CASE("Pipeline: empty batch, token ids outside the vocabulary, generate", "
 
   REQUIRE_ERROR(pipe.forward(b, std::vector<std::int32_t>{1, 2, 40}), out_of_range, "embedding]",
                 "token id 40 at position 2 outside vocabulary [0, 40)");
-  REQUIRE_ERROR(pipe.forward(b, std::vector<std::int32_t>{-1}), out_of_range, "embedding]", "token id -1");
+  REQUIRE_ERROR(pipe.forward(b, std::vector<std::int32_t>{-1}), out_of_range, "embedding]",
+                "token id -1");
 
   SECTION("greedy generate feeds back the argmax of the newest token's logits") {
     Sampler greedy;
@@ -449,22 +458,24 @@ TEST_CASE("Pipeline: empty batch, token ids outside the vocabulary, generate", "
     REQUIRE_ERROR(pipe.generate(b, std::vector<std::int32_t>{1}, -1, s), invalid_argument,
                   "[Pipeline::generate]", "max_new=-1");
     Tensor t8 = uniform(b, Shape{40, 8}, 1);
-    REQUIRE_ERROR(StaticPipeline(EmbeddingEncoder(t8), {}, LmHeadDecoder(Tensor(), uniform(b, Shape{40, 16}, 2))),
+    REQUIRE_ERROR(StaticPipeline(EmbeddingEncoder(t8), {},
+                                 LmHeadDecoder(Tensor(), uniform(b, Shape{40, 16}, 2))),
                   shape_mismatch, "[Pipeline]", "decoder width 16 differs from encoder width 8");
     std::vector<StaticLayer> layers{pipe.layers()[0]};
-    REQUIRE_ERROR(StaticPipeline(EmbeddingEncoder(t8), layers, LmHeadDecoder(Tensor(), t8)), shape_mismatch,
-                  "[Pipeline]", "layer 0 has width 16, encoder 8");
+    REQUIRE_ERROR(StaticPipeline(EmbeddingEncoder(t8), layers, LmHeadDecoder(Tensor(), t8)),
+                  shape_mismatch, "[Pipeline]", "layer 0 has width 16, encoder 8");
     PipelineOptions bad;
     bad.norm_eps = 0.0f;
-    REQUIRE_ERROR(StaticPipeline(EmbeddingEncoder(t8), {}, LmHeadDecoder(Tensor(), t8), bad), invalid_argument,
-                  "[Pipeline]", "norm_eps=0 must be > 0");
+    REQUIRE_ERROR(StaticPipeline(EmbeddingEncoder(t8), {}, LmHeadDecoder(Tensor(), t8), bad),
+                  invalid_argument, "[Pipeline]", "norm_eps=0 must be > 0");
   }
 }
 
 TEST_CASE("Pipeline logits are bit-identical with 1 and 2 oneTBB threads", "[pipeline][threads]") {
   CpuBackend b1(CpuBackendOptions{1}), b2(CpuBackendOptions{2});
   std::vector<std::int32_t> tokens(150);
-  for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<std::int32_t>((i * 7919) % 40);
+  for (std::size_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = static_cast<std::int32_t>((i * 7919) % 40);
   auto run = [&](CpuBackend& b) {
     auto [pipe, hp] = make_pipeline(b, PipelineOptions{}, true);
     return host_f32(b, pipe.forward(b, tokens).logits);
@@ -518,7 +529,8 @@ static_assert(Gate<FixedGate>);
 /// may do anything the Backend interface allows).
 class ScaleExperts {
  public:
-  ScaleExperts(std::vector<float> scale, std::int64_t hidden) : scale_(std::move(scale)), d_(hidden) {}
+  ScaleExperts(std::vector<float> scale, std::int64_t hidden)
+      : scale_(std::move(scale)), d_(hidden) {}
   std::int64_t num_experts() const { return static_cast<std::int64_t>(scale_.size()); }
   std::int64_t hidden() const { return d_; }
   void forward(Backend& b, TensorView x, TensorView offsets, TensorView out) const {
@@ -538,7 +550,8 @@ class ScaleExperts {
 static_assert(ExpertBank<ScaleExperts>);
 
 /// out[t] = sum over kept slots of w * scale[e] * x[t].
-std::vector<double> scale_reference(const std::vector<float>& x, const std::vector<std::int32_t>& ids,
+std::vector<double> scale_reference(const std::vector<float>& x,
+                                    const std::vector<std::int32_t>& ids,
                                     const std::vector<double>& w, const std::vector<char>& kept,
                                     const std::vector<float>& scale, std::int64_t T, std::int64_t k,
                                     std::int64_t d) {
@@ -658,7 +671,8 @@ TEST_CASE("build_pipeline: JSON description with per-layer overrides", "[pipelin
   REQUIRE(pipe.layers().size() == 5);
   const std::int64_t want_E[5] = {8, 8, 4, 8, 8}, want_slots[5] = {2, 8, 1, 3, 1};
   std::vector<std::int32_t> tokens(24);
-  for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<std::int32_t>((i * 13) % 40);
+  for (std::size_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = static_cast<std::int32_t>((i * 13) % 40);
   const PipelineResult res = pipe.forward(b, tokens, true);
   REQUIRE(res.layers.size() == 5);
   for (int l = 0; l < 5; ++l) {
@@ -671,7 +685,8 @@ TEST_CASE("build_pipeline: JSON description with per-layer overrides", "[pipelin
   // Layer 4: argmax, capacity ceil(0.5 * 24 * 1 / 8) = 2 rows per expert.
   for (std::int32_t n : res.layers[4].stats.tokens_per_expert) CHECK(n <= 2);
   CHECK(res.layers[4].stats.assignments == 24);
-  CHECK(std::accumulate(res.layers[4].stats.tokens_per_expert.begin(), res.layers[4].stats.tokens_per_expert.end(),
+  CHECK(std::accumulate(res.layers[4].stats.tokens_per_expert.begin(),
+                        res.layers[4].stats.tokens_per_expert.end(),
                         0) == 24 - res.layers[4].stats.dropped);
   CHECK(res.layers[4].stats.dropped >= 24 - 2 * 8);
   for (float w : res.layers[4].weights) CHECK(w == 1.0f);
@@ -684,61 +699,82 @@ TEST_CASE("build_pipeline: JSON description with per-layer overrides", "[pipelin
   CHECK(std::all_of(logits.begin(), logits.end(), [](float v) { return std::isfinite(v); }));
 
   SECTION("deterministic in the seed") {
-    check_bitwise(host_f32(b, build_pipeline(b, kJson).forward(b, tokens).logits), logits, "same seed");
-    CHECK(host_f32(b, build_pipeline(b, replace(kJson, "\"seed\": 7", "\"seed\": 8")).forward(b, tokens).logits) !=
-          logits);
+    check_bitwise(host_f32(b, build_pipeline(b, kJson).forward(b, tokens).logits), logits,
+                  "same seed");
+    CHECK(host_f32(b, build_pipeline(b, replace(kJson, "\"seed\": 7", "\"seed\": 8"))
+                          .forward(b, tokens)
+                          .logits) != logits);
   }
   SECTION("num_layers without a layers array") {
     const DynamicPipeline p3 = build_pipeline(
-        b, R"({"vocab": 10, "hidden": 8, "num_layers": 3, "gate": {"type": "noisy_topk", "num_experts": 4},
+        b,
+        R"({"vocab": 10, "hidden": 8, "num_layers": 3, "gate": {"type": "noisy_topk", "num_experts": 4},
               "experts": {"type": "swiglu"}})");
     CHECK(p3.layers().size() == 3);
     CHECK(p3.forward(b, std::vector<std::int32_t>{1, 2, 3}).logits.shape() == Shape{3, 10});
   }
 }
 
-TEST_CASE("build_pipeline rejects malformed descriptions and unknown names", "[pipeline][registry][errors]") {
+TEST_CASE("build_pipeline rejects malformed descriptions and unknown names",
+          "[pipeline][registry][errors]") {
   Backend& b = test_backend();
-  const std::string base = R"({"vocab": 40, "hidden": 16, "gate": {"type": "softmax_topk", "num_experts": 8}, "experts": {"type": "swiglu", "ffn": 8}})";
+  const std::string base =
+      R"({"vocab": 40, "hidden": 16, "gate": {"type": "softmax_topk", "num_experts": 8}, "experts": {"type": "swiglu", "ffn": 8}})";
   REQUIRE_ERROR(build_pipeline(b, R"({"vocab": 40,)"), io, "[build_pipeline]", "malformed JSON");
-  REQUIRE_ERROR(build_pipeline(b, "[1, 2]"), invalid_argument, "[build_pipeline]", "must be a JSON object");
-  REQUIRE_ERROR(build_pipeline(b, replace(base, R"("vocab": 40, )", "")), invalid_argument, "[build_pipeline]",
-                "missing key 'vocab'");
-  REQUIRE_ERROR(build_pipeline(b, replace(base, R"("hidden": 16)", R"("hidden": -3)")), invalid_argument,
-                "[build_pipeline]", "'hidden'=-3 must be a positive integer");
-  REQUIRE_ERROR(build_pipeline(b, replace(base, R"("hidden": 16)", R"("hidden": "16")")), invalid_argument,
-                "[build_pipeline]", "'hidden'=\"16\" must be a positive integer");
-  REQUIRE_ERROR(build_pipeline(b, replace(base, R"("num_experts": 8)", R"("top_k": 2)")), invalid_argument,
-                "[build_pipeline]", "missing key 'num_experts'");
-  REQUIRE_ERROR(build_pipeline(b, replace(base, R"("type": "softmax_topk", )", "")), invalid_argument,
-                "[build_pipeline]", "layers[0].gate.type is missing");
+  REQUIRE_ERROR(build_pipeline(b, "[1, 2]"), invalid_argument, "[build_pipeline]",
+                "must be a JSON object");
+  REQUIRE_ERROR(build_pipeline(b, replace(base, R"("vocab": 40, )", "")), invalid_argument,
+                "[build_pipeline]", "missing key 'vocab'");
+  REQUIRE_ERROR(build_pipeline(b, replace(base, R"("hidden": 16)", R"("hidden": -3)")),
+                invalid_argument, "[build_pipeline]", "'hidden'=-3 must be a positive integer");
+  REQUIRE_ERROR(build_pipeline(b, replace(base, R"("hidden": 16)", R"("hidden": "16")")),
+                invalid_argument, "[build_pipeline]", "'hidden'=\"16\" must be a positive integer");
+  REQUIRE_ERROR(build_pipeline(b, replace(base, R"("num_experts": 8)", R"("top_k": 2)")),
+                invalid_argument, "[build_pipeline]", "missing key 'num_experts'");
+  REQUIRE_ERROR(build_pipeline(b, replace(base, R"("type": "softmax_topk", )", "")),
+                invalid_argument, "[build_pipeline]", "layers[0].gate.type is missing");
   REQUIRE_ERROR(build_pipeline(b, replace(base, "}}", R"(}, "layers": {}})")), invalid_argument,
                 "[build_pipeline]", "'layers' must be an array");
 
   SECTION("unknown component names list the registered ones") {
-    REQUIRE_ERROR(build_pipeline(b, replace(base, "softmax_topk", "bogus")), not_found, "[Registry::make_gate]",
-                  "unknown gate 'bogus'; registered: argmax, expert_choice, noisy_topk, sigmoid_group, softmax_topk");
-    REQUIRE_ERROR(build_pipeline(b, replace(base, "swiglu", "mlp")), not_found, "[Registry::make_experts]",
+    REQUIRE_ERROR(build_pipeline(b, replace(base, "softmax_topk", "bogus")), not_found,
+                  "[Registry::make_gate]",
+                  "unknown gate 'bogus'; registered: argmax, expert_choice, noisy_topk, "
+                  "sigmoid_group, softmax_topk");
+    REQUIRE_ERROR(build_pipeline(b, replace(base, "swiglu", "mlp")), not_found,
+                  "[Registry::make_experts]",
                   "unknown expert bank 'mlp'; registered: gelu, swiglu");
   }
   SECTION("bad component arguments name the layer, key and value") {
-    REQUIRE_ERROR(build_pipeline(b, replace(base, R"("num_experts": 8)", R"("num_experts": 8, "top_k": "two")")),
-                  invalid_argument, "[ComponentArgs]", "layers[0].gate.top_k='two' is not an integer");
-    REQUIRE_ERROR(build_pipeline(b, replace(base, R"("num_experts": 8)", R"("num_experts": 8, "top_k": 9)")),
-                  invalid_argument, "[GateNetwork]", "top_k=9 outside [1, num_experts=8]");
-    REQUIRE_ERROR(build_pipeline(b, replace(base, R"("num_experts": 8)", R"("num_experts": 8, "capacity_factor": 0)")),
-                  invalid_argument, "[GateNetwork]", "capacity_factor=0 must be > 0");
     REQUIRE_ERROR(
-        build_pipeline(b, replace(base, R"("num_experts": 8)", R"("num_experts": 8, "capacity_factor": -0.5)")),
-        invalid_argument, "[GateNetwork]", "capacity_factor=-0.5 must be > 0");
-    REQUIRE_ERROR(build_pipeline(b, replace(base, R"("num_experts": 8)", R"("num_experts": 8, "group_mask": "foo")")),
-                  invalid_argument, "[Registry]", "layers[0].gate.group_mask='foo' must be zero or neg_inf");
-    REQUIRE_ERROR(build_pipeline(b, replace(base, R"("num_experts": 8)", R"("num_experts": 8, "renormalize": "yes")")),
-                  invalid_argument, "[ComponentArgs]", "layers[0].gate.renormalize='yes' is not true or false");
-    REQUIRE_ERROR(build_pipeline(b, replace(base, R"("num_experts": 8)", R"("num_experts": 8, "top_k": [1])")),
-                  invalid_argument, "[build_pipeline]", "layers[0].gate.top_k must be a number, bool or string");
-    const std::string layered = replace(base, "}}", R"(}, "layers": [{}, {"gate": {"top_k": "x"}}]})");
-    REQUIRE_ERROR(build_pipeline(b, layered), invalid_argument, "[ComponentArgs]", "layers[1].gate.top_k='x'");
+        build_pipeline(b,
+                       replace(base, R"("num_experts": 8)", R"("num_experts": 8, "top_k": "two")")),
+        invalid_argument, "[ComponentArgs]", "layers[0].gate.top_k='two' is not an integer");
+    REQUIRE_ERROR(
+        build_pipeline(b, replace(base, R"("num_experts": 8)", R"("num_experts": 8, "top_k": 9)")),
+        invalid_argument, "[GateNetwork]", "top_k=9 outside [1, num_experts=8]");
+    REQUIRE_ERROR(build_pipeline(b, replace(base, R"("num_experts": 8)",
+                                            R"("num_experts": 8, "capacity_factor": 0)")),
+                  invalid_argument, "[GateNetwork]", "capacity_factor=0 must be > 0");
+    REQUIRE_ERROR(build_pipeline(b, replace(base, R"("num_experts": 8)",
+                                            R"("num_experts": 8, "capacity_factor": -0.5)")),
+                  invalid_argument, "[GateNetwork]", "capacity_factor=-0.5 must be > 0");
+    REQUIRE_ERROR(
+        build_pipeline(
+            b, replace(base, R"("num_experts": 8)", R"("num_experts": 8, "group_mask": "foo")")),
+        invalid_argument, "[Registry]", "layers[0].gate.group_mask='foo' must be zero or neg_inf");
+    REQUIRE_ERROR(build_pipeline(b, replace(base, R"("num_experts": 8)",
+                                            R"("num_experts": 8, "renormalize": "yes")")),
+                  invalid_argument, "[ComponentArgs]",
+                  "layers[0].gate.renormalize='yes' is not true or false");
+    REQUIRE_ERROR(build_pipeline(
+                      b, replace(base, R"("num_experts": 8)", R"("num_experts": 8, "top_k": [1])")),
+                  invalid_argument, "[build_pipeline]",
+                  "layers[0].gate.top_k must be a number, bool or string");
+    const std::string layered =
+        replace(base, "}}", R"(}, "layers": [{}, {"gate": {"top_k": "x"}}]})");
+    REQUIRE_ERROR(build_pipeline(b, layered), invalid_argument, "[ComponentArgs]",
+                  "layers[1].gate.top_k='x'");
   }
 }
 
@@ -753,7 +789,8 @@ struct Recorded {
 
 }  // namespace
 
-TEST_CASE("Registry: user factories receive the merged arguments and context", "[pipeline][registry][extend]") {
+TEST_CASE("Registry: user factories receive the merged arguments and context",
+          "[pipeline][registry][extend]") {
   Backend& b = test_backend();
   auto log = std::make_shared<std::vector<Recorded>>();
   Registry reg;  // a private registry: the global one is left alone
@@ -775,7 +812,8 @@ TEST_CASE("Registry: user factories receive the merged arguments and context", "
     "seed": 5, "vocab": 30, "hidden": 8,
     "gate": {"type": "fixed", "num_experts": 4, "shift": 1},
     "experts": {"type": "scale", "scale": 0.5},
-    "layers": [{}, {"gate": {"num_experts": 2, "extra": "x"}}, {"experts": {"scale": 2}}]})", reg);
+    "layers": [{}, {"gate": {"num_experts": 2, "extra": "x"}}, {"experts": {"scale": 2}}]})",
+                                              reg);
   REQUIRE(log->size() == 6);
   const auto& r = *log;
   CHECK(r[0].kind == "gate");
@@ -788,10 +826,10 @@ TEST_CASE("Registry: user factories receive the merged arguments and context", "
   CHECK(r[1].where == "layers[0].experts");
   CHECK(r[1].args.at("scale") == "0.5");
   CHECK(r[2].where == "layers[1].gate");
-  CHECK(r[2].experts == 2);              // override
-  CHECK(r[2].args.at("extra") == "x");   // override key
-  CHECK(r[2].args.at("shift") == "1");   // inherited key
-  CHECK(r[3].experts == 2);              // the bank follows the layer's gate
+  CHECK(r[2].experts == 2);             // override
+  CHECK(r[2].args.at("extra") == "x");  // override key
+  CHECK(r[2].args.at("shift") == "1");  // inherited key
+  CHECK(r[3].experts == 2);             // the bank follows the layer's gate
   CHECK(r[5].where == "layers[2].experts");
   CHECK(r[5].args.at("scale") == "2");
   std::set<std::uint64_t> seeds;
@@ -806,10 +844,11 @@ TEST_CASE("Registry: user factories receive the merged arguments and context", "
 
   REQUIRE_ERROR(reg.add_gate("empty", GateFactory{}), invalid_argument, "[Registry::add_gate]",
                 "empty factory for 'empty'");
-  REQUIRE_ERROR(reg.add_experts("empty", ExpertFactory{}), invalid_argument, "[Registry::add_experts]");
+  REQUIRE_ERROR(reg.add_experts("empty", ExpertFactory{}), invalid_argument,
+                "[Registry::add_experts]");
   const BuildContext ctx{b, 8, 4, 1};
-  REQUIRE_ERROR(reg.make_gate("softmax_topk", ctx, ComponentArgs("g")), not_found, "[Registry::make_gate]",
-                "unknown gate 'softmax_topk'; registered: fixed");
+  REQUIRE_ERROR(reg.make_gate("softmax_topk", ctx, ComponentArgs("g")), not_found,
+                "[Registry::make_gate]", "unknown gate 'softmax_topk'; registered: fixed");
 }
 
 TEST_CASE("Registry::global lists the built-in components", "[pipeline][registry]") {
@@ -818,5 +857,6 @@ TEST_CASE("Registry::global lists the built-in components", "[pipeline][registry
     CHECK(std::find(gates.begin(), gates.end(), g) != gates.end());
   CHECK(std::is_sorted(gates.begin(), gates.end()));
   const auto experts = Registry::global().expert_names();
-  for (const char* e : {"swiglu", "gelu"}) CHECK(std::find(experts.begin(), experts.end(), e) != experts.end());
+  for (const char* e : {"swiglu", "gelu"})
+    CHECK(std::find(experts.begin(), experts.end(), e) != experts.end());
 }

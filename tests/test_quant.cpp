@@ -130,7 +130,8 @@ TEST_CASE("quantize: codes and scales of a symmetric int8 quantizer", "[quant]")
     for (std::int64_t r = 0; r < n; ++r)
       for (std::int64_t g = 0; g < groups; ++g) {
         float amax = 0.0f;
-        for (std::int64_t c = g * G; c < (g + 1) * G; ++c) amax = std::max(amax, std::fabs(w[r * k + c]));
+        for (std::int64_t c = g * G; c < (g + 1) * G; ++c)
+          amax = std::max(amax, std::fabs(w[r * k + c]));
         const float sc = scales[static_cast<std::size_t>(r * groups + g)];
         REQUIRE(sc == Approx(amax / 127.0f).epsilon(1e-6));
         for (std::int64_t c = g * G; c < (g + 1) * G; ++c) {
@@ -177,12 +178,14 @@ TEST_CASE("quantize: bad input is an Error", "[quant][errors]") {
   Tensor data(b, DType::i8, Shape{8, 64}), bad_scales(b, DType::f32, Shape{8, 3});
   REQUIRE_THROWS_MATCHES(QuantizedTensor(data, bad_scales, QuantSpec{32}), Error,
                          ErrorMatcher(ErrorCode::shape_mismatch, {"scales must be [8, 2]"}));
-  REQUIRE_THROWS_MATCHES(Weight(q).tensor(), Error, ErrorMatcher(ErrorCode::dtype_mismatch, {"int8"}));
+  REQUIRE_THROWS_MATCHES(Weight(q).tensor(), Error,
+                         ErrorMatcher(ErrorCode::dtype_mismatch, {"int8"}));
   // K = 0: an empty product is zeros, per channel and grouped, not a division by zero.
   for (std::int64_t group : {0, 32}) {
     const QuantizedTensor q0 = quantize(b, Tensor(b, DType::f32, Shape{4, 0}), QuantSpec{group});
     REQUIRE(q0.groups() == 0);
-    Tensor x0(b, DType::f32, Shape{3, 0}), c0 = tensor_f32(b, Shape{3, 4}, std::vector<float>(12, 5.0f));
+    Tensor x0(b, DType::f32, Shape{3, 0}),
+        c0 = tensor_f32(b, Shape{3, 4}, std::vector<float>(12, 5.0f));
     b.qgemm(x0, q0, c0);
     REQUIRE(host_f32(b, c0) == std::vector<float>(12, 0.0f));
   }
@@ -191,32 +194,44 @@ TEST_CASE("quantize: bad input is an Error", "[quant][errors]") {
 TEST_CASE("qgemm equals the naive int8 products in both activation modes", "[quant]") {
   for (CpuBackend* bp : {&cpu1(), &cpu2()}) {
     CpuBackend& b = *bp;
-    for (auto [n, k] : {std::pair<std::int64_t, std::int64_t>{50, 256}, {256, 64}, {160, 48}, {96, 64}, {64, 32}, {64, 96}, {192, 64}, {128, 64}, {64, 128}, {48, 2048}, {40, 768}, {33, 1408}})
-    for (std::int64_t group : {0, 32, 128})
-      for (ActivationMode mode : {ActivationMode::w8a8, ActivationMode::weight_only})
-        for (std::int64_t m : {1, 7, 12, 33}) {
-          if (group != 0 && k % group != 0) continue;
-          const std::vector<float> wh = trained_like(n, k, 5, 0.05f);
-          const Tensor w = tensor_f32(b, Shape{n, k}, wh);
-          const QuantizedTensor q = quantize(b, w, QuantSpec{group, mode});
-          std::vector<std::int8_t> codes(static_cast<std::size_t>(n * k));
-          std::vector<float> sc(static_cast<std::size_t>(n * q.groups()));
-          b.quantized_to_host(q, codes.data(), sc.data());
-          std::vector<float> xh = random_floats(static_cast<std::size_t>(m * k), 100 + m);
-          xh[0] = 0.0f;
-          const Tensor x = tensor_f32(b, Shape{m, k}, xh);
-          Tensor c(b, DType::f32, Shape{m, n});
-          b.qgemm(x, q, c);
-          const std::int64_t G = group == 0 ? k : group;
-          const auto want = mode == ActivationMode::w8a8 ? naive_w8a8(xh, m, k, codes, sc, n, G)
-                                                         : naive_wonly(xh, m, k, codes, sc, n, G);
-          require_close(host_f32(b, c), want, 1e-5,
-                        fmt::format("n {} k {} group {} {} m {}", n, k, group, QuantSpec{group, mode}.mode_name(), m));
-          // And through linear(): the same thing.
-          Tensor c2(b, DType::f32, Shape{m, n});
-          linear(b, x, Weight(q), c2);
-          REQUIRE(host_f32(b, c2) == host_f32(b, c));
-        }
+    for (auto [n, k] : {std::pair<std::int64_t, std::int64_t>{50, 256},
+                        {256, 64},
+                        {160, 48},
+                        {96, 64},
+                        {64, 32},
+                        {64, 96},
+                        {192, 64},
+                        {128, 64},
+                        {64, 128},
+                        {48, 2048},
+                        {40, 768},
+                        {33, 1408}})
+      for (std::int64_t group : {0, 32, 128})
+        for (ActivationMode mode : {ActivationMode::w8a8, ActivationMode::weight_only})
+          for (std::int64_t m : {1, 7, 12, 33}) {
+            if (group != 0 && k % group != 0) continue;
+            const std::vector<float> wh = trained_like(n, k, 5, 0.05f);
+            const Tensor w = tensor_f32(b, Shape{n, k}, wh);
+            const QuantizedTensor q = quantize(b, w, QuantSpec{group, mode});
+            std::vector<std::int8_t> codes(static_cast<std::size_t>(n * k));
+            std::vector<float> sc(static_cast<std::size_t>(n * q.groups()));
+            b.quantized_to_host(q, codes.data(), sc.data());
+            std::vector<float> xh = random_floats(static_cast<std::size_t>(m * k), 100 + m);
+            xh[0] = 0.0f;
+            const Tensor x = tensor_f32(b, Shape{m, k}, xh);
+            Tensor c(b, DType::f32, Shape{m, n});
+            b.qgemm(x, q, c);
+            const std::int64_t G = group == 0 ? k : group;
+            const auto want = mode == ActivationMode::w8a8 ? naive_w8a8(xh, m, k, codes, sc, n, G)
+                                                           : naive_wonly(xh, m, k, codes, sc, n, G);
+            require_close(host_f32(b, c), want, 1e-5,
+                          fmt::format("n {} k {} group {} {} m {}", n, k, group,
+                                      QuantSpec{group, mode}.mode_name(), m));
+            // And through linear(): the same thing.
+            Tensor c2(b, DType::f32, Shape{m, n});
+            linear(b, x, Weight(q), c2);
+            REQUIRE(host_f32(b, c2) == host_f32(b, c));
+          }
   }
 }
 
@@ -227,7 +242,8 @@ TEST_CASE("grouped_qgemm equals per-expert qgemm; identical on 1 and 2 threads",
   for (CpuBackend* bp : {&cpu1(), &cpu2()}) {
     CpuBackend& b = *bp;
     for (ActivationMode mode : {ActivationMode::w8a8, ActivationMode::weight_only}) {
-      const QuantizedTensor q = quantize(b, uniform(b, Shape{E, n, k}, 9, 0.1f), QuantSpec{32, mode});
+      const QuantizedTensor q =
+          quantize(b, uniform(b, Shape{E, n, k}, 9, 0.1f), QuantSpec{32, mode});
       const Tensor x = uniform(b, Shape{R, k}, 10);
       Tensor out(b, DType::f32, Shape{R, n});
       b.grouped_qgemm(x, q, tensor_i32(b, Shape{E + 1}, off), out);
@@ -242,8 +258,10 @@ TEST_CASE("grouped_qgemm equals per-expert qgemm; identical on 1 and 2 threads",
         const std::int64_t m = off[e + 1] - off[e];
         if (m == 0) continue;
         const std::vector<float> xe(xh.begin() + off[e] * k, xh.begin() + off[e + 1] * k);
-        const std::vector<std::int8_t> ce(codes.begin() + e * n * k, codes.begin() + (e + 1) * n * k);
-        const std::vector<float> se(sc.begin() + e * n * q.groups(), sc.begin() + (e + 1) * n * q.groups());
+        const std::vector<std::int8_t> ce(codes.begin() + e * n * k,
+                                          codes.begin() + (e + 1) * n * k);
+        const std::vector<float> se(sc.begin() + e * n * q.groups(),
+                                    sc.begin() + (e + 1) * n * q.groups());
         const auto want = mode == ActivationMode::w8a8 ? naive_w8a8(xe, m, k, ce, se, n, 32)
                                                        : naive_wonly(xe, m, k, ce, se, n, 32);
         const std::vector<float> ge(got.begin() + off[e] * n, got.begin() + off[e + 1] * n);
@@ -285,7 +303,8 @@ TEST_CASE("int8 MoE stack: routing agrees with f32, small relative error", "[qua
     Tensor hf(b, DType::f32, Shape{T, d}), hq(b, DType::f32, Shape{T, d});
     b.rms_norm(xf, norm, 1e-6f, hf);
     b.rms_norm(xq, norm, 1e-6f, hq);
-    Tensor yf(b, DType::f32, Shape{T, d}), yq(b, DType::f32, Shape{T, d}), yq_same(b, DType::f32, Shape{T, d});
+    Tensor yf(b, DType::f32, Shape{T, d}), yq(b, DType::f32, Shape{T, d}),
+        yq_same(b, DType::f32, Shape{T, d});
     RoutingStats sf, sq;
     f32_layers[l].forward(b, hf, yf, &sf);
     q_layers[l].forward(b, hq, yq, &sq);
@@ -293,8 +312,10 @@ TEST_CASE("int8 MoE stack: routing agrees with f32, small relative error", "[qua
     q_layers[l].forward(b, hf, yq_same);
     layer_err = std::max(layer_err, rel_l2(host_f32(b, yq_same), host_f32(b, yf)));
     for (std::int64_t t = 0; t < T; ++t) {
-      std::vector<std::int32_t> a(sf.expert_ids.begin() + t * k, sf.expert_ids.begin() + (t + 1) * k);
-      std::vector<std::int32_t> c(sq.expert_ids.begin() + t * k, sq.expert_ids.begin() + (t + 1) * k);
+      std::vector<std::int32_t> a(sf.expert_ids.begin() + t * k,
+                                  sf.expert_ids.begin() + (t + 1) * k);
+      std::vector<std::int32_t> c(sq.expert_ids.begin() + t * k,
+                                  sq.expert_ids.begin() + (t + 1) * k);
       std::sort(a.begin(), a.end());
       std::sort(c.begin(), c.end());
       same += a == c;
@@ -304,8 +325,9 @@ TEST_CASE("int8 MoE stack: routing agrees with f32, small relative error", "[qua
     b.add(xq, yq, xq);
   }
   const double agree = static_cast<double>(same) / static_cast<double>(total);
-  WARN(spec.scheme_name() << " " << spec.mode_name() << ": int8 MoE stack, top-" << k << " sets agree for " << 100.0 * agree
-       << " % of token-layers; max layer relative L2 error " << layer_err);
+  WARN(spec.scheme_name() << " " << spec.mode_name() << ": int8 MoE stack, top-" << k
+                          << " sets agree for " << 100.0 * agree
+                          << " % of token-layers; max layer relative L2 error " << layer_err);
   // Measured: 98.5-99.9 % and 0.9-2.4 % (docs/quantization.md); the bounds leave a margin for
   // the order of float additions, not for a regression of the quantizer or the kernels.
   REQUIRE(agree >= 0.975);
@@ -318,20 +340,21 @@ namespace {
 
 namespace fs = std::filesystem;
 
-fs::path fixture(const std::string& name) { return fs::path(AUTOGLM_FIXTURES_DIR) / name; }
+fs::path fixture(const std::string& name) {
+  return fs::path(AUTOGLM_FIXTURES_DIR) / name;
+}
 
 struct FixtureRun {
-  std::vector<float> logits;               // prefill logits [T, V]
-  std::vector<std::int32_t> greedy;        // 16-token continuation
+  std::vector<float> logits;                       // prefill logits [T, V]
+  std::vector<std::int32_t> greedy;                // 16-token continuation
   std::vector<std::vector<std::int32_t>> routing;  // per MoE layer: expert ids [T * k]
 };
 
 FixtureRun run_fixture(const Model& m, const std::vector<std::int32_t>& prompt) {
   FixtureRun r;
   Session s(m);
-  s.set_routing_observer([&](std::int64_t, const RoutingStats& st) {
-    r.routing.push_back(st.expert_ids);
-  });
+  s.set_routing_observer(
+      [&](std::int64_t, const RoutingStats& st) { r.routing.push_back(st.expert_ids); });
   const Tensor logits = s.prefill(prompt, /*all_logits=*/true);
   r.logits = host_f32(m.backend(), logits);
   s.set_routing_observer({});
@@ -376,8 +399,10 @@ double routing_agreement(const FixtureRun& ref, const FixtureRun& got, std::int6
   for (std::size_t l = 0; l < ref.routing.size(); ++l) {
     const std::int64_t k = static_cast<std::int64_t>(ref.routing[l].size()) / T;
     for (std::int64_t t = 0; t < T; ++t) {
-      std::vector<std::int32_t> x(ref.routing[l].begin() + t * k, ref.routing[l].begin() + (t + 1) * k);
-      std::vector<std::int32_t> y(got.routing[l].begin() + t * k, got.routing[l].begin() + (t + 1) * k);
+      std::vector<std::int32_t> x(ref.routing[l].begin() + t * k,
+                                  ref.routing[l].begin() + (t + 1) * k);
+      std::vector<std::int32_t> y(got.routing[l].begin() + t * k,
+                                  got.routing[l].begin() + (t + 1) * k);
       std::sort(x.begin(), x.end());
       std::sort(y.begin(), y.end());
       same += x == y;
@@ -424,17 +449,33 @@ void check_int8_fixture(const std::string& name) {
 
 }  // namespace
 
-TEST_CASE("int8 fixture mixtral_hub_sharded", "[quant][models]") { check_int8_fixture("mixtral_hub_sharded"); }
-TEST_CASE("int8 fixture mixtral_fused_tied", "[quant][models]") { check_int8_fixture("mixtral_fused_tied"); }
-TEST_CASE("int8 fixture qwen2_moe", "[quant][models]") { check_int8_fixture("qwen2_moe"); }
-TEST_CASE("int8 fixture qwen3_moe", "[quant][models]") { check_int8_fixture("qwen3_moe"); }
-TEST_CASE("int8 fixture olmoe", "[quant][models]") { check_int8_fixture("olmoe"); }
-TEST_CASE("int8 fixture deepseek_v3", "[quant][models]") { check_int8_fixture("deepseek_v3"); }
+TEST_CASE("int8 fixture mixtral_hub_sharded", "[quant][models]") {
+  check_int8_fixture("mixtral_hub_sharded");
+}
+TEST_CASE("int8 fixture mixtral_fused_tied", "[quant][models]") {
+  check_int8_fixture("mixtral_fused_tied");
+}
+TEST_CASE("int8 fixture qwen2_moe", "[quant][models]") {
+  check_int8_fixture("qwen2_moe");
+}
+TEST_CASE("int8 fixture qwen3_moe", "[quant][models]") {
+  check_int8_fixture("qwen3_moe");
+}
+TEST_CASE("int8 fixture olmoe", "[quant][models]") {
+  check_int8_fixture("olmoe");
+}
+TEST_CASE("int8 fixture deepseek_v3", "[quant][models]") {
+  check_int8_fixture("deepseek_v3");
+}
 TEST_CASE("int8 fixture deepseek_v3_fused_noqlora", "[quant][models]") {
   check_int8_fixture("deepseek_v3_fused_noqlora");
 }
-TEST_CASE("int8 fixture glm4_moe_qknorm", "[quant][models]") { check_int8_fixture("glm4_moe_qknorm"); }
-TEST_CASE("int8 fixture glm4_moe_hub_tied", "[quant][models]") { check_int8_fixture("glm4_moe_hub_tied"); }
+TEST_CASE("int8 fixture glm4_moe_qknorm", "[quant][models]") {
+  check_int8_fixture("glm4_moe_qknorm");
+}
+TEST_CASE("int8 fixture glm4_moe_hub_tied", "[quant][models]") {
+  check_int8_fixture("glm4_moe_hub_tied");
+}
 
 namespace {
 
@@ -465,14 +506,17 @@ void rewrite_single(const fs::path& dir, Edit&& edit) {
   const auto bytes = serialize_safetensors(entries, f.metadata());
   keep.clear();
   std::ofstream out(dir / "model.safetensors", std::ios::binary | std::ios::trunc);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
 }
 
 }  // namespace
 
-TEST_CASE("quantize_checkpoint: the file loads to the same model as quantize_model", "[quant][models]") {
+TEST_CASE("quantize_checkpoint: the file loads to the same model as quantize_model",
+          "[quant][models]") {
   CpuBackend& b = cpu2();
-  for (const std::string name : {"mixtral_hub_sharded", "qwen3_moe", "glm4_moe_hub_tied", "deepseek_v3"}) {
+  for (const std::string name :
+       {"mixtral_hub_sharded", "qwen3_moe", "glm4_moe_hub_tied", "deepseek_v3"}) {
     for (bool everything : {false, true}) {
       QuantConfig cfg;
       if (everything) cfg.lm_head = cfg.embeddings = true;
@@ -487,7 +531,8 @@ TEST_CASE("quantize_checkpoint: the file loads to the same model as quantize_mod
       const Model from_file = load_model(b, dst);
       const Model in_memory = quantize_model(load_model(b, src), cfg);
       Session s1(from_file), s2(in_memory);
-      const auto l1 = host_f32(b, s1.prefill(prompt, true)), l2 = host_f32(b, s2.prefill(prompt, true));
+      const auto l1 = host_f32(b, s1.prefill(prompt, true)),
+                 l2 = host_f32(b, s2.prefill(prompt, true));
       REQUIRE(l1 == l2);  // same codes, same scales, same kernels
       fs::remove_all(dst);
     }
@@ -504,8 +549,9 @@ TEST_CASE("int8 checkpoint errors name the tensor", "[quant][errors]") {
     rewrite_single(dst, [&](std::vector<SafeTensorsEntry>& e) {
       std::erase_if(e, [&](const SafeTensorsEntry& x) { return x.name == scale_name(w); });
     });
-    REQUIRE_THROWS_MATCHES(load_model(b, dst), Error,
-                           ErrorMatcher(ErrorCode::not_found, {"[load_model]", scale_name(w), "missing"}));
+    REQUIRE_THROWS_MATCHES(
+        load_model(b, dst), Error,
+        ErrorMatcher(ErrorCode::not_found, {"[load_model]", scale_name(w), "missing"}));
     fs::remove_all(dst);
   }
   SECTION("mis-shaped scale") {
@@ -530,12 +576,14 @@ TEST_CASE("int8 checkpoint errors name the tensor", "[quant][errors]") {
   }
   SECTION("NaN weight in the source") {
     const fs::path copy = temp_dir("nansrc"), dst = temp_dir("nandst");
-    for (const auto& f : fs::directory_iterator(src)) fs::copy_file(f.path(), copy / f.path().filename());
+    for (const auto& f : fs::directory_iterator(src))
+      fs::copy_file(f.path(), copy / f.path().filename());
     std::vector<float> bad;
     rewrite_single(copy, [&](std::vector<SafeTensorsEntry>& e) {
       for (auto& x : e)
         if (x.name == w) {
-          bad.assign(static_cast<const float*>(x.data), static_cast<const float*>(x.data) + x.nbytes / 4);
+          bad.assign(static_cast<const float*>(x.data),
+                     static_cast<const float*>(x.data) + x.nbytes / 4);
           bad[3] = std::numeric_limits<float>::quiet_NaN();
           x.data = bad.data();
         }

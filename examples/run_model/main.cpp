@@ -30,10 +30,10 @@ struct Args {
   float top_p = 1.0f;
   long seed = 0;
   std::string group_mask = "neg_inf";  // transformers 5.x; "zero": transformers 4.x
-  int repeat = 1;          // run the prompt this many times (the later runs reuse the cache)
-  std::string quantize;    // "" (as stored), int8, int8_g32, int8_g64, int8_g128
-  std::string activations = "weight_only";  // or w8a8
-  std::string save_quantized;  // write the int8 checkpoint here, then run it
+  int repeat = 1;        // run the prompt this many times (the later runs reuse the cache)
+  std::string quantize;  // "" (as stored), int8, int8_g32, int8_g64, int8_g128
+  std::string activations = "weight_only";        // or w8a8
+  std::string save_quantized;                     // write the int8 checkpoint here, then run it
   std::string parts = "experts,attention,dense";  // what --quantize converts
 };
 
@@ -42,14 +42,16 @@ void usage() {
       "usage: run_model --model DIR --tokens ID,ID,... [--max-new N] [--threads T]\n"
       "                 [--temperature X] [--top-k K] [--top-p P] [--seed S]\n"
       "                 [--group-mask neg_inf|zero|config] [--repeat R]\n"
-      "                 [--quantize int8|int8_g32|int8_g64|int8_g128] [--activations weight_only|w8a8]\n"
+      "                 [--quantize int8|int8_g32|int8_g64|int8_g128] [--activations "
+      "weight_only|w8a8]\n"
       "                 [--save-quantized OUT_DIR] [--quantize-parts LIST]\n"
       "DIR holds config.json and model.safetensors (or a sharded index). Greedy by default.\n"
       "--group-mask: value of discarded expert groups (DeepSeek-V3 / GLM group-limited routing):\n"
       "  neg_inf (default: transformers 5.x, DeepSeek reference, llama.cpp, vLLM), zero\n"
       "  (transformers 4.x) or config (ModelConfig's FidelityOptions default).\n"
       "--repeat R runs the same prompt R times in one session: the later runs reuse its cache.\n"
-      "--quantize: int8 experts, attention and dense MLPs after loading (per channel, or one scale\n"
+      "--quantize: int8 experts, attention and dense MLPs after loading (per channel, or one "
+      "scale\n"
       "  per 32/64/128 inputs); router, embeddings and LM head stay f32. --activations w8a8 also\n"
       "  quantizes activations per token (faster at long prompts, less accurate).\n"
       "--quantize-parts: comma list of experts, attention, dense, head, embeddings, router\n"
@@ -81,7 +83,8 @@ std::vector<std::int32_t> to_ids(const std::string& v) {
   std::size_t pos = 0;
   while (pos <= v.size()) {
     const std::size_t comma = v.find(',', pos);
-    const std::string item = v.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    const std::string item =
+        v.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
     const long id = to_long("--tokens", item);
     if (id < 0 || id > INT32_MAX) bad(fmt::format("--tokens: id {} out of range", id));
     ids.push_back(static_cast<std::int32_t>(id));
@@ -101,21 +104,36 @@ Args parse(int argc, char** argv) {
     }
     if (i + 1 >= argc) bad(fmt::format("{} needs a value (or is unknown); see --help", f));
     const std::string v = argv[++i];
-    if (f == "--model") a.model = v;
-    else if (f == "--tokens") a.tokens = to_ids(v);
-    else if (f == "--max-new") a.max_new = to_long(f, v);
-    else if (f == "--threads") a.threads = static_cast<int>(to_long(f, v));
-    else if (f == "--temperature") a.temperature = to_float(f, v);
-    else if (f == "--top-k") a.top_k = static_cast<int>(to_long(f, v));
-    else if (f == "--top-p") a.top_p = to_float(f, v);
-    else if (f == "--seed") a.seed = to_long(f, v);
-    else if (f == "--group-mask") a.group_mask = v;
-    else if (f == "--repeat") a.repeat = static_cast<int>(to_long(f, v));
-    else if (f == "--quantize") a.quantize = v;
-    else if (f == "--activations") a.activations = v;
-    else if (f == "--save-quantized") a.save_quantized = v;
-    else if (f == "--quantize-parts") a.parts = v;
-    else bad(fmt::format("unknown flag {}; see --help", f));
+    if (f == "--model")
+      a.model = v;
+    else if (f == "--tokens")
+      a.tokens = to_ids(v);
+    else if (f == "--max-new")
+      a.max_new = to_long(f, v);
+    else if (f == "--threads")
+      a.threads = static_cast<int>(to_long(f, v));
+    else if (f == "--temperature")
+      a.temperature = to_float(f, v);
+    else if (f == "--top-k")
+      a.top_k = static_cast<int>(to_long(f, v));
+    else if (f == "--top-p")
+      a.top_p = to_float(f, v);
+    else if (f == "--seed")
+      a.seed = to_long(f, v);
+    else if (f == "--group-mask")
+      a.group_mask = v;
+    else if (f == "--repeat")
+      a.repeat = static_cast<int>(to_long(f, v));
+    else if (f == "--quantize")
+      a.quantize = v;
+    else if (f == "--activations")
+      a.activations = v;
+    else if (f == "--save-quantized")
+      a.save_quantized = v;
+    else if (f == "--quantize-parts")
+      a.parts = v;
+    else
+      bad(fmt::format("unknown flag {}; see --help", f));
   }
   if (a.model.empty()) bad("--model DIR is required");
   if (a.tokens.empty()) bad("--tokens ID,ID,... is required");
@@ -140,9 +158,8 @@ void draw_progress(const autoglm::LoadProgress& p) {
   const int fill = static_cast<int>(frac * kWidth);
   std::fprintf(stderr, "\rloading [%s%s] %3d%%  %zu/%zu tensors  %.1f/%.1f MiB",
                std::string(static_cast<std::size_t>(fill), '#').c_str(),
-               std::string(static_cast<std::size_t>(kWidth - fill), '.').c_str(),
-               percent, p.tensors_done, p.tensors_total,
-               static_cast<double>(p.bytes_done) / (1 << 20),
+               std::string(static_cast<std::size_t>(kWidth - fill), '.').c_str(), percent,
+               p.tensors_done, p.tensors_total, static_cast<double>(p.bytes_done) / (1 << 20),
                static_cast<double>(p.bytes_total) / (1 << 20));
   if (done) std::fputc('\n', stderr);
   std::fflush(stderr);
@@ -161,7 +178,8 @@ int main(int argc, char** argv) {
     };
     if (a.group_mask != "config") {
       autoglm::FidelityOptions f;
-      f.group_mask = a.group_mask == "zero" ? autoglm::GroupMask::zero : autoglm::GroupMask::neg_inf;
+      f.group_mask =
+          a.group_mask == "zero" ? autoglm::GroupMask::zero : autoglm::GroupMask::neg_inf;
       lo.fidelity = f;
     }
     const auto t0 = std::chrono::steady_clock::now();
@@ -173,25 +191,34 @@ int main(int argc, char** argv) {
       while (!rest.empty()) {
         const std::size_t comma = rest.find(',');
         const std::string_view part = rest.substr(0, comma);
-        if (part == "experts") qc.experts = true;
-        else if (part == "attention") qc.attention = true;
-        else if (part == "dense") qc.dense_mlp = true;
-        else if (part == "head") qc.lm_head = true;
-        else if (part == "embeddings") qc.embeddings = true;
-        else if (part == "router") qc.router = true;
-        else bad(fmt::format("--quantize-parts: unknown part '{}' (experts, attention, dense, "
-                             "head, embeddings, router)", part));
+        if (part == "experts")
+          qc.experts = true;
+        else if (part == "attention")
+          qc.attention = true;
+        else if (part == "dense")
+          qc.dense_mlp = true;
+        else if (part == "head")
+          qc.lm_head = true;
+        else if (part == "embeddings")
+          qc.embeddings = true;
+        else if (part == "router")
+          qc.router = true;
+        else
+          bad(
+              fmt::format("--quantize-parts: unknown part '{}' (experts, attention, dense, "
+                          "head, embeddings, router)",
+                          part));
         rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
       }
     }
     std::string dir = a.model;
     if (!a.save_quantized.empty()) {
       const autoglm::QuantizeReport r = autoglm::quantize_checkpoint(a.model, a.save_quantized, qc);
-      fmt::print("quantized {} -> {}: {} int8 tensors, {} kept; {:.1f} MiB -> {:.1f} MiB ({:.1f} %)\n",
-                 a.model, a.save_quantized, r.quantized, r.kept,
-                 static_cast<double>(r.bytes_in) / (1 << 20),
-                 static_cast<double>(r.bytes_out) / (1 << 20),
-                 100.0 * static_cast<double>(r.bytes_out) / static_cast<double>(r.bytes_in));
+      fmt::print(
+          "quantized {} -> {}: {} int8 tensors, {} kept; {:.1f} MiB -> {:.1f} MiB ({:.1f} %)\n",
+          a.model, a.save_quantized, r.quantized, r.kept,
+          static_cast<double>(r.bytes_in) / (1 << 20), static_cast<double>(r.bytes_out) / (1 << 20),
+          100.0 * static_cast<double>(r.bytes_out) / static_cast<double>(r.bytes_in));
       dir = a.save_quantized;
     }
     autoglm::Model model = autoglm::load_model(backend, dir, lo);
@@ -204,14 +231,15 @@ int main(int argc, char** argv) {
     const double load_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const autoglm::ModelConfig& c = model.config();
-    fmt::print("model: {} ({}), {} layers, hidden {}, {} experts (top-{}), vocab {}; loaded in "
-               "{:.2f} s on {} threads\n",
-               dir, autoglm::model_family_name(c.family), model.num_layers(), model.hidden(),
-               c.num_experts, c.num_experts_per_tok, model.vocab_size(), load_s,
-               backend.num_threads());
+    fmt::print(
+        "model: {} ({}), {} layers, hidden {}, {} experts (top-{}), vocab {}; loaded in "
+        "{:.2f} s on {} threads\n",
+        dir, autoglm::model_family_name(c.family), model.num_layers(), model.hidden(),
+        c.num_experts, c.num_experts_per_tok, model.vocab_size(), load_s, backend.num_threads());
 
     if (!a.quantize.empty())
-      fmt::print("weights: int8 ({}, {} activations)\n", qc.spec.scheme_name(), qc.spec.mode_name());
+      fmt::print("weights: int8 ({}, {} activations)\n", qc.spec.scheme_name(),
+                 qc.spec.mode_name());
     else if (!c.quantization.method.empty())
       fmt::print("weights: int8, as stored ({})\n", c.quantization.method);
     autoglm::Session session(model);
@@ -227,11 +255,11 @@ int main(int argc, char** argv) {
       fmt::print("prompt: {} tokens ({} reused from the cache, {} computed)\n", st.prompt_tokens,
                  st.reused_tokens, st.prefill_tokens);
       fmt::print("generated: {}\n", fmt::join(out, ","));
-      fmt::print("prefill: {:.1f} tokens/s ({:.2f} ms)   decode: {:.1f} tokens/s ({} steps, "
-                 "{:.2f} ms)\n",
-                 st.prefill_tokens_per_second(), st.prefill_seconds * 1e3,
-                 st.decode_tokens_per_second(), std::max<std::int64_t>(st.generated_tokens - 1, 0),
-                 st.decode_seconds * 1e3);
+      fmt::print(
+          "prefill: {:.1f} tokens/s ({:.2f} ms)   decode: {:.1f} tokens/s ({} steps, "
+          "{:.2f} ms)\n",
+          st.prefill_tokens_per_second(), st.prefill_seconds * 1e3, st.decode_tokens_per_second(),
+          std::max<std::int64_t>(st.generated_tokens - 1, 0), st.decode_seconds * 1e3);
     }
     return 0;
   } catch (const autoglm::Error& e) {

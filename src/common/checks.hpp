@@ -88,9 +88,9 @@ inline void check_route_params(std::string_view fn, const RouteParams& p, std::i
                 "n_group={} does not divide num_experts={}", p.n_group, experts);
   AUTOGLM_CHECK(p.topk_group >= 1 && p.topk_group <= p.n_group, invalid_argument, fn,
                 "topk_group={} outside [1, n_group={}]", p.topk_group, p.n_group);
-  AUTOGLM_CHECK(p.n_group == 1 || p.top_k <= p.topk_group * (experts / p.n_group),
-                invalid_argument, fn, "top_k={} exceeds the {} experts of topk_group={} groups",
-                p.top_k, p.topk_group * (experts / p.n_group), p.topk_group);
+  AUTOGLM_CHECK(p.n_group == 1 || p.top_k <= p.topk_group * (experts / p.n_group), invalid_argument,
+                fn, "top_k={} exceeds the {} experts of topk_group={} groups", p.top_k,
+                p.topk_group * (experts / p.n_group), p.topk_group);
   AUTOGLM_CHECK(p.noise_std >= 0.0f && p.noise_std == p.noise_std, invalid_argument, fn,
                 "noise_std={} must be >= 0", p.noise_std);
   AUTOGLM_CHECK(p.routed_scaling == p.routed_scaling, invalid_argument, fn,

@@ -9,8 +9,8 @@
 #include <limits>
 #include <map>
 #include <mutex>
-#include <unordered_map>
 #include <numeric>
+#include <unordered_map>
 #include <vector>
 
 #include <tbb/blocked_range.h>
@@ -63,7 +63,9 @@ CpuBackend::CpuBackend(CpuBackendOptions options) {
 
 CpuBackend::~CpuBackend() = default;
 
-int CpuBackend::num_threads() const noexcept { return impl_->arena.max_concurrency(); }
+int CpuBackend::num_threads() const noexcept {
+  return impl_->arena.max_concurrency();
+}
 
 void* CpuBackend::allocate(std::size_t bytes) {
   void* p = impl_->take(bytes);
@@ -71,7 +73,9 @@ void* CpuBackend::allocate(std::size_t bytes) {
   return p;
 }
 
-void CpuBackend::deallocate(void* ptr) noexcept { impl_->give(ptr); }
+void CpuBackend::deallocate(void* ptr) noexcept {
+  impl_->give(ptr);
+}
 
 namespace {
 
@@ -140,9 +144,11 @@ void CpuBackend::relayout(TensorView src, TensorView dst) {
   const std::int64_t count = n * k == 0 ? 0 : src.numel() / (n * k);
   impl_->parallel(count, 1, [&](std::int64_t i) {
     if (dst.layout == Layout::panel32)
-      detail::to_panels(src.as<float>() + i * n * k, n, k, dst.as<float>() + i * panel_floats(n, k));
+      detail::to_panels(src.as<float>() + i * n * k, n, k,
+                        dst.as<float>() + i * panel_floats(n, k));
     else
-      detail::from_panels(src.as<float>() + i * panel_floats(n, k), n, k, dst.as<float>() + i * n * k);
+      detail::from_panels(src.as<float>() + i * panel_floats(n, k), n, k,
+                          dst.as<float>() + i * n * k);
   });
 }
 
@@ -161,9 +167,12 @@ void CpuBackend::convert(TensorView src, TensorView dst) {
                 "cannot convert {} to {}", dtype_name(src.dtype), dtype_name(dst.dtype));
   auto load = [&](std::int64_t i) -> float {
     switch (src.dtype) {
-      case DType::f16: return f16_to_float(src.as<std::uint16_t>()[i]);
-      case DType::bf16: return bf16_to_float(src.as<std::uint16_t>()[i]);
-      default: return src.as<float>()[i];
+      case DType::f16:
+        return f16_to_float(src.as<std::uint16_t>()[i]);
+      case DType::bf16:
+        return bf16_to_float(src.as<std::uint16_t>()[i]);
+      default:
+        return src.as<float>()[i];
     }
   };
   const std::int64_t n = src.numel();
@@ -173,9 +182,14 @@ void CpuBackend::convert(TensorView src, TensorView dst) {
     for (std::int64_t i = b * block; i < end; ++i) {
       const float v = load(i);
       switch (dst.dtype) {
-        case DType::f16: dst.as<std::uint16_t>()[i] = float_to_f16(v); break;
-        case DType::bf16: dst.as<std::uint16_t>()[i] = float_to_bf16(v); break;
-        default: dst.as<float>()[i] = v;
+        case DType::f16:
+          dst.as<std::uint16_t>()[i] = float_to_f16(v);
+          break;
+        case DType::bf16:
+          dst.as<std::uint16_t>()[i] = float_to_bf16(v);
+          break;
+        default:
+          dst.as<float>()[i] = v;
       }
     }
   });
@@ -226,9 +240,8 @@ namespace {
 // offset in the returned buffer.
 template <typename Parallel>
 Tensor pack_groups(Backend& backend, Parallel&& parallel, const float* x, std::int64_t k,
-                               const std::vector<std::int64_t>& row0,
-                               const std::vector<std::int64_t>& rows,
-                               std::vector<std::int64_t>& start) {
+                   const std::vector<std::int64_t>& row0, const std::vector<std::int64_t>& rows,
+                   std::vector<std::int64_t>& start) {
   const auto G = static_cast<std::int64_t>(rows.size());
   start.assign(static_cast<std::size_t>(G), 0);
   std::int64_t total = 0;
@@ -238,7 +251,8 @@ Tensor pack_groups(Backend& backend, Parallel&& parallel, const float* x, std::i
   }
   Tensor packed(backend, DType::f32, Shape{total});
   parallel(G, [&](std::int64_t g) {
-    if (rows[g] > 0) detail::pack_x(x + row0[g] * k, k, rows[g], k, packed.data<float>() + start[g]);
+    if (rows[g] > 0)
+      detail::pack_x(x + row0[g] * k, k, rows[g], k, packed.data<float>() + start[g]);
   });
   return packed;
 }
@@ -285,8 +299,8 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
   Tensor packed;
   if (panels) {
     std::vector<std::int64_t> start;
-    packed = pack_groups(*this, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, A, k,
-                         {0}, {m}, start);
+    packed = pack_groups(
+        *this, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, A, k, {0}, {m}, start);
   }
   impl_->parallel(static_cast<std::int64_t>(tiles.size()), 1, [&](std::int64_t i) {
     const Tile& t = tiles[static_cast<std::size_t>(i)];
@@ -296,8 +310,8 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
                               (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
                               C + t.row0 * n + t.col0, n, p.alpha, p.beta);
     } else {
-      detail::gemm_nt_tile(A + t.row0 * k, k, B + t.col0 * k, k, C + t.row0 * n + t.col0, n,
-                           t.rows, t.cols, k, p.alpha, p.beta);
+      detail::gemm_nt_tile(A + t.row0 * k, k, B + t.col0 * k, k, C + t.row0 * n + t.col0, n, t.rows,
+                           t.cols, k, p.alpha, p.beta);
     }
   });
 }
@@ -328,8 +342,9 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   Tensor packed;
   std::vector<std::int64_t> start;
   if (panels)
-    packed = pack_groups(*this, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, X, k,
-                         row0, rows, start);
+    packed = pack_groups(
+        *this, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, X, k, row0, rows,
+        start);
   impl_->parallel(static_cast<std::int64_t>(tiles.size()), 1, [&](std::int64_t i) {
     const Tile& t = tiles[static_cast<std::size_t>(i)];
     const float* We = W + t.e * wstride;
@@ -366,10 +381,9 @@ void top_k_indices(const float* v, std::int64_t n, int k, std::int32_t* idx,
                    std::vector<std::int32_t>& scratch) {
   scratch.resize(static_cast<std::size_t>(n));
   std::iota(scratch.begin(), scratch.end(), 0);
-  std::partial_sort(scratch.begin(), scratch.begin() + k, scratch.end(),
-                    [&](std::int32_t a, std::int32_t b) {
-                      return v[a] > v[b] || (v[a] == v[b] && a < b);
-                    });
+  std::partial_sort(
+      scratch.begin(), scratch.begin() + k, scratch.end(),
+      [&](std::int32_t a, std::int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
   std::copy_n(scratch.begin(), k, idx);
 }
 
@@ -442,8 +456,8 @@ void CpuBackend::route_topk(TensorView logits, TensorView bias, const RouteParam
         top_k_indices(gscore.data(), p.n_group, p.topk_group, gidx.data(), scratch);
         std::vector<char> keep(p.n_group, 0);
         for (int g : gidx) keep[g] = 1;
-        const float fillv = p.group_mask == GroupMask::zero ? 0.0f
-                                                            : -std::numeric_limits<float>::infinity();
+        const float fillv =
+            p.group_mask == GroupMask::zero ? 0.0f : -std::numeric_limits<float>::infinity();
         for (int g = 0; g < p.n_group; ++g)
           if (!keep[g]) std::fill_n(sel.data() + g * gsize, gsize, fillv);
       }
@@ -520,8 +534,10 @@ void CpuBackend::plan_dispatch(TensorView ids, std::int64_t capacity, TensorView
   constexpr std::string_view fn = "CpuBackend::plan_dispatch";
   expect_matrix(fn, "ids", ids, device(), DType::i32);
   const std::int64_t T = ids.dim(0), k = ids.dim(1);
-  for (auto [name, v] : {std::pair{"counts", &counts}, {"offsets", &offsets},
-                         {"row_token", &row_token}, {"slot_row", &slot_row}}) {
+  for (auto [name, v] : {std::pair{"counts", &counts},
+                         {"offsets", &offsets},
+                         {"row_token", &row_token},
+                         {"slot_row", &slot_row}}) {
     detail::expect_device(fn, name, *v, device());
     expect_dtype(fn, name, *v, DType::i32);
   }
@@ -532,8 +548,9 @@ void CpuBackend::plan_dispatch(TensorView ids, std::int64_t capacity, TensorView
                 "row_token and slot_row must hold {} values", T * k);
   const std::int32_t* I = ids.as<std::int32_t>();
   for (std::int64_t i = 0; i < T * k; ++i)
-    AUTOGLM_CHECK(I[i] >= -1 && I[i] < E, out_of_range, fn, "expert id {} at token {} outside [0, {})",
-                  I[i], i / std::max<std::int64_t>(k, 1), E);
+    AUTOGLM_CHECK(I[i] >= -1 && I[i] < E, out_of_range, fn,
+                  "expert id {} at token {} outside [0, {})", I[i],
+                  i / std::max<std::int64_t>(k, 1), E);
   const std::int64_t cap = capacity <= 0 ? std::numeric_limits<std::int64_t>::max() : capacity;
   std::int32_t* cnt = counts.as<std::int32_t>();
   std::int32_t* off = offsets.as<std::int32_t>();

@@ -34,7 +34,10 @@ struct Packed {
   q8::QWeights matrix(const QuantizedTensor& w, std::int64_t e) const {
     return q8::QWeights{w.data().data<std::int8_t>() + e * bytes,
                         w.scales().data<float>() + e * pn * groups,
-                        w.aux().data<std::int32_t>() + e * pn * groups, n, k, group};
+                        w.aux().data<std::int32_t>() + e * pn * groups,
+                        n,
+                        k,
+                        group};
   }
 };
 
@@ -114,8 +117,8 @@ void run_qtiles(Backend& backend, Parallel&& parallel, const float* x, std::int6
     });
     parallel(static_cast<std::int64_t>(tiles.size()), [&](std::int64_t i) {
       const QTile& t = tiles[static_cast<std::size_t>(i)];
-      q8::gemm_w8a8(isa, q + t.row0 * ldq, ldq, xs.data<float>() + t.row0, t.rows,
-                    g.matrix(w, t.e), t.col0, t.cols, out + t.row0 * n + t.col0, n);
+      q8::gemm_w8a8(isa, q + t.row0 * ldq, ldq, xs.data<float>() + t.row0, t.rows, g.matrix(w, t.e),
+                    t.col0, t.cols, out + t.row0 * n + t.col0, n);
     });
   } else {
     parallel(static_cast<std::int64_t>(tiles.size()), [&](std::int64_t i) {
@@ -149,8 +152,9 @@ void CpuBackend::qgemm(TensorView a, const QuantizedTensor& w, TensorView c) {
   }
   std::vector<QTile> tiles;
   add_qtiles(tiles, 0, 0, m, n);
-  run_qtiles(*this, [&](std::int64_t cnt, auto&& f) { impl_->parallel(cnt, 1, f); },
-             a.as<float>(), m, packed, g, tiles, c.as<float>());
+  run_qtiles(
+      *this, [&](std::int64_t cnt, auto&& f) { impl_->parallel(cnt, 1, f); }, a.as<float>(), m,
+      packed, g, tiles, c.as<float>());
 }
 
 void CpuBackend::grouped_qgemm(TensorView x, const QuantizedTensor& w, TensorView offsets,
@@ -174,8 +178,9 @@ void CpuBackend::grouped_qgemm(TensorView x, const QuantizedTensor& w, TensorVie
   // One task list across all experts, as grouped_gemm does.
   std::vector<QTile> tiles;
   for (std::int64_t e = 0; e < E; ++e) add_qtiles(tiles, e, off[e], off[e + 1] - off[e], n);
-  run_qtiles(*this, [&](std::int64_t cnt, auto&& f) { impl_->parallel(cnt, 1, f); },
-             x.as<float>(), rows, packed, g, tiles, out.as<float>());
+  run_qtiles(
+      *this, [&](std::int64_t cnt, auto&& f) { impl_->parallel(cnt, 1, f); }, x.as<float>(), rows,
+      packed, g, tiles, out.as<float>());
 }
 
 }  // namespace autoglm

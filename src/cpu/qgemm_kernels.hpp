@@ -25,9 +25,13 @@ std::string_view isa_name(Isa isa) noexcept;
 /// Output rows per packed panel.
 inline constexpr std::int64_t kPanel = 16;
 /// k rounded up to a multiple of 4 (the packed depth).
-constexpr std::int64_t padded_depth(std::int64_t k) { return (k + 3) / 4 * 4; }
+constexpr std::int64_t padded_depth(std::int64_t k) {
+  return (k + 3) / 4 * 4;
+}
 /// n rounded up to whole panels.
-constexpr std::int64_t padded_rows(std::int64_t n) { return (n + kPanel - 1) / kPanel * kPanel; }
+constexpr std::int64_t padded_rows(std::int64_t n) {
+  return (n + kPanel - 1) / kPanel * kPanel;
+}
 
 /// Bytes of one packed [n, k] matrix: padded_rows(n) * padded_depth(k).
 std::int64_t packed_bytes(std::int64_t n, std::int64_t k);
@@ -40,12 +44,12 @@ void unpack(const std::int8_t* src, std::int64_t n, std::int64_t k, std::int8_t*
 
 /// One packed matrix and its scales; `group` divides k (group == k: per-channel).
 struct QWeights {
-  const std::int8_t* data = nullptr;  ///< packed, packed_bytes(n, k)
-  const float* scales = nullptr;      ///< [padded_rows(n), k / group], padding rows 0
-  const std::int32_t* sums = nullptr; ///< [padded_rows(n), k / group]: sum of w over the group
-  std::int64_t n = 0;                 ///< output rows
-  std::int64_t k = 0;                 ///< input columns
-  std::int64_t group = 0;             ///< input columns per scale
+  const std::int8_t* data = nullptr;   ///< packed, packed_bytes(n, k)
+  const float* scales = nullptr;       ///< [padded_rows(n), k / group], padding rows 0
+  const std::int32_t* sums = nullptr;  ///< [padded_rows(n), k / group]: sum of w over the group
+  std::int64_t n = 0;                  ///< output rows
+  std::int64_t k = 0;                  ///< input columns
+  std::int64_t group = 0;              ///< input columns per scale
 };
 
 /// sums[r, g] = sum of w[r, g*group ... (g+1)*group) for row-major w [n, k]; rows past n (up to
@@ -57,12 +61,13 @@ void group_sums(const std::int8_t* w, std::int64_t n, std::int64_t k, std::int64
 /// s = max|x[i, :]| / 127, q = clamp(round_half_even(x / s), -127, 127) (all 0 when s == 0),
 /// stored as q + 128 in xq[i * ldq ...] (ldq >= padded_depth(k); columns k ... padded_depth(k)
 /// set to 128), and xs[i] = s.
-void quantize_activations(Isa isa, const float* x, std::int64_t ldx, std::int64_t m,
-                          std::int64_t k, std::uint8_t* xq, std::int64_t ldq, float* xs);
+void quantize_activations(Isa isa, const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k,
+                          std::uint8_t* xq, std::int64_t ldq, float* xs);
 
 /// W8A8 tile, single-threaded: for i < m and columns j in [col0, col0 + cols) (col0 a multiple
 /// of kPanel, col0 + cols <= n):
-///   out[i * ldo + (j - col0)] = xs[i] * sum_g scales[j, g] * sum_{c in g} (xq[i, c] - 128) * w[j, c]
+///   out[i * ldo + (j - col0)] = xs[i] * sum_g scales[j, g] * sum_{c in g} (xq[i, c] - 128) * w[j,
+///   c]
 /// with exact int32 sums per group (u8 x s8 products; the -128 through w's group sums).
 void gemm_w8a8(Isa isa, const std::uint8_t* xq, std::int64_t ldq, const float* xs, std::int64_t m,
                const QWeights& w, std::int64_t col0, std::int64_t cols, float* out,

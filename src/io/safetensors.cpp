@@ -73,11 +73,14 @@ std::string printable(std::string_view s, bool ascii_only = false, std::size_t l
 }
 
 // 'name', printable.
-std::string squote(std::string_view s) { return fmt::format("'{}'", printable(s)); }
+std::string squote(std::string_view s) {
+  return fmt::format("'{}'", printable(s));
+}
 
 std::string extents_str(const std::vector<std::uint64_t>& e) {
   std::string s = "[";
-  for (std::size_t i = 0; i < e.size() && i < 16; ++i) s += fmt::format("{}{}", i ? ", " : "", e[i]);
+  for (std::size_t i = 0; i < e.size() && i < 16; ++i)
+    s += fmt::format("{}{}", i ? ", " : "", e[i]);
   if (e.size() > 16) s += fmt::format(", ... ({} extents)", e.size());
   return s + "]";
 }
@@ -89,7 +92,9 @@ template <typename... Args>
   detail::fail(ErrorCode::io, fn, "file={}: {}", src, fmt::format(f, std::forward<Args>(args)...));
 }
 
-std::string errno_text(int e) { return std::error_code(e, std::generic_category()).message(); }
+std::string errno_text(int e) {
+  return std::error_code(e, std::generic_category()).message();
+}
 
 // ---------------------------------------------------------------------------------------------
 // POSIX resources
@@ -180,7 +185,9 @@ class HeaderHandler {
     return other_scalar("null");
   }
   bool boolean(bool v) { return other_scalar(v ? "true" : "false"); }
-  bool number_integer(json::number_integer_t v) { return other_scalar(fmt::format("the number {}", v)); }
+  bool number_integer(json::number_integer_t v) {
+    return other_scalar(fmt::format("the number {}", v));
+  }
   bool number_float(json::number_float_t, const std::string& s) {
     return other_scalar("the number " + printable(s));
   }
@@ -189,41 +196,60 @@ class HeaderHandler {
   bool number_unsigned(json::number_unsigned_t v) {
     if (skip_ > 0) return true;
     switch (expect_) {
-      case Expect::shape_item: tensors.back().shape.push_back(v); return true;
+      case Expect::shape_item:
+        tensors.back().shape.push_back(v);
+        return true;
       case Expect::offset_item: {
         RawTensor& t = tensors.back();
         if (t.n_offsets == 0) t.begin = v;
         if (t.n_offsets == 1) t.end = v;
-        if (++t.n_offsets > 2) return reject(fmt::format("tensor {}: data_offsets has more than 2 entries", squote(t.name)));
+        if (++t.n_offsets > 2)
+          return reject(
+              fmt::format("tensor {}: data_offsets has more than 2 entries", squote(t.name)));
         return true;
       }
-      case Expect::unknown: return consumed();
-      default: return wrong_type(fmt::format("the number {}", v));
+      case Expect::unknown:
+        return consumed();
+      default:
+        return wrong_type(fmt::format("the number {}", v));
     }
   }
 
   bool string(std::string& s) {
     if (skip_ > 0) return true;
     switch (expect_) {
-      case Expect::dtype: tensors.back().dtype = std::move(s); return consumed();
-      case Expect::meta_value: metadata.emplace(std::move(key_), std::move(s)); return consumed();
-      case Expect::unknown: return consumed();
-      default: return wrong_type("a string");
+      case Expect::dtype:
+        tensors.back().dtype = std::move(s);
+        return consumed();
+      case Expect::meta_value:
+        metadata.emplace(std::move(key_), std::move(s));
+        return consumed();
+      case Expect::unknown:
+        return consumed();
+      default:
+        return wrong_type("a string");
     }
   }
 
   bool start_object(std::size_t) {
     if (skip_ > 0) return ++skip_, true;
     switch (expect_) {
-      case Expect::root: boxes_.push_back(Box::root); break;
-      case Expect::metadata: boxes_.push_back(Box::metadata); break;
+      case Expect::root:
+        boxes_.push_back(Box::root);
+        break;
+      case Expect::metadata:
+        boxes_.push_back(Box::metadata);
+        break;
       case Expect::entry:
         boxes_.push_back(Box::entry);
         tensors.emplace_back();
         tensors.back().name = std::move(key_);
         break;
-      case Expect::unknown: skip_ = 1; return true;
-      default: return wrong_type("an object");
+      case Expect::unknown:
+        skip_ = 1;
+        return true;
+      default:
+        return wrong_type("an object");
     }
     expect_ = Expect::none;
     return true;
@@ -243,22 +269,29 @@ class HeaderHandler {
         }
         return true;
       case Box::metadata:
-        if (metadata.count(k) != 0) return reject(fmt::format("__metadata__: duplicate key {}", squote(k)));
+        if (metadata.count(k) != 0)
+          return reject(fmt::format("__metadata__: duplicate key {}", squote(k)));
         key_ = std::move(k);
         expect_ = Expect::meta_value;
         return true;
       case Box::entry: {
         RawTensor& t = tensors.back();
         const unsigned bit = k == "dtype" ? 1u : k == "shape" ? 2u : k == "data_offsets" ? 4u : 0u;
-        const bool dup = bit != 0 ? (t.seen & bit) != 0
-                                  : std::find(t.other_keys.begin(), t.other_keys.end(), k) != t.other_keys.end();
-        if (dup) return reject(fmt::format("tensor {}: duplicate key {}", squote(t.name), squote(k)));
+        const bool dup =
+            bit != 0 ? (t.seen & bit) != 0
+                     : std::find(t.other_keys.begin(), t.other_keys.end(), k) != t.other_keys.end();
+        if (dup)
+          return reject(fmt::format("tensor {}: duplicate key {}", squote(t.name), squote(k)));
         t.seen |= bit;
         if (bit == 0) t.other_keys.push_back(k);
-        expect_ = bit == 1 ? Expect::dtype : bit == 2 ? Expect::shape : bit == 4 ? Expect::offsets : Expect::unknown;
+        expect_ = bit == 1   ? Expect::dtype
+                  : bit == 2 ? Expect::shape
+                  : bit == 4 ? Expect::offsets
+                             : Expect::unknown;
         return true;
       }
-      default: return reject("internal: key outside an object");
+      default:
+        return reject("internal: key outside an object");
     }
   }
 
@@ -271,7 +304,8 @@ class HeaderHandler {
       static constexpr std::pair<unsigned, std::string_view> fields[] = {
           {1u, "dtype"}, {2u, "shape"}, {4u, "data_offsets"}};
       for (const auto& [bit, field] : fields)
-        if ((t.seen & bit) == 0) return reject(fmt::format("tensor {} has no {}", squote(t.name), field));
+        if ((t.seen & bit) == 0)
+          return reject(fmt::format("tensor {} has no {}", squote(t.name), field));
     }
     expect_ = Expect::none;
     return true;
@@ -280,10 +314,19 @@ class HeaderHandler {
   bool start_array(std::size_t) {
     if (skip_ > 0) return ++skip_, true;
     switch (expect_) {
-      case Expect::shape: boxes_.push_back(Box::shape); expect_ = Expect::shape_item; return true;
-      case Expect::offsets: boxes_.push_back(Box::offsets); expect_ = Expect::offset_item; return true;
-      case Expect::unknown: skip_ = 1; return true;
-      default: return wrong_type("an array");
+      case Expect::shape:
+        boxes_.push_back(Box::shape);
+        expect_ = Expect::shape_item;
+        return true;
+      case Expect::offsets:
+        boxes_.push_back(Box::offsets);
+        expect_ = Expect::offset_item;
+        return true;
+      case Expect::unknown:
+        skip_ = 1;
+        return true;
+      default:
+        return wrong_type("an array");
     }
   }
 
@@ -298,14 +341,26 @@ class HeaderHandler {
     return true;
   }
 
-  bool parse_error(std::size_t position, const std::string&, const nlohmann::detail::exception& ex) {
-    error = fmt::format("invalid JSON header at byte {}: {}", position, printable(ex.what(), true, 300));
+  bool parse_error(std::size_t position, const std::string&,
+                   const nlohmann::detail::exception& ex) {
+    error = fmt::format("invalid JSON header at byte {}: {}", position,
+                        printable(ex.what(), true, 300));
     return false;
   }
 
  private:
   enum class Expect : std::uint8_t {
-    root, none, metadata, meta_value, entry, dtype, shape, offsets, shape_item, offset_item, unknown
+    root,
+    none,
+    metadata,
+    meta_value,
+    entry,
+    dtype,
+    shape,
+    offsets,
+    shape_item,
+    offset_item,
+    unknown
   };
   enum class Box : std::uint8_t { root, metadata, entry, shape, offsets };
 
@@ -330,20 +385,27 @@ class HeaderHandler {
   bool wrong_type(const std::string& got) {
     const std::string name = tensors.empty() ? std::string() : squote(tensors.back().name);
     switch (expect_) {
-      case Expect::root: return reject("header must be a JSON object, got " + got);
-      case Expect::metadata: return reject("__metadata__ must be an object of strings, got " + got);
+      case Expect::root:
+        return reject("header must be a JSON object, got " + got);
+      case Expect::metadata:
+        return reject("__metadata__ must be an object of strings, got " + got);
       case Expect::meta_value:
-        return reject(fmt::format("__metadata__ value of {} must be a string, got {}", squote(key_), got));
-      case Expect::entry: return reject(fmt::format("tensor {} must be an object, got {}", squote(key_), got));
-      case Expect::dtype: return reject(fmt::format("tensor {}: dtype must be a string, got {}", name, got));
+        return reject(
+            fmt::format("__metadata__ value of {} must be a string, got {}", squote(key_), got));
+      case Expect::entry:
+        return reject(fmt::format("tensor {} must be an object, got {}", squote(key_), got));
+      case Expect::dtype:
+        return reject(fmt::format("tensor {}: dtype must be a string, got {}", name, got));
       case Expect::shape:
       case Expect::shape_item:
-        return reject(fmt::format("tensor {}: shape must be an array of non-negative integers, got {}", name, got));
+        return reject(fmt::format(
+            "tensor {}: shape must be an array of non-negative integers, got {}", name, got));
       case Expect::offsets:
       case Expect::offset_item:
         return reject(fmt::format(
             "tensor {}: data_offsets must be two non-negative integers, got {}", name, got));
-      default: return reject("unexpected " + got);
+      default:
+        return reject("unexpected " + got);
     }
   }
 
@@ -366,17 +428,24 @@ std::optional<Shape> to_shape(const std::vector<std::uint64_t>& e) {
   if (e.size() > static_cast<std::size_t>(Shape::max_rank)) return std::nullopt;
   std::uint64_t nonzero = 1;
   for (std::uint64_t d : e) {
-    if (d > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) return std::nullopt;
+    if (d > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+      return std::nullopt;
     if (d != 0 && __builtin_mul_overflow(nonzero, d, &nonzero)) return std::nullopt;
   }
-  if (nonzero > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) return std::nullopt;
+  if (nonzero > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+    return std::nullopt;
   const auto i = [&](std::size_t k) { return static_cast<std::int64_t>(e[k]); };
   switch (e.size()) {
-    case 0: return Shape{};
-    case 1: return Shape{i(0)};
-    case 2: return Shape{i(0), i(1)};
-    case 3: return Shape{i(0), i(1), i(2)};
-    default: return Shape{i(0), i(1), i(2), i(3)};
+    case 0:
+      return Shape{};
+    case 1:
+      return Shape{i(0)};
+    case 2:
+      return Shape{i(0), i(1)};
+    case 3:
+      return Shape{i(0), i(1), i(2)};
+    default:
+      return Shape{i(0), i(1), i(2), i(3)};
   }
 }
 
@@ -384,18 +453,21 @@ std::optional<Shape> to_shape(const std::vector<std::uint64_t>& e) {
 void require_loadable(std::string_view fn, const std::string& src, const TensorInfo& t) {
   if (!t.dtype) {
     if (find_spec(t.dtype_tag) != nullptr)
-      detail::fail(ErrorCode::unsupported, fn,
-                   "file={}: tensor {} has dtype {}, which autoglm does not hold (F32, F16, BF16, I8, I32)",
-                   src, squote(t.name), squote(t.dtype_tag));
-    detail::fail(ErrorCode::unsupported, fn, "file={}: tensor {} has dtype {}, which is not a safetensors dtype",
-                 src, squote(t.name), squote(t.dtype_tag));
+      detail::fail(
+          ErrorCode::unsupported, fn,
+          "file={}: tensor {} has dtype {}, which autoglm does not hold (F32, F16, BF16, I8, I32)",
+          src, squote(t.name), squote(t.dtype_tag));
+    detail::fail(ErrorCode::unsupported, fn,
+                 "file={}: tensor {} has dtype {}, which is not a safetensors dtype", src,
+                 squote(t.name), squote(t.dtype_tag));
   }
   if (!t.shape) {
     if (t.extents.size() > static_cast<std::size_t>(Shape::max_rank))
-      detail::fail(ErrorCode::unsupported, fn, "file={}: tensor {} has rank {} > {} (shape {})", src,
-                   squote(t.name), t.extents.size(), Shape::max_rank, extents_str(t.extents));
-    detail::fail(ErrorCode::unsupported, fn, "file={}: tensor {} has shape {}, whose extents do not fit int64",
-                 src, squote(t.name), extents_str(t.extents));
+      detail::fail(ErrorCode::unsupported, fn, "file={}: tensor {} has rank {} > {} (shape {})",
+                   src, squote(t.name), t.extents.size(), Shape::max_rank, extents_str(t.extents));
+    detail::fail(ErrorCode::unsupported, fn,
+                 "file={}: tensor {} has shape {}, whose extents do not fit int64", src,
+                 squote(t.name), extents_str(t.extents));
   }
 }
 
@@ -403,13 +475,16 @@ bool aligned_for(const std::byte* p, DType dt) noexcept {
   return reinterpret_cast<std::uintptr_t>(p) % dtype_size(dt) == 0;
 }
 
-bool is_float(DType t) noexcept { return t == DType::f32 || t == DType::f16 || t == DType::bf16; }
+bool is_float(DType t) noexcept {
+  return t == DType::f32 || t == DType::f16 || t == DType::bf16;
+}
 
 // ---------------------------------------------------------------------------------------------
 // index files
 
 // Reads a small regular file whole (at most `limit` bytes).
-std::string read_small_file(std::string_view fn, const std::filesystem::path& path, std::uint64_t limit) {
+std::string read_small_file(std::string_view fn, const std::filesystem::path& path,
+                            std::uint64_t limit) {
   struct stat st {};
   Fd fd(open_regular(fn, path, st));
   if (static_cast<std::uint64_t>(st.st_size) > limit)
@@ -453,10 +528,17 @@ class IndexHandler {
   bool start_object(std::size_t) {
     if (skip_ > 0) return ++skip_, true;
     switch (state_) {
-      case State::root_value: state_ = State::in_root; return true;
-      case State::wm: state_ = State::in_wm; return true;
-      case State::other_value: skip_ = 1; return true;
-      default: return wrong("an object");
+      case State::root_value:
+        state_ = State::in_root;
+        return true;
+      case State::wm:
+        state_ = State::in_wm;
+        return true;
+      case State::other_value:
+        skip_ = 1;
+        return true;
+      default:
+        return wrong("an object");
     }
   }
   bool start_array(std::size_t) {
@@ -480,8 +562,10 @@ class IndexHandler {
     state_ = k == "weight_map" ? State::wm : State::other_value;
     return true;
   }
-  bool parse_error(std::size_t position, const std::string&, const nlohmann::detail::exception& ex) {
-    return reject(fmt::format("invalid JSON at byte {}: {}", position, printable(ex.what(), true, 300)));
+  bool parse_error(std::size_t position, const std::string&,
+                   const nlohmann::detail::exception& ex) {
+    return reject(
+        fmt::format("invalid JSON at byte {}: {}", position, printable(ex.what(), true, 300)));
   }
 
  private:
@@ -505,11 +589,15 @@ class IndexHandler {
   }
   bool wrong(std::string_view got) {
     switch (state_) {
-      case State::root_value: return reject(fmt::format("the index must be a JSON object, got {}", got));
-      case State::wm: return reject(fmt::format("weight_map must be an object, got {}", got));
+      case State::root_value:
+        return reject(fmt::format("the index must be a JSON object, got {}", got));
+      case State::wm:
+        return reject(fmt::format("weight_map must be an object, got {}", got));
       case State::wm_value:
-        return reject(fmt::format("weight_map value of tensor {} must be a shard file name, got {}", squote(key_), got));
-      default: return reject(fmt::format("unexpected {}", got));
+        return reject(fmt::format("weight_map value of tensor {} must be a shard file name, got {}",
+                                  squote(key_), got));
+      default:
+        return reject(fmt::format("unexpected {}", got));
     }
   }
 
@@ -523,7 +611,8 @@ class IndexHandler {
 void check_shard_name(std::string_view fn, const std::string& index, const std::string& tensor,
                       const std::string& shard) {
   const auto bad = [&](std::string_view why) {
-    bad_file(fn, index, "weight_map assigns tensor {} to shard {}: {}", squote(tensor), squote(shard), why);
+    bad_file(fn, index, "weight_map assigns tensor {} to shard {}: {}", squote(tensor),
+             squote(shard), why);
   };
   if (shard.empty()) bad("empty shard name");
   if (shard.find('\0') != std::string::npos) bad("NUL byte in the shard name");
@@ -561,12 +650,13 @@ Plan plan_file(std::string_view fn, std::span<const SafeTensorsEntry> tensors,
     AUTOGLM_CHECK(e.name != "__metadata__", invalid_argument, fn,
                   "'__metadata__' is reserved and cannot name a tensor");
     const DTypeSpec* spec = find_spec(e.dtype);
-    AUTOGLM_CHECK(spec != nullptr, invalid_argument, fn, "tensor {}: unknown dtype {}", squote(e.name),
-                  squote(e.dtype));
+    AUTOGLM_CHECK(spec != nullptr, invalid_argument, fn, "tensor {}: unknown dtype {}",
+                  squote(e.name), squote(e.dtype));
     std::uint64_t n = 1;
     bool overflow = false;
     for (std::int64_t d : e.shape) {
-      AUTOGLM_CHECK(d >= 0, invalid_argument, fn, "tensor {}: negative extent {}", squote(e.name), d);
+      AUTOGLM_CHECK(d >= 0, invalid_argument, fn, "tensor {}: negative extent {}", squote(e.name),
+                    d);
       overflow |= __builtin_mul_overflow(n, static_cast<std::uint64_t>(d), &n);
     }
     std::uint64_t bits = 0;
@@ -574,10 +664,11 @@ Plan plan_file(std::string_view fn, std::span<const SafeTensorsEntry> tensors,
     AUTOGLM_CHECK(!overflow, invalid_argument, fn, "tensor {}: shape × dtype overflows 64 bits",
                   squote(e.name));
     AUTOGLM_CHECK(bits % 8 == 0, invalid_argument, fn,
-                  "tensor {}: {} elements of {} are not a whole number of bytes", squote(e.name), n, e.dtype);
+                  "tensor {}: {} elements of {} are not a whole number of bytes", squote(e.name), n,
+                  e.dtype);
     AUTOGLM_CHECK(bits / 8 == e.nbytes, invalid_argument, fn,
-                  "tensor {}: shape × {} needs {} bytes, entry has {}", squote(e.name), e.dtype, bits / 8,
-                  e.nbytes);
+                  "tensor {}: shape × {} needs {} bytes, entry has {}", squote(e.name), e.dtype,
+                  bits / 8, e.nbytes);
     AUTOGLM_CHECK(e.data != nullptr || e.nbytes == 0, invalid_argument, fn, "tensor {}: no data",
                   squote(e.name));
     plan.order.push_back(Planned{&e, spec->bits, 0, 0});
@@ -593,19 +684,21 @@ Plan plan_file(std::string_view fn, std::span<const SafeTensorsEntry> tensors,
     AUTOGLM_CHECK(!__builtin_add_overflow(offset, p.entry->nbytes, &offset), invalid_argument, fn,
                   "total size overflows 64 bits");
     p.end = offset;
-    header[p.entry->name] = {{"dtype", p.entry->dtype}, {"shape", p.entry->shape},
-                             {"data_offsets", {p.begin, p.end}}};
+    header[p.entry->name] = {
+        {"dtype", p.entry->dtype}, {"shape", p.entry->shape}, {"data_offsets", {p.begin, p.end}}};
   }
   plan.data_bytes = offset;
   try {
     plan.header = header.dump(-1, ' ', false, json::error_handler_t::strict);
   } catch (const json::exception& e) {
-    detail::fail(ErrorCode::invalid_argument, fn, "a tensor name or metadata entry is not valid UTF-8: {}",
+    detail::fail(ErrorCode::invalid_argument, fn,
+                 "a tensor name or metadata entry is not valid UTF-8: {}",
                  printable(e.what(), true, 200));
   }
   while ((8 + plan.header.size()) % 8 != 0) plan.header += ' ';
   AUTOGLM_CHECK(plan.header.size() <= kSafeTensorsMaxHeader, invalid_argument, fn,
-                "header of {} bytes exceeds the limit of {}", plan.header.size(), kSafeTensorsMaxHeader);
+                "header of {} bytes exceeds the limit of {}", plan.header.size(),
+                kSafeTensorsMaxHeader);
   return plan;
 }
 
@@ -613,12 +706,14 @@ void put_le64(std::byte* p, std::uint64_t v) noexcept {
   for (int i = 0; i < 8; ++i) p[i] = static_cast<std::byte>(v >> (8 * i) & 0xffu);
 }
 
-void write_all(std::string_view fn, const std::string& path, int fd, const void* data, std::size_t n) {
+void write_all(std::string_view fn, const std::string& path, int fd, const void* data,
+               std::size_t n) {
   const auto* p = static_cast<const char*>(data);
   while (n > 0) {
     const ssize_t r = ::write(fd, p, std::min<std::size_t>(n, std::size_t{1} << 30));
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0) detail::fail(ErrorCode::io, fn, "file={}: write failed: {}", path, errno_text(errno));
+    if (r < 0)
+      detail::fail(ErrorCode::io, fn, "file={}: write failed: {}", path, errno_text(errno));
     p += r;
     n -= static_cast<std::size_t>(r);
   }
@@ -633,11 +728,16 @@ std::atomic<std::uint64_t> g_tmp_counter{0};
 
 std::string_view safetensors_dtype_tag(DType dtype) noexcept {
   switch (dtype) {
-    case DType::f32: return "F32";
-    case DType::f16: return "F16";
-    case DType::bf16: return "BF16";
-    case DType::i8: return "I8";
-    case DType::i32: return "I32";
+    case DType::f32:
+      return "F32";
+    case DType::f16:
+      return "F16";
+    case DType::bf16:
+      return "BF16";
+    case DType::i8:
+      return "I8";
+    case DType::i32:
+      return "I32";
   }
   return "?";
 }
@@ -655,10 +755,12 @@ SafeTensorsFile SafeTensorsFile::open(const std::filesystem::path& path) {
   struct stat st {};
   Fd fd(open_regular(fn, path, st));
   const auto size = static_cast<std::uint64_t>(st.st_size);
-  if (size < 8) bad_file(fn, path.string(), "{} bytes, shorter than the 8-byte header length", size);
+  if (size < 8)
+    bad_file(fn, path.string(), "{} bytes, shorter than the 8-byte header length", size);
   auto mapping = std::make_shared<Mapping>();  // before mmap: nothing can leak the mapping
   void* addr = ::mmap(nullptr, static_cast<std::size_t>(size), PROT_READ, MAP_PRIVATE, fd.get(), 0);
-  if (addr == MAP_FAILED) bad_file(fn, path.string(), "mmap of {} bytes failed: {}", size, errno_text(errno));
+  if (addr == MAP_FAILED)
+    bad_file(fn, path.string(), "mmap of {} bytes failed: {}", size, errno_text(errno));
   mapping->reset(addr, static_cast<std::size_t>(size));
   fd.close();
   const std::span<const std::byte> bytes(mapping->data(), static_cast<std::size_t>(size));
@@ -668,7 +770,8 @@ SafeTensorsFile SafeTensorsFile::open(const std::filesystem::path& path) {
 }
 
 SafeTensorsFile SafeTensorsFile::from_buffer(std::span<const std::byte> bytes,
-                                             std::shared_ptr<const void> owner, std::string source) {
+                                             std::shared_ptr<const void> owner,
+                                             std::string source) {
   if (owner == nullptr && bytes.data() != nullptr)  // non-owning: the caller keeps the bytes alive
     owner = std::shared_ptr<const void>(std::shared_ptr<const void>(), bytes.data());
   return parse("SafeTensorsFile::from_buffer", bytes, std::move(owner), std::move(source));
@@ -698,14 +801,17 @@ SafeTensorsFile SafeTensorsFile::parse(std::string_view fn, std::span<const std:
     bad_file(fn, src, "{}", h.error);
 
   std::vector<RawTensor>& raw = h.tensors;
-  std::sort(raw.begin(), raw.end(), [](const RawTensor& a, const RawTensor& b) { return a.name < b.name; });
+  std::sort(raw.begin(), raw.end(),
+            [](const RawTensor& a, const RawTensor& b) { return a.name < b.name; });
   for (std::size_t i = 1; i < raw.size(); ++i)
-    if (raw[i].name == raw[i - 1].name) bad_file(fn, src, "duplicate tensor name {}", squote(raw[i].name));
+    if (raw[i].name == raw[i - 1].name)
+      bad_file(fn, src, "duplicate tensor name {}", squote(raw[i].name));
 
   // 6. each tensor's byte range matches its shape × dtype
   for (const RawTensor& t : raw) {
     if (t.end < t.begin)
-      bad_file(fn, src, "tensor {}: data_offsets [{}, {}] end before they begin", squote(t.name), t.begin, t.end);
+      bad_file(fn, src, "tensor {}: data_offsets [{}, {}] end before they begin", squote(t.name),
+               t.begin, t.end);
     const DTypeSpec* spec = find_spec(t.dtype);
     if (spec == nullptr) continue;  // unknown dtype: an Error only when the tensor is requested
     std::uint64_t count = 1;
@@ -714,14 +820,15 @@ SafeTensorsFile SafeTensorsFile::parse(std::string_view fn, std::span<const std:
     std::uint64_t bits = 0;
     overflow |= __builtin_mul_overflow(count, std::uint64_t{spec->bits}, &bits);
     if (overflow)
-      bad_file(fn, src, "tensor {}: shape {} × {} overflows 64 bits", squote(t.name), extents_str(t.shape),
-               spec->tag);
+      bad_file(fn, src, "tensor {}: shape {} × {} overflows 64 bits", squote(t.name),
+               extents_str(t.shape), spec->tag);
     if (bits % 8 != 0)
-      bad_file(fn, src, "tensor {}: shape {} of {} is not a whole number of bytes ({} bits)", squote(t.name),
-               extents_str(t.shape), spec->tag, bits);
+      bad_file(fn, src, "tensor {}: shape {} of {} is not a whole number of bytes ({} bits)",
+               squote(t.name), extents_str(t.shape), spec->tag, bits);
     if (bits / 8 != t.end - t.begin)
       bad_file(fn, src, "tensor {}: shape {} × {} is {} bytes, but data_offsets [{}, {}] hold {}",
-               squote(t.name), extents_str(t.shape), spec->tag, bits / 8, t.begin, t.end, t.end - t.begin);
+               squote(t.name), extents_str(t.shape), spec->tag, bits / 8, t.begin, t.end,
+               t.end - t.begin);
   }
 
   // 5, 7. sorted by offset, the tensors tile the data section exactly
@@ -736,25 +843,31 @@ SafeTensorsFile SafeTensorsFile::parse(std::string_view fn, std::span<const std:
   const RawTensor* prev = nullptr;
   for (const RawTensor* t : by_offset) {
     if (t->begin > expected && prev == nullptr)
-      bad_file(fn, src, "tensor {} begins at byte {} of the data section, not at 0: a gap of {} bytes",
+      bad_file(fn, src,
+               "tensor {} begins at byte {} of the data section, not at 0: a gap of {} bytes",
                squote(t->name), t->begin, t->begin);
     if (t->begin > expected)
-      bad_file(fn, src, "tensor {} begins at byte {} of the data section, but the previous tensor {} ends "
+      bad_file(fn, src,
+               "tensor {} begins at byte {} of the data section, but the previous tensor {} ends "
                "at byte {}: a gap of {} bytes",
                squote(t->name), t->begin, squote(prev->name), expected, t->begin - expected);
     if (t->begin < expected)
-      bad_file(fn, src, "tensor {} begins at byte {} of the data section, inside the previous tensor {} "
+      bad_file(fn, src,
+               "tensor {} begins at byte {} of the data section, inside the previous tensor {} "
                "(ends at byte {}): overlap",
                squote(t->name), t->begin, squote(prev->name), expected);
     expected = t->end;
     prev = t;
   }
   if (expected > data_size)
-    bad_file(fn, src, "tensor {} ends at byte {}, past the end of the data section ({} bytes)", squote(prev->name),
-             expected, data_size);
+    bad_file(fn, src, "tensor {} ends at byte {}, past the end of the data section ({} bytes)",
+             squote(prev->name), expected, data_size);
   if (expected < data_size)
-    bad_file(fn, src, "{} trailing bytes after the last tensor{} (data section of {} bytes, tensors end at {})",
-             data_size - expected, prev ? fmt::format(" {}", squote(prev->name)) : std::string(), data_size, expected);
+    bad_file(
+        fn, src,
+        "{} trailing bytes after the last tensor{} (data section of {} bytes, tensors end at {})",
+        data_size - expected, prev ? fmt::format(" {}", squote(prev->name)) : std::string(),
+        data_size, expected);
 
   SafeTensorsFile f;
   f.source_ = std::move(source);
@@ -786,14 +899,16 @@ std::vector<std::string> SafeTensorsFile::names() const {
 }
 
 const TensorInfo* SafeTensorsFile::find(std::string_view name) const noexcept {
-  const auto it = std::lower_bound(tensors_.begin(), tensors_.end(), name,
-                                   [](const TensorInfo& t, std::string_view n) { return t.name < n; });
+  const auto it =
+      std::lower_bound(tensors_.begin(), tensors_.end(), name,
+                       [](const TensorInfo& t, std::string_view n) { return t.name < n; });
   return it != tensors_.end() && it->name == name ? &*it : nullptr;
 }
 
 const TensorInfo& SafeTensorsFile::at(std::string_view name) const {
   const TensorInfo* t = find(name);
-  AUTOGLM_CHECK(t != nullptr, not_found, "SafeTensorsFile::at", "file={}: no tensor {}", source_, squote(name));
+  AUTOGLM_CHECK(t != nullptr, not_found, "SafeTensorsFile::at", "file={}: no tensor {}", source_,
+                squote(name));
   return *t;
 }
 
@@ -815,7 +930,8 @@ HostTensor SafeTensorsFile::host_view(std::string_view name) const {
   return HostTensor{v, std::move(copy)};
 }
 
-Tensor SafeTensorsFile::load(Backend& backend, std::string_view name, DType want, LoadMode mode) const {
+Tensor SafeTensorsFile::load(Backend& backend, std::string_view name, DType want,
+                             LoadMode mode) const {
   constexpr std::string_view fn = "SafeTensorsFile::load";
   const TensorInfo* t = find(name);
   AUTOGLM_CHECK(t != nullptr, not_found, fn, "file={}: no tensor {}", source_, squote(name));
@@ -823,8 +939,8 @@ Tensor SafeTensorsFile::load(Backend& backend, std::string_view name, DType want
   const DType have = *t->dtype;
   const Shape& shape = *t->shape;
   AUTOGLM_CHECK(have == want || (is_float(have) && is_float(want)), dtype_mismatch, fn,
-                "file={}: tensor {} is {} and cannot be loaded as {}", source_, squote(name), t->dtype_tag,
-                dtype_name(want));
+                "file={}: tensor {} is {} and cannot be loaded as {}", source_, squote(name),
+                t->dtype_tag, dtype_name(want));
   const bool host = backend.device().kind == DeviceKind::cpu;
   const bool aligned = aligned_for(t->data, have);
   const TensorView mapped{const_cast<std::byte*>(t->data), have, backend.device(), shape};
@@ -880,8 +996,10 @@ SafeTensorsModel SafeTensorsModel::open(const std::filesystem::path& path) {
     else if (std::filesystem::exists(single, ec))
       file = single;
     else
-      detail::fail(ErrorCode::not_found, fn, "directory={}: neither model.safetensors.index.json nor "
-                   "model.safetensors is there", path.string());
+      detail::fail(ErrorCode::not_found, fn,
+                   "directory={}: neither model.safetensors.index.json nor "
+                   "model.safetensors is there",
+                   path.string());
   }
   const std::string name = file.filename().string();
   const bool is_index = name.size() >= 11 && name.compare(name.size() - 11, 11, ".index.json") == 0;
@@ -922,12 +1040,13 @@ SafeTensorsModel SafeTensorsModel::open(const std::filesystem::path& path) {
     const SafeTensorsFile& f = m.shards_.back();
     for (const std::string& t : tensors) {
       if (f.find(t) == nullptr)
-        bad_file(fn, src, "weight_map assigns tensor {} to shard {}, which does not hold it", squote(t),
-                 squote(shard));
+        bad_file(fn, src, "weight_map assigns tensor {} to shard {}, which does not hold it",
+                 squote(t), squote(shard));
       m.entries_.push_back(Entry{t, m.shards_.size() - 1});
     }
   }
-  std::sort(m.entries_.begin(), m.entries_.end(), [](const Entry& a, const Entry& b) { return a.name < b.name; });
+  std::sort(m.entries_.begin(), m.entries_.end(),
+            [](const Entry& a, const Entry& b) { return a.name < b.name; });
   return m;
 }
 
@@ -956,16 +1075,21 @@ const SafeTensorsFile& SafeTensorsModel::file_of(std::string_view name) const {
   return shards_[e->shard];
 }
 
-const TensorInfo& SafeTensorsModel::at(std::string_view name) const { return file_of(name).at(name); }
+const TensorInfo& SafeTensorsModel::at(std::string_view name) const {
+  return file_of(name).at(name);
+}
 
 const std::map<std::string, std::string>& SafeTensorsModel::metadata() const noexcept {
   static const std::map<std::string, std::string> empty;
   return shards_.empty() ? empty : shards_.front().metadata();
 }
 
-HostTensor SafeTensorsModel::host_view(std::string_view name) const { return file_of(name).host_view(name); }
+HostTensor SafeTensorsModel::host_view(std::string_view name) const {
+  return file_of(name).host_view(name);
+}
 
-Tensor SafeTensorsModel::load(Backend& backend, std::string_view name, DType want, LoadMode mode) const {
+Tensor SafeTensorsModel::load(Backend& backend, std::string_view name, DType want,
+                              LoadMode mode) const {
   return file_of(name).load(backend, name, want, mode);
 }
 
@@ -982,10 +1106,10 @@ SafeTensorsEntry safetensors_entry(std::string name, const TensorView& view) {
   constexpr std::string_view fn = "safetensors_entry";
   AUTOGLM_CHECK(view.device.kind == DeviceKind::cpu, device, fn,
                 "tensor {} is not in host memory; copy it to the host first", squote(name));
-  AUTOGLM_CHECK(view.layout == Layout::row_major, invalid_argument, fn, "tensor {} must be row-major",
-                squote(name));
-  AUTOGLM_CHECK(view.data != nullptr || view.empty(), invalid_argument, fn, "tensor {} has no buffer",
-                squote(name));
+  AUTOGLM_CHECK(view.layout == Layout::row_major, invalid_argument, fn,
+                "tensor {} must be row-major", squote(name));
+  AUTOGLM_CHECK(view.data != nullptr || view.empty(), invalid_argument, fn,
+                "tensor {} has no buffer", squote(name));
   SafeTensorsEntry e;
   e.name = std::move(name);
   e.dtype = std::string(safetensors_dtype_tag(view.dtype));
@@ -1014,9 +1138,12 @@ void save_safetensors(const std::filesystem::path& path, std::span<const SafeTen
   const std::string target = path.string();
   AUTOGLM_CHECK(path.has_filename(), io, fn, "file={}: not a file name", target);
   const std::filesystem::path tmp =
-      path.parent_path() / fmt::format(".{}.tmp.{}.{}", path.filename().string(), ::getpid(), g_tmp_counter++);
+      path.parent_path() /
+      fmt::format(".{}.tmp.{}.{}", path.filename().string(), ::getpid(), g_tmp_counter++);
   const int raw_fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-  if (raw_fd < 0) detail::fail(ErrorCode::io, fn, "file={}: cannot create {}: {}", target, tmp.string(), errno_text(errno));
+  if (raw_fd < 0)
+    detail::fail(ErrorCode::io, fn, "file={}: cannot create {}: {}", target, tmp.string(),
+                 errno_text(errno));
   Fd fd(raw_fd);
   struct Unlink {  // removes the temporary unless the rename happened
     const std::filesystem::path& p;
@@ -1029,15 +1156,19 @@ void save_safetensors(const std::filesystem::path& path, std::span<const SafeTen
   put_le64(len, plan.header.size());
   write_all(fn, target, fd.get(), len, sizeof len);
   write_all(fn, target, fd.get(), plan.header.data(), plan.header.size());
-  for (const Planned& p : plan.order) write_all(fn, target, fd.get(), p.entry->data, p.entry->nbytes);
-  if (::fsync(fd.get()) != 0) detail::fail(ErrorCode::io, fn, "file={}: fsync failed: {}", target, errno_text(errno));
+  for (const Planned& p : plan.order)
+    write_all(fn, target, fd.get(), p.entry->data, p.entry->nbytes);
+  if (::fsync(fd.get()) != 0)
+    detail::fail(ErrorCode::io, fn, "file={}: fsync failed: {}", target, errno_text(errno));
   if (const int e = fd.close(); e != 0)
     detail::fail(ErrorCode::io, fn, "file={}: close failed: {}", target, errno_text(e));
   if (::rename(tmp.c_str(), path.c_str()) != 0)
-    detail::fail(ErrorCode::io, fn, "file={}: rename from {} failed: {}", target, tmp.string(), errno_text(errno));
+    detail::fail(ErrorCode::io, fn, "file={}: rename from {} failed: {}", target, tmp.string(),
+                 errno_text(errno));
   guard.armed = false;
   // Best effort: make the rename itself durable.
-  const std::filesystem::path dir = path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path();
+  const std::filesystem::path dir =
+      path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path();
   const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd >= 0) {
     ::fsync(dfd);

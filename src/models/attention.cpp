@@ -44,12 +44,12 @@ void check_cache(std::string_view fn, const KvLayer& cache, std::int64_t start, 
                  std::int64_t heads, std::int64_t kdim, std::int64_t vdim) {
   const TensorView k = cache.k, v = cache.v;
   AUTOGLM_CHECK(k.rank() == 3 && k.dtype == DType::f32 && k.dim(1) == heads && k.dim(2) == kdim,
-                shape_mismatch, fn, "key cache must be f32 [capacity, {}, {}], got {}", heads,
-                kdim, k.shape.str());
+                shape_mismatch, fn, "key cache must be f32 [capacity, {}, {}], got {}", heads, kdim,
+                k.shape.str());
   AUTOGLM_CHECK(v.rank() == 3 && v.dtype == DType::f32 && v.dim(0) == k.dim(0) &&
                     v.dim(1) == heads && v.dim(2) == vdim,
-                shape_mismatch, fn, "value cache must be f32 [{}, {}, {}], got {}", k.dim(0),
-                heads, vdim, v.shape.str());
+                shape_mismatch, fn, "value cache must be f32 [{}, {}, {}], got {}", k.dim(0), heads,
+                vdim, v.shape.str());
   AUTOGLM_CHECK(start >= 0 && start + T <= k.dim(0), out_of_range, fn,
                 "positions [{}, {}) exceed the cache capacity {}", start, start + T, k.dim(0));
 }
@@ -70,9 +70,10 @@ void check_io(std::string_view fn, const TensorView& x, const TensorView& out, s
 std::vector<float> rope_inv_freq(const ModelConfig& c) {
   constexpr std::string_view fn = "rope_inv_freq";
   const int r = c.rotary_dim();
-  AUTOGLM_CHECK(r >= 2 && r % 2 == 0, invalid_argument, fn,
-                "rotary dimension {} (head_dim={} x partial_rotary_factor={}) must be even and >= 2",
-                r, c.head_dim, c.partial_rotary_factor);
+  AUTOGLM_CHECK(
+      r >= 2 && r % 2 == 0, invalid_argument, fn,
+      "rotary dimension {} (head_dim={} x partial_rotary_factor={}) must be even and >= 2", r,
+      c.head_dim, c.partial_rotary_factor);
   const double base = c.rope_theta;
   AUTOGLM_CHECK(base > 1.0 && std::isfinite(base), invalid_argument, fn,
                 "rope_theta={} must be finite and > 1", base);
@@ -91,7 +92,8 @@ std::vector<float> rope_inv_freq(const ModelConfig& c) {
                                               ? s.original_max_position_embeddings
                                               : c.max_position_embeddings);
   switch (s.type) {
-    case RopeType::none: break;
+    case RopeType::none:
+      break;
     case RopeType::linear:
       for (double& f : inv) f /= s.factor;
       break;
@@ -236,8 +238,7 @@ MlaAttention::MlaAttention(MlaWeights weights, MlaOptions options)
   constexpr std::string_view fn = "MlaAttention";
   const std::int64_t H = o_.heads, nope = o_.nope_dim, rope = o_.rope_dim, vd = o_.v_dim;
   const std::int64_t kvr = o_.kv_lora_rank, qr = o_.q_lora_rank;
-  AUTOGLM_CHECK(H >= 1 && nope >= 0 && rope >= 2 && rope % 2 == 0 && vd >= 1 && kvr >= 1 &&
-                    qr >= 0,
+  AUTOGLM_CHECK(H >= 1 && nope >= 0 && rope >= 2 && rope % 2 == 0 && vd >= 1 && kvr >= 1 && qr >= 0,
                 invalid_argument, fn,
                 "heads={}, qk_nope_head_dim={}, qk_rope_head_dim={} (even), v_head_dim={}, "
                 "kv_lora_rank={}, q_lora_rank={} out of range",
@@ -266,8 +267,8 @@ MlaAttention::MlaAttention(MlaWeights weights, MlaOptions options)
   check_vector(fn, "o_proj bias", w_.o_bias, d, true);
   AUTOGLM_CHECK(o_.latent_eps > 0.0f, invalid_argument, fn, "latent_eps={} must be > 0",
                 o_.latent_eps);
-  for (Weight* t : {&w_.q_proj, &w_.q_a_proj, &w_.q_b_proj, &w_.kv_a_proj, &w_.kv_b_proj,
-                    &w_.o_proj})
+  for (Weight* t :
+       {&w_.q_proj, &w_.q_a_proj, &w_.q_b_proj, &w_.kv_a_proj, &w_.kv_b_proj, &w_.o_proj})
     if (t->defined()) *t = detail::prepared(std::move(*t));
 }
 

@@ -28,7 +28,9 @@ namespace {
 
 constexpr std::string_view kFn = "load_model";
 
-bool is_float(DType t) { return t == DType::f32 || t == DType::f16 || t == DType::bf16; }
+bool is_float(DType t) {
+  return t == DType::f32 || t == DType::f16 || t == DType::bf16;
+}
 
 /// The checkpoint plus the list of tensors the model needs, checked before anything is read.
 class Checkpoint {
@@ -98,8 +100,8 @@ class Checkpoint {
                    "{}: scale tensor '{}' of the int8 tensor '{}' is missing", file, sn, name);
     const std::string& sfile = st_.file_of(sn).source();
     if (s->dtype != DType::f32)
-      detail::fail(ErrorCode::dtype_mismatch, kFn, "{}: scale tensor '{}' has dtype {}; must be F32",
-                   sfile, sn, s->dtype_tag);
+      detail::fail(ErrorCode::dtype_mismatch, kFn,
+                   "{}: scale tensor '{}' has dtype {}; must be F32", sfile, sn, s->dtype_tag);
     Shape ws = want;
     ws = want.rank() == 2 ? Shape{want[0], k / group} : Shape{want[0], want[1], k / group};
     if (!s->shape || !(*s->shape == ws))
@@ -691,8 +693,8 @@ Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadO
     }
   }
   const float eps = static_cast<float>(c.rms_norm_eps);
-  return Model(backend, std::move(c), EmbeddingEncoder(std::move(table)),
-               std::move(layers), LmHeadDecoder(std::move(final_norm), std::move(head), eps));
+  return Model(backend, std::move(c), EmbeddingEncoder(std::move(table)), std::move(layers),
+               LmHeadDecoder(std::move(final_norm), std::move(head), eps));
 }
 
 }  // namespace autoglm

@@ -22,12 +22,11 @@ DecoderLayer::DecoderLayer(Tensor input_norm, Tensor post_attention_norm, float 
       ffn_(std::move(ffn)) {
   constexpr std::string_view fn = "DecoderLayer";
   const std::int64_t d = std::visit([](const auto& a) { return a.hidden(); }, attention_);
-  AUTOGLM_CHECK(input_norm_.defined() && input_norm_.dtype() == DType::f32 &&
-                    input_norm_.numel() == d,
-                shape_mismatch, fn, "input_layernorm must be f32 with {} values, got {}", d,
-                input_norm_.shape().str());
-  AUTOGLM_CHECK(post_norm_.defined() && post_norm_.dtype() == DType::f32 &&
-                    post_norm_.numel() == d,
+  AUTOGLM_CHECK(
+      input_norm_.defined() && input_norm_.dtype() == DType::f32 && input_norm_.numel() == d,
+      shape_mismatch, fn, "input_layernorm must be f32 with {} values, got {}", d,
+      input_norm_.shape().str());
+  AUTOGLM_CHECK(post_norm_.defined() && post_norm_.dtype() == DType::f32 && post_norm_.numel() == d,
                 shape_mismatch, fn, "post_attention_layernorm must be f32 with {} values, got {}",
                 d, post_norm_.shape().str());
   const std::int64_t fd = std::visit([](const auto& f) { return f.hidden(); }, ffn_);
@@ -209,8 +208,8 @@ std::vector<std::int32_t> Session::generate(std::span<const std::int32_t> prompt
                                             const GenerateOptions& options,
                                             GenerationStats* stats) {
   constexpr std::string_view fn = "Session::generate";
-  AUTOGLM_CHECK(options.max_new_tokens >= 0, invalid_argument, fn,
-                "max_new_tokens={} must be >= 0", options.max_new_tokens);
+  AUTOGLM_CHECK(options.max_new_tokens >= 0, invalid_argument, fn, "max_new_tokens={} must be >= 0",
+                options.max_new_tokens);
   using clock = std::chrono::steady_clock;
   Sampler sampler(options.sampling);
   Backend& b = model_->backend();
@@ -252,8 +251,8 @@ DecoderLayer DecoderLayer::quantized(Backend& backend, const QuantConfig& config
   const QuantSpec& spec = config.spec;
   AttentionBlock attention = attention_;
   if (config.attention)
-    attention = std::visit([&](const auto& a) -> AttentionBlock { return a.quantized(backend, spec); },
-                           attention_);
+    attention = std::visit(
+        [&](const auto& a) -> AttentionBlock { return a.quantized(backend, spec); }, attention_);
   FeedForward ffn = ffn_;
   if (const auto* moe = std::get_if<MoEBlock>(&ffn_)) {
     if (config.experts || config.router) {

@@ -31,7 +31,8 @@ GateFactory builtin_gate(GatePolicy policy) {
                   "{}='{}' must be zero or neg_inf", key_path(a, "group_mask"), mask);
     o.group_mask = mask == "zero" ? GroupMask::zero : GroupMask::neg_inf;
     o.noise_std = static_cast<float>(a.get_float("noise_std", 1.0));
-    o.seed = static_cast<std::uint64_t>(a.get_int("noise_seed", static_cast<std::int64_t>(ctx.seed)));
+    o.seed =
+        static_cast<std::uint64_t>(a.get_int("noise_seed", static_cast<std::int64_t>(ctx.seed)));
     if (a.has("capacity_factor"))
       o.capacity_factor = static_cast<float>(a.get_float("capacity_factor", 1.0));
     const bool bias = a.get_bool("selection_bias", policy == GatePolicy::sigmoid_group);
@@ -58,9 +59,8 @@ double ComponentArgs::get_float(std::string_view key, double def) const {
   const std::string& s = it->second;
   double v = 0;
   auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-  AUTOGLM_CHECK(ec == std::errc() && p == s.data() + s.size() && std::isfinite(v),
-                invalid_argument, "ComponentArgs", "{}='{}' is not a finite number",
-                key_path(*this, key), s);
+  AUTOGLM_CHECK(ec == std::errc() && p == s.data() + s.size() && std::isfinite(v), invalid_argument,
+                "ComponentArgs", "{}='{}' is not a finite number", key_path(*this, key), s);
   return v;
 }
 
@@ -248,8 +248,8 @@ DynamicPipeline build_pipeline(Backend& backend, std::string_view text, const Re
       layers.emplace_back(std::move(g), std::move(x), std::move(agg));
     }
     return DynamicPipeline(EmbeddingEncoder::random(backend, vocab, hidden, seed + 11),
-                           std::move(layers), LmHeadDecoder::random(backend, vocab, hidden, seed + 13),
-                           po);
+                           std::move(layers),
+                           LmHeadDecoder::random(backend, vocab, hidden, seed + 13), po);
   } catch (const json::exception& e) {
     detail::fail(ErrorCode::invalid_argument, kBuild, "bad value: {}", e.what());
   }

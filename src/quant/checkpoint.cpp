@@ -47,27 +47,36 @@ WeightRole weight_role(std::string_view name) {
   }
   if (contains(name, ".self_attn.") && ends_with(name, "proj.weight")) return WeightRole::attention;
   if (contains(name, "kv_a_proj_with_mqa.weight")) return WeightRole::attention;
-  if (contains(name, ".mlp.") && (ends_with(name, "gate_proj.weight") ||
-                                  ends_with(name, "up_proj.weight") ||
-                                  ends_with(name, "down_proj.weight")))
+  if (contains(name, ".mlp.") &&
+      (ends_with(name, "gate_proj.weight") || ends_with(name, "up_proj.weight") ||
+       ends_with(name, "down_proj.weight")))
     return WeightRole::dense_mlp;
   return WeightRole::other;
 }
 
 bool quantizes(const QuantConfig& config, WeightRole role) {
   switch (role) {
-    case WeightRole::experts: return config.experts;
-    case WeightRole::attention: return config.attention;
-    case WeightRole::dense_mlp: return config.dense_mlp;
-    case WeightRole::lm_head: return config.lm_head;
-    case WeightRole::embeddings: return config.embeddings;
-    case WeightRole::router: return config.router;
-    case WeightRole::other: return false;
+    case WeightRole::experts:
+      return config.experts;
+    case WeightRole::attention:
+      return config.attention;
+    case WeightRole::dense_mlp:
+      return config.dense_mlp;
+    case WeightRole::lm_head:
+      return config.lm_head;
+    case WeightRole::embeddings:
+      return config.embeddings;
+    case WeightRole::router:
+      return config.router;
+    case WeightRole::other:
+      return false;
   }
   return false;
 }
 
-std::string scale_name(std::string_view weight) { return std::string(weight) + "_scale"; }
+std::string scale_name(std::string_view weight) {
+  return std::string(weight) + "_scale";
+}
 
 QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
                                    const QuantConfig& config) {
@@ -97,9 +106,9 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
     const SafeTensorsFile& shard = shards[si];
     report.bytes_in += fs::file_size(shard.source(), ec);
     const std::string out_name =
-        shards.size() == 1 ? std::string("model.safetensors")
-                           : fmt::format("model-{:05d}-of-{:05d}.safetensors", si + 1,
-                                         shards.size());
+        shards.size() == 1
+            ? std::string("model.safetensors")
+            : fmt::format("model-{:05d}-of-{:05d}.safetensors", si + 1, shards.size());
     // The int8 codes and scales of this shard, alive until it is written.
     std::vector<std::vector<std::int8_t>> codes;
     std::vector<std::vector<float>> scales;
@@ -113,10 +122,10 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
       const WeightRole role = weight_role(name);
       const bool rank_ok = info.shape && (info.shape->rank() == 2 || info.shape->rank() == 3);
       const std::int64_t k = rank_ok ? (*info.shape)[info.shape->rank() - 1] : 0;
-      const bool quantize_it = quantizes(config, role) && rank_ok && info.dtype &&
-                               (*info.dtype == DType::f32 || *info.dtype == DType::f16 ||
-                                *info.dtype == DType::bf16) &&
-                               k > 0 && k % config.spec.group_of(k) == 0;
+      const bool quantize_it =
+          quantizes(config, role) && rank_ok && info.dtype &&
+          (*info.dtype == DType::f32 || *info.dtype == DType::f16 || *info.dtype == DType::bf16) &&
+          k > 0 && k % config.spec.group_of(k) == 0;
       if (!quantize_it) {
         HostTensor h = shard.host_view(name);
         SafeTensorsEntry e;
@@ -175,7 +184,8 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
                             {"weight_map", weight_map}};
     std::ofstream f(dst / "model.safetensors.index.json");
     f << index.dump(2) << "\n";
-    AUTOGLM_CHECK(f.good(), io, kFn, "cannot write {}", (dst / "model.safetensors.index.json").string());
+    AUTOGLM_CHECK(f.good(), io, kFn, "cannot write {}",
+                  (dst / "model.safetensors.index.json").string());
   }
   // config.json with the scheme, so load_model knows the int8 tensors are meant.
   std::ifstream cf(src / "config.json");
@@ -189,8 +199,8 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
   out << cfg.dump(2) << "\n";
   AUTOGLM_CHECK(out.good(), io, kFn, "cannot write {}", (dst / "config.json").string());
   for (const char* extra : {"generation_config.json", "tokenizer.json", "tokenizer_config.json"})
-    if (fs::exists(src / extra)) fs::copy_file(src / extra, dst / extra,
-                                               fs::copy_options::overwrite_existing, ec);
+    if (fs::exists(src / extra))
+      fs::copy_file(src / extra, dst / extra, fs::copy_options::overwrite_existing, ec);
   return report;
 }
 

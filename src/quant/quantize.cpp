@@ -140,8 +140,7 @@ QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::st
   check_spec(fn, spec, k);
   const std::int64_t group = spec.group_of(k), groups = k == 0 ? 0 : k / group;
   Tensor data(backend, DType::i8, w.shape);
-  Tensor scales(backend, DType::f32,
-                w.rank() == 2 ? Shape{n, groups} : Shape{mats, n, groups});
+  Tensor scales(backend, DType::f32, w.rank() == 2 ? Shape{n, groups} : Shape{mats, n, groups});
   // One matrix at a time: the host copy of a whole expert stack would double its memory.
   std::vector<float> host(static_cast<std::size_t>(n * k));
   std::vector<std::int8_t> q(host.size());
@@ -153,8 +152,8 @@ QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::st
     if (bad >= 0) {
       const std::int64_t r = bad / k, c = bad % k;
       if (w.rank() == 3)
-        detail::fail(ErrorCode::numeric, fn, "{} has a non-finite weight {} at [{}, {}, {}]",
-                     name, host[static_cast<std::size_t>(bad)], e, r, c);
+        detail::fail(ErrorCode::numeric, fn, "{} has a non-finite weight {} at [{}, {}, {}]", name,
+                     host[static_cast<std::size_t>(bad)], e, r, c);
       detail::fail(ErrorCode::numeric, fn, "{} has a non-finite weight {} at [{}, {}]", name,
                    host[static_cast<std::size_t>(bad)], r, c);
     }

@@ -20,7 +20,8 @@ int main() {
   std::vector<float> a(M * K), w(N * K), c(M * N);
   for (std::size_t i = 0; i < a.size(); ++i) a[i] = 0.1f * static_cast<float>(i);
   for (std::size_t i = 0; i < w.size(); ++i) w[i] = 1.0f - 0.05f * static_cast<float>(i);
-  Tensor ta(b, DType::f32, Shape{M, K}), tw(b, DType::f32, Shape{N, K}), tc(b, DType::f32, Shape{M, N});
+  Tensor ta(b, DType::f32, Shape{M, K}), tw(b, DType::f32, Shape{N, K}),
+      tc(b, DType::f32, Shape{M, N});
   b.copy_from_host(ta, a.data());
   b.copy_from_host(tw, w.data());
   b.gemm(ta, tw, tc);

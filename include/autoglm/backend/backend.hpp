@@ -33,8 +33,8 @@ struct RouteParams {
   int n_group = 1;                       ///< expert groups (E % n_group == 0)
   int topk_group = 1;                    ///< groups kept per token, in [1, n_group]
   GroupMask group_mask = GroupMask::neg_inf;  ///< fill for discarded groups
-  float noise_std = 0.0f;                ///< Gaussian noise on logits (noisy top-k); 0 = none
-  std::uint64_t seed = 0;                ///< noise seed; noise depends on (seed, token, expert)
+  float noise_std = 0.0f;                     ///< Gaussian noise on logits (noisy top-k); 0 = none
+  std::uint64_t seed = 0;  ///< noise seed; noise depends on (seed, token, expert)
 };
 
 /// C = alpha * A * B^T + beta * C, weights stored [out, in] as Hugging Face does.
@@ -60,8 +60,8 @@ struct RopeParams {
 
 /// Scaled dot-product attention of Backend::attention.
 struct AttentionParams {
-  float scale = 1.0f;   ///< score multiplier, usually head_dim^-0.5
-  bool causal = true;   ///< query at position p sees keys 0 ... p only
+  float scale = 1.0f;  ///< score multiplier, usually head_dim^-0.5
+  bool causal = true;  ///< query at position p sees keys 0 ... p only
   /// Sliding window: a query at position p sees key s only if p - s < window; 0 = unlimited.
   std::int64_t window = 0;
 };
@@ -161,8 +161,8 @@ class Backend {
   // logits: [T, E] f32; bias: [E] f32 or empty (selection only); ids/weights: [T, k]
   // i32/f32; stats: [E + 1] f32 <- per-expert sum of scores, then sum of logsumexp^2.
   /// Token-choice top-k routing (softmax or sigmoid, group-limited, renormalised, scaled).
-  virtual void route_topk(TensorView logits, TensorView bias, const RouteParams& p,
-                          TensorView ids, TensorView weights, TensorView stats) = 0;
+  virtual void route_topk(TensorView logits, TensorView bias, const RouteParams& p, TensorView ids,
+                          TensorView weights, TensorView stats) = 0;
   // logits: [T, E]; ids/weights: [T, E] (slot j of token t: j-th expert that chose t, or -1).
   /// Expert-choice routing: each expert takes the `capacity` tokens with its highest softmax
   /// probability; a token may be taken by zero or many experts.
@@ -263,8 +263,7 @@ void linear(B& backend, TensorView x, const Weight& w, TensorView out) {
 // x: [R, K] grouped by expert; w: [E, N, K]; offsets: [E + 1] i32; out: [R, N].
 /// grouped_gemm or grouped_qgemm, whichever the weight needs.
 template <typename B>
-void grouped_linear(B& backend, TensorView x, const Weight& w, TensorView offsets,
-                    TensorView out) {
+void grouped_linear(B& backend, TensorView x, const Weight& w, TensorView offsets, TensorView out) {
   if (w.is_quantized())
     backend.grouped_qgemm(x, w.quantized(), offsets, out);
   else

@@ -56,8 +56,8 @@ class CpuBackend final : public Backend {
                   TensorView weights, TensorView stats) override;
   void route_expert_choice(TensorView logits, std::int64_t capacity, TensorView ids,
                            TensorView weights, TensorView stats) override;
-  void plan_dispatch(TensorView ids, std::int64_t capacity, TensorView counts,
-                     TensorView offsets, TensorView row_token, TensorView slot_row) override;
+  void plan_dispatch(TensorView ids, std::int64_t capacity, TensorView counts, TensorView offsets,
+                     TensorView row_token, TensorView slot_row) override;
   void gather_rows(TensorView x, TensorView row_token, TensorView out) override;
   void combine(TensorView y, TensorView slot_row, TensorView weights, TensorView out,
                bool accumulate) override;

@@ -32,8 +32,7 @@ struct Int8PerChannel {
 
 /// Symmetric int8 with one scale per G consecutive input columns of each output row.
 template <int G>
-  requires(G == 32 || G == 64 || G == 128)
-struct Int8Grouped {
+requires(G == 32 || G == 64 || G == 128) struct Int8Grouped {
   /// Input columns per scale.
   static constexpr std::int64_t group_size = G;
 };
@@ -47,7 +46,7 @@ concept QuantScheme = requires {
 /// The runtime form of a scheme plus an activation mode: what a QuantizedTensor and a quantized
 /// file record.
 struct QuantSpec {
-  std::int64_t group = 0;                       ///< 0: per channel, else 32, 64 or 128
+  std::int64_t group = 0;  ///< 0: per channel, else 32, 64 or 128
   /// How the kernels take activations: weight-only by default (the accurate mode; W8A8 is
   /// faster from ~100 tokens per expert up, see docs/quantization.md).
   ActivationMode mode = ActivationMode::weight_only;

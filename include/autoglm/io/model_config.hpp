@@ -30,12 +30,18 @@ enum class ModelFamily : std::uint8_t {
 /// The config.json `model_type` of a family, e.g. "qwen3_moe".
 constexpr std::string_view model_family_name(ModelFamily f) noexcept {
   switch (f) {
-    case ModelFamily::mixtral: return "mixtral";
-    case ModelFamily::qwen2_moe: return "qwen2_moe";
-    case ModelFamily::qwen3_moe: return "qwen3_moe";
-    case ModelFamily::olmoe: return "olmoe";
-    case ModelFamily::deepseek_v3: return "deepseek_v3";
-    case ModelFamily::glm4_moe: return "glm4_moe";
+    case ModelFamily::mixtral:
+      return "mixtral";
+    case ModelFamily::qwen2_moe:
+      return "qwen2_moe";
+    case ModelFamily::qwen3_moe:
+      return "qwen3_moe";
+    case ModelFamily::olmoe:
+      return "olmoe";
+    case ModelFamily::deepseek_v3:
+      return "deepseek_v3";
+    case ModelFamily::glm4_moe:
+      return "glm4_moe";
   }
   return "?";
 }
@@ -52,11 +58,16 @@ enum class RopeType : std::uint8_t {
 /// The transformers name of a RopeType ("default" for none).
 constexpr std::string_view rope_type_name(RopeType t) noexcept {
   switch (t) {
-    case RopeType::none: return "default";
-    case RopeType::linear: return "linear";
-    case RopeType::dynamic: return "dynamic";
-    case RopeType::yarn: return "yarn";
-    case RopeType::llama3: return "llama3";
+    case RopeType::none:
+      return "default";
+    case RopeType::linear:
+      return "linear";
+    case RopeType::dynamic:
+      return "dynamic";
+    case RopeType::yarn:
+      return "yarn";
+    case RopeType::llama3:
+      return "llama3";
   }
   return "?";
 }

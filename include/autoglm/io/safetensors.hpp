@@ -56,8 +56,8 @@ struct TensorInfo {
 /// file mapping, or an aligned copy when the file's bytes are misaligned). The bytes are
 /// read-only: the mapping is PROT_READ.
 struct HostTensor {
-  TensorView view;                     ///< device cpu, row-major; do not write through it
-  std::shared_ptr<const void> owner;   ///< keeps view.data valid
+  TensorView view;                    ///< device cpu, row-major; do not write through it
+  std::shared_ptr<const void> owner;  ///< keeps view.data valid
 };
 
 /// How SafeTensorsFile::load may place a tensor whose dtype already matches.
@@ -137,7 +137,8 @@ class SafeTensorsFile {
   std::string source_;
   std::shared_ptr<const void> owner_;
   std::span<const std::byte> bytes_;
-  bool mapped_ = false;  // bytes_ is open()'s private read-only file mapping (release may drop pages)
+  bool mapped_ =
+      false;  // bytes_ is open()'s private read-only file mapping (release may drop pages)
   std::vector<TensorInfo> tensors_;  // sorted by name
   std::map<std::string, std::string> metadata_;
 };
@@ -208,8 +209,9 @@ SafeTensorsEntry safetensors_entry(std::string name, const TensorView& view);
 /// (largest first) then name, so every tensor is aligned for its dtype. Error (invalid_argument)
 /// on a duplicate or reserved name, an unknown dtype tag, a negative extent, or a byte count
 /// that does not match the shape.
-std::vector<std::byte> serialize_safetensors(std::span<const SafeTensorsEntry> tensors,
-                                             const std::map<std::string, std::string>& metadata = {});
+std::vector<std::byte> serialize_safetensors(
+    std::span<const SafeTensorsEntry> tensors,
+    const std::map<std::string, std::string>& metadata = {});
 
 /// Writes serialize_safetensors' layout to `path` atomically: a temporary file in the same
 /// directory, streamed, fsync'ed, then renamed over `path`; on failure `path` is untouched and

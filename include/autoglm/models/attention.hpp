@@ -27,9 +27,9 @@ struct KvLayer {
 
 /// Where a forward call's tokens sit: positions start ... start + T - 1 of the sequence.
 struct AttentionContext {
-  TensorView positions;     ///< [T] i32 on the backend
-  TensorView inv_freq;      ///< [rotary_dim / 2] f32 on the backend (rope_inv_freq)
-  std::int64_t start = 0;   ///< cache rows [0, start) already hold earlier positions
+  TensorView positions;    ///< [T] i32 on the backend
+  TensorView inv_freq;     ///< [rotary_dim / 2] f32 on the backend (rope_inv_freq)
+  std::int64_t start = 0;  ///< cache rows [0, start) already hold earlier positions
 };
 
 /// Weights of a grouped-query attention layer (Hugging Face names in the comments). Optional
@@ -49,14 +49,14 @@ struct GqaWeights {
 
 /// Shape and numerics of a GqaAttention.
 struct GqaOptions {
-  std::int64_t heads = 0;     ///< query heads Hq
-  std::int64_t kv_heads = 0;  ///< key/value heads Hkv, dividing Hq
-  std::int64_t head_dim = 0;  ///< D
-  QkNorm qk_norm = QkNorm::none;    ///< q/k RMSNorm before RoPE
-  float norm_eps = 1e-6f;           ///< eps of the q/k norms
-  std::optional<float> clip_qkv;    ///< OLMoE: clamp q, k, v to [-c, c] after the norms
-  RopeParams rope;                  ///< rotated slice of each head (offset 0)
-  AttentionParams attention;        ///< scale, causal, sliding window
+  std::int64_t heads = 0;         ///< query heads Hq
+  std::int64_t kv_heads = 0;      ///< key/value heads Hkv, dividing Hq
+  std::int64_t head_dim = 0;      ///< D
+  QkNorm qk_norm = QkNorm::none;  ///< q/k RMSNorm before RoPE
+  float norm_eps = 1e-6f;         ///< eps of the q/k norms
+  std::optional<float> clip_qkv;  ///< OLMoE: clamp q, k, v to [-c, c] after the norms
+  RopeParams rope;                ///< rotated slice of each head (offset 0)
+  AttentionParams attention;      ///< scale, causal, sliding window
 };
 
 /// Grouped-query attention: q/k/v projections (+ bias), optional q/k RMSNorm (per head or over
@@ -119,9 +119,9 @@ struct MlaOptions {
   /// eps of q_a_layernorm and kv_a_layernorm: transformers builds them with its class default
   /// 1e-6 whatever rms_norm_eps says.
   float latent_eps = 1e-6f;
-  bool interleaved = true;     ///< rope_interleave
+  bool interleaved = true;             ///< rope_interleave
   float rope_attention_factor = 1.0f;  ///< yarn mscale on cos/sin
-  AttentionParams attention;   ///< scale (with the yarn mscale^2), causal
+  AttentionParams attention;           ///< scale (with the yarn mscale^2), causal
 };
 
 /// DeepSeek-V3 MLA: q = q_b(norm(q_a(x))) (or q_proj(x)) split into nope | rope per head;

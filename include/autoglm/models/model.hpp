@@ -150,11 +150,11 @@ Model quantize_model(const Model& model, const QuantConfig& config);
 
 /// Where load_model stands, reported to LoadOptions::progress.
 struct LoadProgress {
-  std::size_t tensors_done = 0;    ///< tensors loaded so far
-  std::size_t tensors_total = 0;   ///< tensors to load
-  std::uint64_t bytes_done = 0;    ///< checkpoint bytes loaded so far
-  std::uint64_t bytes_total = 0;   ///< checkpoint bytes to load
-  std::string_view tensor;         ///< the tensor just loaded (empty in the first report)
+  std::size_t tensors_done = 0;   ///< tensors loaded so far
+  std::size_t tensors_total = 0;  ///< tensors to load
+  std::uint64_t bytes_done = 0;   ///< checkpoint bytes loaded so far
+  std::uint64_t bytes_total = 0;  ///< checkpoint bytes to load
+  std::string_view tensor;        ///< the tensor just loaded (empty in the first report)
 };
 
 /// Options of load_model.
@@ -175,6 +175,7 @@ struct LoadOptions {
 /// dtype and shape is checked against the config before any weight is read; a missing tensor,
 /// wrong shape or dtype, a quantised checkpoint or a config the tensors contradict is an Error
 /// naming the file and the tensor. A failed or cancelled load leaves nothing half-built.
-Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadOptions& options = {});
+Model load_model(Backend& backend, const std::filesystem::path& dir,
+                 const LoadOptions& options = {});
 
 }  // namespace autoglm

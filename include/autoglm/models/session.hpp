@@ -82,8 +82,8 @@ struct GenerationStats {
 
 /// Options of Session::generate.
 struct GenerateOptions {
-  std::int64_t max_new_tokens = 16;     ///< tokens to generate at most (>= 0)
-  SamplingOptions sampling;             ///< temperature 0 (default): greedy
+  std::int64_t max_new_tokens = 16;       ///< tokens to generate at most (>= 0)
+  SamplingOptions sampling;               ///< temperature 0 (default): greedy
   std::vector<std::int32_t> stop_tokens;  ///< generation stops after emitting one of these
   /// Called with every generated token; returning false stops generation.
   std::function<bool(std::int32_t)> on_token;

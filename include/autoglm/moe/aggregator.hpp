@@ -29,10 +29,10 @@ class SharedExpert {
   SharedExpert(SwiGluExperts mlp, Tensor gate = {}) : mlp_(std::move(mlp)), gate_(std::move(gate)) {
     AUTOGLM_CHECK(mlp_.num_experts() == 1, shape_mismatch, "SharedExpert",
                   "the shared MLP must be a one-expert bank, got {} experts", mlp_.num_experts());
-    AUTOGLM_CHECK(gate_.numel() == 0 || (gate_.numel() == mlp_.hidden() &&
-                                         gate_.dtype() == DType::f32),
-                  shape_mismatch, "SharedExpert", "gate must be f32 [1, {}], got {}",
-                  mlp_.hidden(), gate_.shape().str());
+    AUTOGLM_CHECK(
+        gate_.numel() == 0 || (gate_.numel() == mlp_.hidden() && gate_.dtype() == DType::f32),
+        shape_mismatch, "SharedExpert", "gate must be f32 [1, {}], got {}", mlp_.hidden(),
+        gate_.shape().str());
   }
 
   /// The MLP.

@@ -128,10 +128,10 @@ class ClassifierHead {
   /// Validates the weight.
   explicit ClassifierHead(Tensor weight, Pooling pooling = Pooling::last)
       : weight_(std::move(weight)), pooling_(pooling) {
-    AUTOGLM_CHECK(weight_.shape().rank() == 2 && weight_.dtype() == DType::f32 &&
-                      weight_.dim(0) >= 1,
-                  shape_mismatch, "ClassifierHead", "weight must be f32 [C >= 1, d], got {}",
-                  weight_.shape().str());
+    AUTOGLM_CHECK(
+        weight_.shape().rank() == 2 && weight_.dtype() == DType::f32 && weight_.dim(0) >= 1,
+        shape_mismatch, "ClassifierHead", "weight must be f32 [C >= 1, d], got {}",
+        weight_.shape().str());
     weight_ = detail::prepared(std::move(weight_));
   }
   /// Number of classes.
@@ -142,8 +142,8 @@ class ClassifierHead {
   template <BackendLike B>
   Classification classify(B& backend, TensorView h) const {
     AUTOGLM_CHECK(h.rank() == 2 && h.dim(0) >= 1 && h.dim(1) == weight_.dim(1), shape_mismatch,
-                  "ClassifierHead::classify", "h must be [tokens >= 1, {}], got {}",
-                  weight_.dim(1), h.shape.str());
+                  "ClassifierHead::classify", "h must be [tokens >= 1, {}], got {}", weight_.dim(1),
+                  h.shape.str());
     const std::int64_t T = h.dim(0), C = num_classes();
     // The head is linear, so pooling its per-token logits equals the logits of the pooled state.
     Tensor logits(backend, DType::f32, Shape{T, C});

@@ -31,8 +31,8 @@ inline void check_bank_io(std::string_view fn, std::int64_t E, std::int64_t d, c
                           const TensorView& offsets, const TensorView& out) {
   AUTOGLM_CHECK(x.rank() == 2 && x.dim(1) == d, shape_mismatch, fn, "x must be [rows, {}], got {}",
                 d, x.shape.str());
-  AUTOGLM_CHECK(out.shape == x.shape, shape_mismatch, fn, "out {} must match x {}",
-                out.shape.str(), x.shape.str());
+  AUTOGLM_CHECK(out.shape == x.shape, shape_mismatch, fn, "out {} must match x {}", out.shape.str(),
+                x.shape.str());
   AUTOGLM_CHECK(offsets.numel() == E + 1 && offsets.dtype == DType::i32, shape_mismatch, fn,
                 "offsets must be {} i32 values, got {} {}", E + 1, dtype_name(offsets.dtype),
                 offsets.shape.str());
@@ -49,7 +49,8 @@ class SwiGluExperts {
   /// Validates the shapes.
   /// The weights are moved into their backend's preferred layout (prepared: f32 re-laid-out,
   /// int8 packed for the kernels).
-  SwiGluExperts(Weight gate_up, Weight down) : gate_up_(std::move(gate_up)), down_(std::move(down)) {
+  SwiGluExperts(Weight gate_up, Weight down)
+      : gate_up_(std::move(gate_up)), down_(std::move(down)) {
     constexpr std::string_view fn = "SwiGluExperts";
     AUTOGLM_CHECK(gate_up_.shape().rank() == 3 && down_.shape().rank() == 3 &&
                       detail::is_f32_or_int8(gate_up_) && detail::is_f32_or_int8(down_),
@@ -58,9 +59,8 @@ class SwiGluExperts {
     const std::int64_t E = gate_up_.dim(0), F2 = gate_up_.dim(1), d = gate_up_.dim(2);
     AUTOGLM_CHECK(E >= 1 && F2 >= 2 && F2 % 2 == 0 && d >= 1, shape_mismatch, fn,
                   "gate_up must be [E, 2F, d] with E, F, d >= 1, got {}", gate_up_.shape().str());
-    AUTOGLM_CHECK(down_.dim(0) == E && down_.dim(1) == d && down_.dim(2) == F2 / 2,
-                  shape_mismatch, fn, "down must be [{}, {}, {}], got {}", E, d, F2 / 2,
-                  down_.shape().str());
+    AUTOGLM_CHECK(down_.dim(0) == E && down_.dim(1) == d && down_.dim(2) == F2 / 2, shape_mismatch,
+                  fn, "down must be [{}, {}, {}], got {}", E, d, F2 / 2, down_.shape().str());
     gate_up_ = detail::prepared(std::move(gate_up_));
     down_ = detail::prepared(std::move(down_));
   }
@@ -161,11 +161,10 @@ class GeluExperts {
 
   /// A bank with weights uniform in +-1/sqrt(fan_in), drawn from `seed`.
   template <BackendLike B>
-  static GeluExperts random(B& backend, std::int64_t experts, std::int64_t hidden,
-                            std::int64_t ffn, std::uint64_t seed) {
-    AUTOGLM_CHECK(experts >= 1 && hidden >= 1 && ffn >= 1, invalid_argument,
-                  "GeluExperts::random", "experts={}, hidden={}, ffn={} must be >= 1", experts,
-                  hidden, ffn);
+  static GeluExperts random(B& backend, std::int64_t experts, std::int64_t hidden, std::int64_t ffn,
+                            std::uint64_t seed) {
+    AUTOGLM_CHECK(experts >= 1 && hidden >= 1 && ffn >= 1, invalid_argument, "GeluExperts::random",
+                  "experts={}, hidden={}, ffn={} must be >= 1", experts, hidden, ffn);
     Tensor w1(backend, DType::f32, Shape{experts, ffn, hidden}, backend.weight_layout());
     Tensor w2(backend, DType::f32, Shape{experts, hidden, ffn}, backend.weight_layout());
     backend.fill_uniform(w1, seed, 1.0f / std::sqrt(static_cast<float>(hidden)));

@@ -17,8 +17,8 @@ namespace autoglm {
 /// A router: fills Routing::ids / weights [T, slots()] and Routing::scores [E + 1] for the
 /// tokens x [T, d]. capacity(T) bounds the rows an expert takes (<= 0: unbounded).
 template <typename G, typename B = Backend>
-concept Gate = BackendLike<B> && requires(const G& g, B& b, TensorView x, Routing& r,
-                                          std::int64_t tokens) {
+concept Gate = BackendLike<B> &&
+    requires(const G& g, B& b, TensorView x, Routing& r, std::int64_t tokens) {
   { g.num_experts() } -> std::convertible_to<std::int64_t>;
   { g.hidden() } -> std::convertible_to<std::int64_t>;
   { g.slots() } -> std::convertible_to<std::int64_t>;
@@ -38,11 +38,16 @@ enum class GatePolicy : std::uint8_t {
 /// Name of a policy as used in JSON descriptions ("softmax_topk").
 constexpr std::string_view gate_policy_name(GatePolicy p) noexcept {
   switch (p) {
-    case GatePolicy::argmax: return "argmax";
-    case GatePolicy::softmax_topk: return "softmax_topk";
-    case GatePolicy::sigmoid_group: return "sigmoid_group";
-    case GatePolicy::noisy_topk: return "noisy_topk";
-    case GatePolicy::expert_choice: return "expert_choice";
+    case GatePolicy::argmax:
+      return "argmax";
+    case GatePolicy::softmax_topk:
+      return "softmax_topk";
+    case GatePolicy::sigmoid_group:
+      return "sigmoid_group";
+    case GatePolicy::noisy_topk:
+      return "noisy_topk";
+    case GatePolicy::expert_choice:
+      return "expert_choice";
   }
   return "?";
 }
@@ -50,15 +55,15 @@ constexpr std::string_view gate_policy_name(GatePolicy p) noexcept {
 /// Options of GateNetwork. Defaults are Mixtral's.
 struct GateOptions {
   GatePolicy policy = GatePolicy::softmax_topk;  ///< how experts are chosen
-  int top_k = 2;                                  ///< experts per token, in [1, E]
-  bool renormalize = true;                        ///< divide the k weights by their sum
-  float renorm_epsilon = 0.0f;                    ///< added to that sum (transformers sigmoid: 1e-20)
-  float routed_scaling = 1.0f;                    ///< weights *= this (DeepSeek-V3: 2.5)
-  int n_group = 1;                                ///< expert groups for group-limited routing
-  int topk_group = 1;                             ///< groups kept per token
-  GroupMask group_mask = GroupMask::neg_inf;      ///< value of discarded groups (transformers 5.x)
-  float noise_std = 1.0f;                         ///< noisy_topk: std of the logit noise
-  std::uint64_t seed = 0;                         ///< noisy_topk: noise seed
+  int top_k = 2;                                 ///< experts per token, in [1, E]
+  bool renormalize = true;                       ///< divide the k weights by their sum
+  float renorm_epsilon = 0.0f;                ///< added to that sum (transformers sigmoid: 1e-20)
+  float routed_scaling = 1.0f;                ///< weights *= this (DeepSeek-V3: 2.5)
+  int n_group = 1;                            ///< expert groups for group-limited routing
+  int topk_group = 1;                         ///< groups kept per token
+  GroupMask group_mask = GroupMask::neg_inf;  ///< value of discarded groups (transformers 5.x)
+  float noise_std = 1.0f;                     ///< noisy_topk: std of the logit noise
+  std::uint64_t seed = 0;                     ///< noisy_topk: noise seed
   /// Rows per expert = ceil(capacity_factor * T * k / E); tokens past it are dropped (they keep
   /// only the residual). nullopt: no limit. For expert_choice, C = ceil(factor * T / E) with
   /// factor defaulting to top_k. Must be > 0 when set.
@@ -137,10 +142,9 @@ class GateNetwork {
     r.scores = Tensor(backend, DType::f32, Shape{E + 1});
     if (options_.policy == GatePolicy::expert_choice) {
       const double factor = options_.capacity_factor.value_or(static_cast<float>(options_.top_k));
-      const auto c = static_cast<std::int64_t>(std::ceil(factor * static_cast<double>(T) /
-                                                         static_cast<double>(E)));
-      backend.route_expert_choice(logits, std::max<std::int64_t>(c, 1), r.ids, r.weights,
-                                  r.scores);
+      const auto c = static_cast<std::int64_t>(
+          std::ceil(factor * static_cast<double>(T) / static_cast<double>(E)));
+      backend.route_expert_choice(logits, std::max<std::int64_t>(c, 1), r.ids, r.weights, r.scores);
       return;
     }
     backend.route_topk(logits, bias_, route_params(), r.ids, r.weights, r.scores);
@@ -170,7 +174,8 @@ class GateNetwork {
         p.noise_std = options_.noise_std;
         p.seed = options_.seed;
         break;
-      default: break;
+      default:
+        break;
     }
     return p;
   }

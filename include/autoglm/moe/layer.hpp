@@ -49,17 +49,17 @@ RoutingStats routing_stats(B& backend, const Routing& r) {
 /// One MoE layer: route, group tokens by expert (counting sort, no per-token GEMM), run each
 /// active expert's rows as one GEMM (all experts' tiles in one parallel loop), combine.
 template <typename G, typename X, typename A = WeightedSumAggregator>
-  requires Gate<G> && ExpertBank<X> && Aggregator<A>
+requires Gate<G> && ExpertBank<X> && Aggregator<A>
 class MoELayer {
  public:
   /// Checks that gate and experts agree on E and d.
   MoELayer(G gate, X experts, A aggregator = A{})
       : gate_(std::move(gate)), experts_(std::move(experts)), aggregator_(std::move(aggregator)) {
-    AUTOGLM_CHECK(gate_.num_experts() == experts_.num_experts() &&
-                      gate_.hidden() == experts_.hidden(),
-                  shape_mismatch, "MoELayer",
-                  "gate has {} experts of width {}, expert bank has {} of width {}",
-                  gate_.num_experts(), gate_.hidden(), experts_.num_experts(), experts_.hidden());
+    AUTOGLM_CHECK(
+        gate_.num_experts() == experts_.num_experts() && gate_.hidden() == experts_.hidden(),
+        shape_mismatch, "MoELayer",
+        "gate has {} experts of width {}, expert bank has {} of width {}", gate_.num_experts(),
+        gate_.hidden(), experts_.num_experts(), experts_.hidden());
   }
 
   /// The gate.
@@ -139,8 +139,9 @@ class MoELayer {
     AUTOGLM_CHECK(x.rank() == 2 && x.dim(1) == hidden(), shape_mismatch, fn,
                   "x must be f32 [tokens, {}], got {} {}", hidden(), dtype_name(x.dtype),
                   x.shape.str());
-    AUTOGLM_CHECK(x.dtype == DType::f32, dtype_mismatch, fn, "x must be f32 [tokens, {}], got {} {}",
-                  hidden(), dtype_name(x.dtype), x.shape.str());
+    AUTOGLM_CHECK(x.dtype == DType::f32, dtype_mismatch, fn,
+                  "x must be f32 [tokens, {}], got {} {}", hidden(), dtype_name(x.dtype),
+                  x.shape.str());
   }
 
   G gate_;

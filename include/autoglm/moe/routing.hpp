@@ -11,10 +11,10 @@ namespace autoglm {
 /// Load statistics of one routing call, on the host.
 struct RoutingStats {
   std::vector<std::int32_t> tokens_per_expert;  ///< rows each expert computed (after capacity)
-  std::int64_t assignments = 0;  ///< (token, expert) pairs the gate chose
-  std::int64_t dropped = 0;      ///< pairs dropped by the capacity limit
-  double max_load = 0.0;         ///< largest tokens_per_expert
-  double mean_load = 0.0;        ///< mean of tokens_per_expert
+  std::int64_t assignments = 0;                 ///< (token, expert) pairs the gate chose
+  std::int64_t dropped = 0;                     ///< pairs dropped by the capacity limit
+  double max_load = 0.0;                        ///< largest tokens_per_expert
+  double mean_load = 0.0;                       ///< mean of tokens_per_expert
   /// Switch-Transformer balance loss E * sum_e f_e * P_e: f_e the share of assignments to e,
   /// P_e the mean routing probability of e. 1.0 when perfectly balanced.
   double aux_loss = 0.0;

@@ -30,13 +30,13 @@ QuantizedTensor quantize(Backend& backend, TensorView w,
 /// weights (file <= 27 % of f32) and keep f32 where an error goes straight into the routing or
 /// the logits: router, embeddings, LM head (about 2 % of Qwen3-30B-A3B's weights).
 struct QuantConfig {
-  QuantSpec spec{};          ///< scheme and activation mode
-  bool experts = true;       ///< routed and shared expert banks
-  bool attention = true;     ///< attention projections
-  bool dense_mlp = true;     ///< the dense MLPs of non-MoE layers
-  bool lm_head = false;      ///< the output head
-  bool embeddings = false;   ///< the token embedding table (dequantised row by row on lookup)
-  bool router = false;       ///< MoE router weights: f32 by default, as llama.cpp keeps them
+  QuantSpec spec{};         ///< scheme and activation mode
+  bool experts = true;      ///< routed and shared expert banks
+  bool attention = true;    ///< attention projections
+  bool dense_mlp = true;    ///< the dense MLPs of non-MoE layers
+  bool lm_head = false;     ///< the output head
+  bool embeddings = false;  ///< the token embedding table (dequantised row by row on lookup)
+  bool router = false;      ///< MoE router weights: f32 by default, as llama.cpp keeps them
 };
 
 /// w in int8 with spec when it is a non-empty f32 matrix (or stack) whose K the group divides;
