@@ -295,9 +295,8 @@ MoEStack make_stack(CpuBackend& b, std::int64_t d, std::int64_t F, std::int64_t 
     go.top_k = k;
     GateNetwork gate(tensor_f32(b, Shape{E, d}, trained_like(E, d, 50 + l, router_std)), Tensor(),
                      go);
-    SwiGluExperts ex(
-        tensor_f32(b, Shape{E, 2 * F, d}, trained_like(E * 2 * F, d, 60 + l, up_std)),
-        tensor_f32(b, Shape{E, d, F}, trained_like(E * d, F, 70 + l, down_std)));
+    SwiGluExperts ex(tensor_f32(b, Shape{E, 2 * F, d}, trained_like(E * 2 * F, d, 60 + l, up_std)),
+                     tensor_f32(b, Shape{E, d, F}, trained_like(E * d, F, 70 + l, down_std)));
     st.layers.emplace_back(std::move(gate), std::move(ex));
   }
   return st;
@@ -343,9 +342,10 @@ std::pair<double, double> stack_agreement(CpuBackend& b, const MoEStack& st,
   return {static_cast<double>(same) / static_cast<double>(total), layer_err};
 }
 
-const QuantSpec kStackSpecs[] = {
-    {0, ActivationMode::w8a8}, {0, ActivationMode::weight_only},
-    {32, ActivationMode::w8a8}, {32, ActivationMode::weight_only}};
+const QuantSpec kStackSpecs[] = {{0, ActivationMode::w8a8},
+                                 {0, ActivationMode::weight_only},
+                                 {32, ActivationMode::w8a8},
+                                 {32, ActivationMode::weight_only}};
 
 }  // namespace
 
