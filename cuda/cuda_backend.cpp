@@ -285,19 +285,11 @@ void CudaBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
 
 void CudaBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, TensorView out) {
   constexpr std::string_view fn = "CudaBackend::grouped_gemm";
-  expect_matrix(fn, "x", x, device());
-  expect_matrix(fn, "out", out, device());
   detail::expect_device(fn, "w", w, device(), /*any_layout=*/true);
   expect_rank(fn, "w", w, 3);
   expect_dtype(fn, "w", w, DType::f32);
-  detail::expect_device(fn, "offsets", offsets, device());
-  expect_dtype(fn, "offsets", offsets, DType::i32);
   const std::int64_t E = w.dim(0), N = w.dim(1), K = w.dim(2);
-  expect_rank(fn, "offsets", offsets, 1);
-  expect_dim(fn, "offsets", offsets, 0, E + 1);
-  expect_dim(fn, "x", x, 1, K);
-  expect_dim(fn, "out", out, 1, N);
-  expect_dim(fn, "out", out, 0, x.dim(0));
+  detail::expect_grouped_io(fn, x, E, N, K, offsets, out, device());
   expect_row_major(fn, "w", w);
   Impl& m = *impl_;
   m.activate();
@@ -396,16 +388,7 @@ void run_products(CudaBackend& backend, Impl& m, const QuantizedTensor& w,
 
 void CudaBackend::qgemm(TensorView a, const QuantizedTensor& w, TensorView c) {
   constexpr std::string_view fn = "CudaBackend::qgemm";
-  // CpuBackend::qgemm's checks, in its order and words.
-  expect_matrix(fn, "a", a, device());
-  expect_matrix(fn, "c", c, device());
-  AUTOGLM_CHECK(w.shape().rank() == 2, shape_mismatch, fn, "w must be [N, K], got {}",
-                w.shape().str());
-  AUTOGLM_CHECK(w.backend() == this || w.empty(), device, fn, "w is on another backend");
-  AUTOGLM_CHECK(a.dim(1) == w.dim(1), shape_mismatch, fn, "a {} and w {} disagree on K",
-                a.shape.str(), w.shape().str());
-  expect_dim(fn, "c", c, 0, a.dim(0));
-  expect_dim(fn, "c", c, 1, w.dim(0));
+  detail::expect_qgemm_io(fn, a, w, c, this, device());
   expect_row_major_int8(fn, "w", w);
   const std::int64_t M = a.dim(0), N = w.dim(0), K = w.dim(1);
   if (M == 0 || N == 0) return;
@@ -423,20 +406,8 @@ void CudaBackend::qgemm(TensorView a, const QuantizedTensor& w, TensorView c) {
 void CudaBackend::grouped_qgemm(TensorView x, const QuantizedTensor& w, TensorView offsets,
                                 TensorView out) {
   constexpr std::string_view fn = "CudaBackend::grouped_qgemm";
-  // CpuBackend::grouped_qgemm's checks, in its order and words.
-  expect_matrix(fn, "x", x, device());
-  expect_matrix(fn, "out", out, device());
-  AUTOGLM_CHECK(w.shape().rank() == 3, shape_mismatch, fn, "w must be [E, N, K], got {}",
-                w.shape().str());
-  AUTOGLM_CHECK(w.backend() == this || w.empty(), device, fn, "w is on another backend");
-  detail::expect_device(fn, "offsets", offsets, device());
-  expect_dtype(fn, "offsets", offsets, DType::i32);
-  expect_rank(fn, "offsets", offsets, 1);
+  detail::expect_grouped_qgemm_io(fn, x, w, offsets, out, this, device());
   const std::int64_t E = w.dim(0), N = w.dim(1), K = w.dim(2);
-  expect_dim(fn, "offsets", offsets, 0, E + 1);
-  expect_dim(fn, "x", x, 1, K);
-  expect_dim(fn, "out", out, 1, N);
-  expect_dim(fn, "out", out, 0, x.dim(0));
   expect_row_major_int8(fn, "w", w);
   Impl& m = *impl_;
   m.activate();
@@ -483,26 +454,9 @@ void check_logits(Impl& m, std::string_view fn, const TensorView& logits, std::i
 void CudaBackend::route_topk(TensorView logits, TensorView bias, const RouteParams& p,
                              TensorView ids, TensorView weights, TensorView stats) {
   constexpr std::string_view fn = "CudaBackend::route_topk";
-  expect_matrix(fn, "logits", logits, device());
+  detail::expect_route_topk_io(fn, logits, bias, p, ids, weights, stats, device());
   const std::int64_t T = logits.dim(0), E = logits.dim(1);
-  detail::check_route_params(fn, p, E);
-  expect_matrix(fn, "ids", ids, device(), DType::i32);
-  expect_matrix(fn, "weights", weights, device());
-  expect_dim(fn, "ids", ids, 0, T);
-  expect_dim(fn, "ids", ids, 1, p.top_k);
-  expect_same_shape(fn, "ids", ids, "weights", weights);
-  detail::expect_device(fn, "stats", stats, device());
-  expect_dtype(fn, "stats", stats, DType::f32);
-  AUTOGLM_CHECK(stats.numel() == E + 1, shape_mismatch, fn, "stats must hold {} values, got {}",
-                E + 1, stats.numel());
-  const float* B = nullptr;
-  if (!bias.empty()) {
-    detail::expect_device(fn, "bias", bias, device());
-    expect_dtype(fn, "bias", bias, DType::f32);
-    AUTOGLM_CHECK(bias.numel() == E, shape_mismatch, fn, "bias must hold {} values, got {}", E,
-                  bias.numel());
-    B = bias.as<float>();
-  }
+  const float* B = bias.empty() ? nullptr : bias.as<float>();
   const std::size_t shared = cuda_detail::route_topk_shared_bytes(E, p.n_group, p.top_k);
   AUTOGLM_CHECK(shared <= cuda_detail::kDefaultSharedBytes, unsupported, fn,
                 "{} experts exceed the routing kernel's shared memory", E);

@@ -128,17 +128,8 @@ void CudaBackend::embedding(TensorView table, TensorView ids, TensorView out) {
 
 void CudaBackend::qembedding(const QuantizedTensor& table, TensorView ids, TensorView out) {
   constexpr std::string_view fn = "CudaBackend::qembedding";
-  // CpuBackend::qembedding's checks, in its order and words.
-  AUTOGLM_CHECK(table.shape().rank() == 2 && !table.is_packed(), invalid_argument, fn,
-                "table must be a row-major int8 [V, d], got {}{}", table.shape().str(),
-                table.is_packed() ? " (packed)" : "");
-  AUTOGLM_CHECK(table.backend() == this, device, fn, "table is on another backend");
-  expect_matrix(fn, "out", out, device());
-  detail::expect_device(fn, "ids", ids, device());
-  expect_dtype(fn, "ids", ids, DType::i32);
+  detail::expect_qembedding_io(fn, table, ids, out, this, device());
   const std::int64_t V = table.dim(0), d = table.dim(1), T = ids.numel();
-  expect_dim(fn, "out", out, 0, T);
-  expect_dim(fn, "out", out, 1, d);
   Impl& m = *impl_;
   m.activate();
   const std::uint64_t bad = m.first_out_of_range(ids, T, 0, V - 1);

@@ -80,6 +80,47 @@ inline void check_offsets(std::string_view fn, const std::int32_t* off, std::int
                   "offsets decrease at expert {}: {} > {}", e, off[e], off[e + 1]);
 }
 
+/// The operands of Backend::qgemm on backend `self`: a [M, K] f32, w int8 [N, K], c [M, N].
+inline void expect_qgemm_io(std::string_view fn, const TensorView& a, const QuantizedTensor& w,
+                            const TensorView& c, const Backend* self, Device d) {
+  expect_matrix(fn, "a", a, d);
+  expect_matrix(fn, "c", c, d);
+  AUTOGLM_CHECK(w.shape().rank() == 2, shape_mismatch, fn, "w must be [N, K], got {}",
+                w.shape().str());
+  AUTOGLM_CHECK(w.backend() == self || w.empty(), device, fn, "w is on another backend");
+  AUTOGLM_CHECK(a.dim(1) == w.dim(1), shape_mismatch, fn, "a {} and w {} disagree on K",
+                a.shape.str(), w.shape().str());
+  expect_dim(fn, "c", c, 0, a.dim(0));
+  expect_dim(fn, "c", c, 1, w.dim(0));
+}
+
+/// The operands of Backend::grouped_qgemm on backend `self`: w int8 [E, N, K], then as
+/// expect_grouped_io.
+inline void expect_grouped_qgemm_io(std::string_view fn, const TensorView& x,
+                                    const QuantizedTensor& w, const TensorView& offsets,
+                                    const TensorView& out, const Backend* self, Device d) {
+  AUTOGLM_CHECK(w.shape().rank() == 3, shape_mismatch, fn, "w must be [E, N, K], got {}",
+                w.shape().str());
+  AUTOGLM_CHECK(w.backend() == self || w.empty(), device, fn, "w is on another backend");
+  expect_grouped_io(fn, x, w.dim(0), w.dim(1), w.dim(2), offsets, out, d);
+}
+
+/// The operands of Backend::qembedding on backend `self`: table row-major int8 [V, d], ids i32
+/// [T], out [T, d] (the ids' values are the backend's to check).
+inline void expect_qembedding_io(std::string_view fn, const QuantizedTensor& table,
+                                 const TensorView& ids, const TensorView& out, const Backend* self,
+                                 Device d) {
+  AUTOGLM_CHECK(table.shape().rank() == 2 && !table.is_packed(), invalid_argument, fn,
+                "table must be a row-major int8 [V, d], got {}{}", table.shape().str(),
+                table.is_packed() ? " (packed)" : "");
+  AUTOGLM_CHECK(table.backend() == self, device, fn, "table is on another backend");
+  expect_matrix(fn, "out", out, d);
+  expect_device(fn, "ids", ids, d);
+  expect_dtype(fn, "ids", ids, DType::i32);
+  expect_dim(fn, "out", out, 0, ids.numel());
+  expect_dim(fn, "out", out, 1, table.dim(1));
+}
+
 /// Validates RouteParams against E experts.
 inline void check_route_params(std::string_view fn, const RouteParams& p, std::int64_t experts) {
   AUTOGLM_CHECK(p.top_k >= 1 && p.top_k <= experts, invalid_argument, fn,
@@ -97,6 +138,31 @@ inline void check_route_params(std::string_view fn, const RouteParams& p, std::i
                 "routed_scaling is NaN");
   AUTOGLM_CHECK(p.renorm_epsilon >= 0.0f, invalid_argument, fn, "renorm_epsilon={} must be >= 0",
                 p.renorm_epsilon);
+}
+
+/// The operands of Backend::route_topk: logits [T, E] f32, ids / weights [T, top_k] i32 / f32,
+/// stats [E + 1] f32, bias [E] f32 or empty; and p against E.
+inline void expect_route_topk_io(std::string_view fn, const TensorView& logits,
+                                 const TensorView& bias, const RouteParams& p,
+                                 const TensorView& ids, const TensorView& weights,
+                                 const TensorView& stats, Device d) {
+  expect_matrix(fn, "logits", logits, d);
+  const std::int64_t T = logits.dim(0), E = logits.dim(1);
+  check_route_params(fn, p, E);
+  expect_matrix(fn, "ids", ids, d, DType::i32);
+  expect_matrix(fn, "weights", weights, d);
+  expect_dim(fn, "ids", ids, 0, T);
+  expect_dim(fn, "ids", ids, 1, p.top_k);
+  expect_same_shape(fn, "ids", ids, "weights", weights);
+  expect_device(fn, "stats", stats, d);
+  expect_dtype(fn, "stats", stats, DType::f32);
+  AUTOGLM_CHECK(stats.numel() == E + 1, shape_mismatch, fn, "stats must hold {} values, got {}",
+                E + 1, stats.numel());
+  if (bias.empty()) return;
+  expect_device(fn, "bias", bias, d);
+  expect_dtype(fn, "bias", bias, DType::f32);
+  AUTOGLM_CHECK(bias.numel() == E, shape_mismatch, fn, "bias must hold {} values, got {}", E,
+                bias.numel());
 }
 
 }  // namespace autoglm::detail

@@ -394,26 +394,9 @@ constexpr std::int64_t kStatBlock = 64;  // tokens per partial-statistics block
 void CpuBackend::route_topk(TensorView logits, TensorView bias, const RouteParams& p,
                             TensorView ids, TensorView weights, TensorView stats) {
   constexpr std::string_view fn = "CpuBackend::route_topk";
-  expect_matrix(fn, "logits", logits, device());
+  detail::expect_route_topk_io(fn, logits, bias, p, ids, weights, stats, device());
   const std::int64_t T = logits.dim(0), E = logits.dim(1);
-  detail::check_route_params(fn, p, E);
-  expect_matrix(fn, "ids", ids, device(), DType::i32);
-  expect_matrix(fn, "weights", weights, device());
-  expect_dim(fn, "ids", ids, 0, T);
-  expect_dim(fn, "ids", ids, 1, p.top_k);
-  expect_same_shape(fn, "ids", ids, "weights", weights);
-  detail::expect_device(fn, "stats", stats, device());
-  expect_dtype(fn, "stats", stats, DType::f32);
-  AUTOGLM_CHECK(stats.numel() == E + 1, shape_mismatch, fn, "stats must hold {} values, got {}",
-                E + 1, stats.numel());
-  const float* B = nullptr;
-  if (!bias.empty()) {
-    detail::expect_device(fn, "bias", bias, device());
-    expect_dtype(fn, "bias", bias, DType::f32);
-    AUTOGLM_CHECK(bias.numel() == E, shape_mismatch, fn, "bias must hold {} values, got {}", E,
-                  bias.numel());
-    B = bias.as<float>();
-  }
+  const float* B = bias.empty() ? nullptr : bias.as<float>();
   const float* L = logits.as<float>();
   for (std::int64_t i = 0; i < T * E; ++i)
     AUTOGLM_CHECK(std::isfinite(L[i]), numeric, fn, "router logit [{}, {}] is {}", i / E, i % E,

@@ -133,15 +133,7 @@ void run_qtiles(Backend& backend, Parallel&& parallel, const float* x, std::int6
 
 void CpuBackend::qgemm(TensorView a, const QuantizedTensor& w, TensorView c) {
   constexpr std::string_view fn = "CpuBackend::qgemm";
-  expect_matrix(fn, "a", a, device());
-  expect_matrix(fn, "c", c, device());
-  AUTOGLM_CHECK(w.shape().rank() == 2, shape_mismatch, fn, "w must be [N, K], got {}",
-                w.shape().str());
-  AUTOGLM_CHECK(w.backend() == this || w.empty(), device, fn, "w is on another backend");
-  AUTOGLM_CHECK(a.dim(1) == w.dim(1), shape_mismatch, fn, "a {} and w {} disagree on K",
-                a.shape.str(), w.shape().str());
-  expect_dim(fn, "c", c, 0, a.dim(0));
-  expect_dim(fn, "c", c, 1, w.dim(0));
+  detail::expect_qgemm_io(fn, a, w, c, this, device());
   const std::int64_t m = a.dim(0), n = w.dim(0);
   if (m == 0 || n == 0) return;
   const QuantizedTensor packed = pack_quantized(w);
@@ -160,11 +152,8 @@ void CpuBackend::qgemm(TensorView a, const QuantizedTensor& w, TensorView c) {
 void CpuBackend::grouped_qgemm(TensorView x, const QuantizedTensor& w, TensorView offsets,
                                TensorView out) {
   constexpr std::string_view fn = "CpuBackend::grouped_qgemm";
-  AUTOGLM_CHECK(w.shape().rank() == 3, shape_mismatch, fn, "w must be [E, N, K], got {}",
-                w.shape().str());
-  AUTOGLM_CHECK(w.backend() == this || w.empty(), device, fn, "w is on another backend");
+  detail::expect_grouped_qgemm_io(fn, x, w, offsets, out, this, device());
   const std::int64_t E = w.dim(0), n = w.dim(1), k = w.dim(2);
-  detail::expect_grouped_io(fn, x, E, n, k, offsets, out, device());
   const std::int32_t* off = offsets.as<std::int32_t>();
   detail::check_offsets(fn, off, E, x.dim(0));
   const std::int64_t rows = off[E];
@@ -189,16 +178,8 @@ namespace autoglm {
 
 void CpuBackend::qembedding(const QuantizedTensor& table, TensorView ids, TensorView out) {
   constexpr std::string_view fn = "CpuBackend::qembedding";
-  AUTOGLM_CHECK(table.shape().rank() == 2 && !table.is_packed(), invalid_argument, fn,
-                "table must be a row-major int8 [V, d], got {}{}", table.shape().str(),
-                table.is_packed() ? " (packed)" : "");
-  AUTOGLM_CHECK(table.backend() == this, device, fn, "table is on another backend");
-  expect_matrix(fn, "out", out, device());
-  detail::expect_device(fn, "ids", ids, device());
-  expect_dtype(fn, "ids", ids, DType::i32);
+  detail::expect_qembedding_io(fn, table, ids, out, this, device());
   const std::int64_t V = table.dim(0), d = table.dim(1), T = ids.numel();
-  expect_dim(fn, "out", out, 0, T);
-  expect_dim(fn, "out", out, 1, d);
   const std::int32_t* I = ids.as<std::int32_t>();
   for (std::int64_t t = 0; t < T; ++t)
     AUTOGLM_CHECK(I[t] >= 0 && I[t] < V, out_of_range, fn,
