@@ -180,6 +180,14 @@ TEST_CASE("quantize: bad input is an Error", "[quant][errors]") {
                          ErrorMatcher(ErrorCode::shape_mismatch, {"scales must be [8, 2]"}));
   REQUIRE_THROWS_MATCHES(Weight(q).tensor(), Error,
                          ErrorMatcher(ErrorCode::dtype_mismatch, {"int8"}));
+  // A packed tensor whose buffers do not match its shape is rejected, not read past.
+  const QuantizedTensor forged =
+      QuantizedTensor::packed(Shape{8, 64}, QuantSpec{}, Tensor(b, DType::i8, Shape{1, 16}),
+                              Tensor(b, DType::f32, Shape{1}), Tensor(b, DType::i32, Shape{1}));
+  Tensor xf = uniform(b, Shape{3, 64}, 4), cf(b, DType::f32, Shape{3, 8});
+  REQUIRE_THROWS_MATCHES(b.qgemm(xf, forged, cf), Error,
+                         ErrorMatcher(ErrorCode::invalid_argument,
+                                      {"[CpuBackend::qgemm]", "does not hold the CPU layout"}));
   // K = 0: an empty product is zeros, per channel and grouped, not a division by zero.
   for (std::int64_t group : {0, 32}) {
     const QuantizedTensor q0 = quantize(b, Tensor(b, DType::f32, Shape{4, 0}), QuantSpec{group});

@@ -31,6 +31,20 @@ struct Packed {
         group(w.group()),
         pn(q8::padded_rows(n)),
         bytes(q8::packed_bytes(n, k)) {}
+  /// Rejects a packed tensor whose buffers do not hold this geometry (QuantizedTensor::packed
+  /// takes them as given), before a kernel reads past them.
+  void check(std::string_view fn, const QuantizedTensor& w) const {
+    const auto f32 = static_cast<std::size_t>(mats * pn * groups);
+    AUTOGLM_CHECK(w.data().dtype() == DType::i8 &&
+                      w.data().nbytes() == static_cast<std::size_t>(mats * bytes) &&
+                      w.scales().dtype() == DType::f32 &&
+                      w.scales().numel() == mats * pn * groups && w.aux().dtype() == DType::i32 &&
+                      w.aux().nbytes() == f32 * 4,
+                  invalid_argument, fn,
+                  "packed int8 tensor {} does not hold the CPU layout ({} data bytes, {} scales "
+                  "and sums expected)",
+                  w.shape().str(), mats * bytes, f32);
+  }
   q8::QWeights matrix(const QuantizedTensor& w, std::int64_t e) const {
     return q8::QWeights{w.data().data<std::int8_t>() + e * bytes,
                         w.scales().data<float>() + e * pn * groups,
@@ -138,6 +152,7 @@ void CpuBackend::qgemm(TensorView a, const QuantizedTensor& w, TensorView c) {
   if (m == 0 || n == 0) return;
   const QuantizedTensor packed = pack_quantized(w);
   const Packed g(packed);
+  g.check(fn, packed);
   if (g.k == 0) {
     fill(c, 0.0f);
     return;
@@ -160,6 +175,7 @@ void CpuBackend::grouped_qgemm(TensorView x, const QuantizedTensor& w, TensorVie
   if (rows == 0 || n == 0) return;
   const QuantizedTensor packed = pack_quantized(w);
   const Packed g(packed);
+  g.check(fn, packed);
   if (k == 0) {
     fill(out.slice(0, rows), 0.0f);
     return;
