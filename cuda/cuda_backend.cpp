@@ -346,6 +346,7 @@ struct QProduct {
   kern::QMatrix w;
   std::int64_t row0, rows;
   cuda_detail::QGemmPlan plan;
+  const float* col_scale;  ///< the matrix's column scales [k], or null
 };
 
 QProduct plan_product(std::string_view fn, const QuantizedTensor& w, std::int64_t e,
@@ -355,7 +356,8 @@ QProduct plan_product(std::string_view fn, const QuantizedTensor& w, std::int64_
   // W8A8 reads its own quantised activations (always aligned), weight-only the f32 rows.
   const auto xa = w8a8 ? std::uintptr_t{0} : reinterpret_cast<std::uintptr_t>(x + row0 * q.k);
   const bool vec = cuda_detail::qgemm_vec16(q.k, reinterpret_cast<std::uintptr_t>(q.data), xa);
-  return {q, row0, rows, cuda_detail::plan_qgemm(rows, q.n, q.k, q.group, w8a8, vec, fn)};
+  const float* cs = w.has_col_scales() ? w.col_scales().data<float>() + e * q.k : nullptr;
+  return {q, row0, rows, cuda_detail::plan_qgemm(rows, q.n, q.k, q.group, w8a8, vec, fn), cs};
 }
 
 // Runs the planned products of x [rows, k] into out [rows, n] (each product on its row
@@ -365,6 +367,17 @@ template <typename Impl>
 void run_products(CudaBackend& backend, Impl& m, const QuantizedTensor& w,
                   const std::vector<QProduct>& products, const float* x, std::int64_t rows,
                   std::int64_t k, float* out) {
+  // Equalised weights take the activations times their column scales (a copy of x).
+  Tensor scaled;
+  if (w.has_col_scales()) {
+    scaled = Tensor(backend, DType::f32, Shape{rows, k});
+    for (const QProduct& p : products) {
+      kern::scale_columns(x + p.row0 * k, p.rows, k, p.col_scale, scaled.data<float>() + p.row0 * k,
+                          m.stream);
+      Impl::launched("scale_columns");
+    }
+    x = scaled.data<float>();
+  }
   if (w.spec().mode == ActivationMode::weight_only) {
     for (const QProduct& p : products) {
       kern::qgemm_weight_only(x + p.row0 * k, p.rows, p.w, out + p.row0 * p.w.n, p.plan, m.stream);

@@ -124,6 +124,9 @@ void qgemm_weight_only(const float* x, i64 m, const QMatrix& w, float* out,
 /// scale[j, g] * (exact int32 sum over g of xq[i, c] * w[j, c]).
 void qgemm_w8a8(const std::int8_t* xq, i64 ldq, const float* xs, i64 m, const QMatrix& w,
                 float* out, const cuda_detail::QGemmPlan& plan, cudaStream_t s);
+/// out[r, c] = x[r, c] * col_scale[c] for r < rows: the activations of an equalised int8 matrix.
+void scale_columns(const float* x, i64 rows, i64 k, const float* col_scale, float* out,
+                   cudaStream_t s);
 /// out[t, c] = float(table[ids[t], c]) * scale[ids[t], c / group] (0 for an id outside [0, V)).
 void qembedding(const QMatrix& table, const std::int32_t* ids, i64 T, float* out, cudaStream_t s);
 

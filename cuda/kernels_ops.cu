@@ -77,6 +77,12 @@ __global__ void add_bias_kernel(const float* x, const float* b, dev::i64 R, dev:
   for (dev::i64 i = grid_start(); i < R * N; i += grid_stride()) out[i] = x[i] + b[i % N];
 }
 
+__global__ void scale_columns_kernel(const float* x, dev::i64 k, const float* col_scale, float* out,
+                                     dev::i64 n) {
+  for (dev::i64 i = grid_start(); i < n; i += grid_stride())
+    out[i] = __fmul_rn(x[i], col_scale[i % k]);
+}
+
 __global__ void clamp_kernel(float* x, dev::i64 n, float lo, float hi) {
   for (dev::i64 i = grid_start(); i < n; i += grid_stride()) {
     float v = x[i];
@@ -635,6 +641,10 @@ void qgemm_w8a8(const std::int8_t* xq, i64 ldq, const float* xs, i64 m, const QM
     AUTOGLM_QROWS_LAUNCH(qrows_w8a8_kernel, 16, plan, s, xq, ldq, xs, m, w, out);
   else
     AUTOGLM_QROWS_LAUNCH(qrows_w8a8_kernel, 1, plan, s, xq, ldq, xs, m, w, out);
+}
+void scale_columns(const float* x, i64 rows, i64 k, const float* col_scale, float* out,
+                   cudaStream_t s) {
+  grid_launch(scale_columns_kernel, rows * k, s, x, k, col_scale, out, rows * k);
 }
 void qembedding(const QMatrix& table, const std::int32_t* ids, i64 T, float* out, cudaStream_t s) {
   grid_launch(qembedding_kernel, T * table.k, s, table, ids, T, out);

@@ -388,7 +388,9 @@ QPair quantize_both(Shape s, const std::vector<float>& h, QuantSpec spec, std::i
   QuantizedTensor c = quantize(cpu(), tensor_f32(cpu(), s, h), spec, "w", /*pack=*/false);
   Tensor data = shifted_gpu_copy(c.data(), cpu(), shift);
   Tensor scales = shifted_gpu_copy(c.scales(), cpu(), 0);
-  return {std::move(c), QuantizedTensor(std::move(data), std::move(scales), spec)};
+  Tensor col_scales = c.has_col_scales() ? shifted_gpu_copy(c.col_scales(), cpu(), 0) : Tensor();
+  return {std::move(c),
+          QuantizedTensor(std::move(data), std::move(scales), spec, std::move(col_scales))};
 }
 
 /// Weights like trained ones: normal, a few columns 4x larger (test_quant.cpp's trained_like).
@@ -490,7 +492,7 @@ TEST_CASE("cuda: grouped_qgemm equals the CPU's; unaligned operands", "[cuda][in
 TEST_CASE("cuda: int8 weights stay row-major; qembedding is exact", "[cuda][int8]") {
   const std::int64_t V = 500, d = 256;
   for (std::int64_t group : {0, 32, 128}) {
-    const QuantSpec spec{group};
+    const QuantSpec spec{group, ActivationMode::weight_only, /*equalize=*/false};  // a table
     const std::vector<float> th = weights(V, d, 90);
     const QPair t = quantize_both(Shape{V, d}, th, spec);
     // quantize() on the GPU backend gives the CPU's codes and scales; pack_quantized keeps them

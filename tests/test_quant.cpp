@@ -5,8 +5,10 @@
 // int8 against f32 and against transformers' greedy continuation; bad input.
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -108,6 +110,21 @@ double rel_l2(const std::vector<float>& got, const std::vector<float>& want) {
   return std::sqrt(num / std::max(den, 1e-300));
 }
 
+/// q's column scales [mats * k] on the host, or empty.
+std::vector<float> host_col_scales(CpuBackend& b, const QuantizedTensor& q) {
+  return q.has_col_scales() ? host_f32(b, q.col_scales()) : std::vector<float>();
+}
+
+/// Rows [r0, r1) of x [*, k] times col_scale [k] (what an equalised product multiplies), in f32.
+std::vector<float> scaled_rows(const std::vector<float>& x, std::int64_t k, std::int64_t r0,
+                               std::int64_t r1, const float* col_scale) {
+  std::vector<float> out(x.begin() + r0 * k, x.begin() + r1 * k);
+  if (col_scale)
+    for (std::int64_t i = 0; i < static_cast<std::int64_t>(out.size()); ++i)
+      out[static_cast<std::size_t>(i)] *= col_scale[i % k];
+  return out;
+}
+
 }  // namespace
 
 TEST_CASE("quantize: codes and scales of a symmetric int8 quantizer", "[quant]") {
@@ -118,8 +135,9 @@ TEST_CASE("quantize: codes and scales of a symmetric int8 quantizer", "[quant]")
   w[5 * k + 7] = 40.0f;                                                                // outlier
   const Tensor wt = tensor_f32(b, Shape{n, k}, w);
   for (std::int64_t group : {0, 32, 64, 128}) {
-    const QuantSpec spec{group, ActivationMode::w8a8};
+    const QuantSpec spec{group, ActivationMode::w8a8, /*equalize=*/false};
     const QuantizedTensor q = quantize(b, wt, spec, "w", /*pack=*/false);
+    REQUIRE(!q.has_col_scales());
     const std::int64_t G = group == 0 ? k : group, groups = k / G;
     REQUIRE(q.shape() == Shape{n, k});
     REQUIRE(q.groups() == groups);
@@ -152,6 +170,79 @@ TEST_CASE("quantize: codes and scales of a symmetric int8 quantizer", "[quant]")
     REQUIRE(codes2 == codes);
     REQUIRE(scales2 == scales);
   }
+}
+
+TEST_CASE("quantize: column equalisation where a few columns are large", "[quant]") {
+  CpuBackend& b = cpu2();
+  const std::int64_t n = 192, k = 2048, m = 16;
+  // Weights with ~1 % of columns 4x larger, as trained ones; plain normal ones.
+  const std::vector<float> outl = trained_like(n, k, 21, 0.05f);
+  // (Real-sized: with few rows the column maxima of plain weights vary enough by chance that
+  // equalising them does lower the error for isotropic activations.)
+  const std::int64_t n_plain = 1536;
+  std::vector<float> plain(static_cast<std::size_t>(n_plain * k));
+  {
+    std::mt19937_64 rng(22);
+    std::normal_distribution<float> nd(0.0f, 0.05f);
+    for (float& v : plain) v = nd(rng);
+  }
+  const std::vector<float> xh = random_floats(static_cast<std::size_t>(m * k), 23);
+  const Tensor x = tensor_f32(b, Shape{m, k}, xh);
+  for (std::int64_t group : {0, 32})
+    for (ActivationMode mode : {ActivationMode::weight_only, ActivationMode::w8a8}) {
+      const QuantSpec on{group, mode, true}, off{group, mode, false};
+      INFO("group " << group << " " << on.mode_name());
+      // Plain weights: no column is worth a scale.
+      REQUIRE(!quantize(b, tensor_f32(b, Shape{n_plain, k}, plain), on).has_col_scales());
+      const Tensor w = tensor_f32(b, Shape{n, k}, outl);
+      const QuantizedTensor qe = quantize(b, w, on, "w", /*pack=*/false);
+      const QuantizedTensor qp = quantize(b, w, off, "w", /*pack=*/false);
+      // Product error against the f32 product, in double.
+      std::vector<float> exact(static_cast<std::size_t>(m * n));
+      for (std::int64_t i = 0; i < m; ++i)
+        for (std::int64_t j = 0; j < n; ++j) {
+          double acc = 0.0;
+          for (std::int64_t c = 0; c < k; ++c)
+            acc += static_cast<double>(xh[i * k + c]) * outl[j * k + c];
+          exact[static_cast<std::size_t>(i * n + j)] = static_cast<float>(acc);
+        }
+      auto product_error = [&](const QuantizedTensor& q) {
+        Tensor c(b, DType::f32, Shape{m, n});
+        b.qgemm(x, q, c);
+        return rel_l2(host_f32(b, c), exact);
+      };
+      const double ee = product_error(qe), ep = product_error(qp);
+      WARN("group " << group << " " << on.mode_name() << ": relative error " << ep << " plain, "
+                    << ee << " equalised");
+      if (mode == ActivationMode::w8a8) {
+        // Never for W8A8: x * col_scale would widen the activations it quantises.
+        REQUIRE(!qe.has_col_scales());
+      } else if (group == 0) {
+        // Per channel the large columns set every row's scale: equalisation must pay off
+        // (measured 2.9x).
+        REQUIRE(qe.has_col_scales());
+        REQUIRE(ee < 0.5 * ep);
+      } else if (qe.has_col_scales()) {
+        REQUIRE(ee < ep);
+      }
+      if (!qe.has_col_scales()) continue;
+      // The codes are the symmetric quantization of w / col_scale, and dequantize undoes both.
+      const std::vector<float> cs = host_col_scales(b, qe);
+      REQUIRE(cs.size() == static_cast<std::size_t>(k));
+      for (float v : cs) REQUIRE((v > 0.0f && std::isfinite(v)));
+      std::vector<std::int8_t> codes(static_cast<std::size_t>(n * k));
+      std::vector<float> sc(static_cast<std::size_t>(n * qe.groups()));
+      b.quantized_to_host(qe, codes.data(), sc.data());
+      const std::vector<float> dq = host_f32(b, dequantize(b, qe));
+      const std::int64_t G = group == 0 ? k : group;
+      for (std::int64_t r = 0; r < n; ++r)
+        for (std::int64_t c = 0; c < k; ++c) {
+          const std::size_t i = static_cast<std::size_t>(r * k + c);
+          const float s = sc[static_cast<std::size_t>(r * qe.groups() + c / G)];
+          REQUIRE(std::fabs(codes[i] * s - outl[i] / cs[c]) <= 0.5f * s * 1.0001f + 1e-12f);
+          REQUIRE(std::fabs(dq[i] - outl[i]) <= 0.5f * s * cs[c] * 1.001f + 1e-12f);
+        }
+    }
 }
 
 TEST_CASE("quantize: bad input is an Error", "[quant][errors]") {
@@ -230,8 +321,13 @@ TEST_CASE("qgemm equals the naive int8 products in both activation modes", "[qua
             Tensor c(b, DType::f32, Shape{m, n});
             b.qgemm(x, q, c);
             const std::int64_t G = group == 0 ? k : group;
-            const auto want = mode == ActivationMode::w8a8 ? naive_w8a8(xh, m, k, codes, sc, n, G)
-                                                           : naive_wonly(xh, m, k, codes, sc, n, G);
+            // The outlier columns of trained_like get column scales wherever they matter.
+            const std::vector<float> cs = host_col_scales(b, q);
+            if (group == 0 && k >= 256) REQUIRE(cs.empty() == (mode == ActivationMode::w8a8));
+            const std::vector<float> xs =
+                scaled_rows(xh, k, 0, m, cs.empty() ? nullptr : cs.data());
+            const auto want = mode == ActivationMode::w8a8 ? naive_w8a8(xs, m, k, codes, sc, n, G)
+                                                           : naive_wonly(xs, m, k, codes, sc, n, G);
             require_close(host_f32(b, c), want, 1e-5,
                           fmt::format("n {} k {} group {} {} m {}", n, k, group,
                                       QuantSpec{group, mode}.mode_name(), m));
@@ -249,37 +345,50 @@ TEST_CASE("grouped_qgemm equals per-expert qgemm; identical on 1 and 2 threads",
   std::vector<std::vector<float>> results;
   for (CpuBackend* bp : {&cpu1(), &cpu2()}) {
     CpuBackend& b = *bp;
-    for (ActivationMode mode : {ActivationMode::w8a8, ActivationMode::weight_only}) {
-      const QuantizedTensor q =
-          quantize(b, uniform(b, Shape{E, n, k}, 9, 0.1f), QuantSpec{32, mode});
-      const Tensor x = uniform(b, Shape{R, k}, 10);
-      Tensor out(b, DType::f32, Shape{R, n});
-      b.grouped_qgemm(x, q, tensor_i32(b, Shape{E + 1}, off), out);
-      const std::vector<float> got = host_f32(b, out);
-      // Reference: each expert as its own dense int8 product.
-      const Tensor dq = dequantize(b, q);
-      const std::vector<float> wd = host_f32(b, dq), xh = host_f32(b, x);
-      std::vector<std::int8_t> codes(static_cast<std::size_t>(E * n * k));
-      std::vector<float> sc(static_cast<std::size_t>(E * n * q.groups()));
-      b.quantized_to_host(q, codes.data(), sc.data());
-      for (std::int64_t e = 0; e < E; ++e) {
-        const std::int64_t m = off[e + 1] - off[e];
-        if (m == 0) continue;
-        const std::vector<float> xe(xh.begin() + off[e] * k, xh.begin() + off[e + 1] * k);
-        const std::vector<std::int8_t> ce(codes.begin() + e * n * k,
-                                          codes.begin() + (e + 1) * n * k);
-        const std::vector<float> se(sc.begin() + e * n * q.groups(),
-                                    sc.begin() + (e + 1) * n * q.groups());
-        const auto want = mode == ActivationMode::w8a8 ? naive_w8a8(xe, m, k, ce, se, n, 32)
-                                                       : naive_wonly(xe, m, k, ce, se, n, 32);
-        const std::vector<float> ge(got.begin() + off[e] * n, got.begin() + off[e + 1] * n);
-        require_close(ge, want, 1e-5, fmt::format("expert {}", e));
+    // Experts 0 and 3 have two columns of 30x larger weights: per channel they get column
+    // scales (the others none, i.e. ones), so the product takes each expert's own.
+    std::vector<float> wh = host_f32(b, uniform(b, Shape{E, n, k}, 9, 0.1f));
+    for (std::int64_t e : {0, 3})
+      for (std::int64_t r = 0; r < n; ++r)
+        for (std::int64_t c : {5, 70}) wh[static_cast<std::size_t>((e * n + r) * k + c)] *= 30.0f;
+    const Tensor w = tensor_f32(b, Shape{E, n, k}, wh);
+    for (std::int64_t group : {32, 0})
+      for (ActivationMode mode : {ActivationMode::w8a8, ActivationMode::weight_only}) {
+        const QuantizedTensor q = quantize(b, w, QuantSpec{group, mode});
+        const std::vector<float> cs = host_col_scales(b, q);
+        if (group == 0 && mode == ActivationMode::weight_only) {
+          REQUIRE(cs.size() == static_cast<std::size_t>(E * k));
+          REQUIRE(cs[5] > 4.0f);           // expert 0 equalised
+          REQUIRE(cs[1 * k + 5] == 1.0f);  // expert 1 not
+        }
+        const Tensor x = uniform(b, Shape{R, k}, 10);
+        Tensor out(b, DType::f32, Shape{R, n});
+        b.grouped_qgemm(x, q, tensor_i32(b, Shape{E + 1}, off), out);
+        const std::vector<float> got = host_f32(b, out);
+        // Reference: each expert as its own dense int8 product.
+        const std::vector<float> xh = host_f32(b, x);
+        std::vector<std::int8_t> codes(static_cast<std::size_t>(E * n * k));
+        std::vector<float> sc(static_cast<std::size_t>(E * n * q.groups()));
+        b.quantized_to_host(q, codes.data(), sc.data());
+        const std::int64_t G = group == 0 ? k : group;
+        for (std::int64_t e = 0; e < E; ++e) {
+          const std::int64_t m = off[e + 1] - off[e];
+          if (m == 0) continue;
+          const std::vector<float> xe =
+              scaled_rows(xh, k, off[e], off[e + 1], cs.empty() ? nullptr : cs.data() + e * k);
+          const std::vector<std::int8_t> ce(codes.begin() + e * n * k,
+                                            codes.begin() + (e + 1) * n * k);
+          const std::vector<float> se(sc.begin() + e * n * q.groups(),
+                                      sc.begin() + (e + 1) * n * q.groups());
+          const auto want = mode == ActivationMode::w8a8 ? naive_w8a8(xe, m, k, ce, se, n, G)
+                                                         : naive_wonly(xe, m, k, ce, se, n, G);
+          const std::vector<float> ge(got.begin() + off[e] * n, got.begin() + off[e + 1] * n);
+          require_close(ge, want, 1e-5, fmt::format("expert {} group {}", e, group));
+        }
+        results.push_back(got);
       }
-      results.push_back(got);
-    }
   }
-  REQUIRE(results[0] == results[2]);  // w8a8, 1 vs 2 threads: bit-identical
-  REQUIRE(results[1] == results[3]);  // weight-only
+  for (std::size_t i = 0; i < 4; ++i) REQUIRE(results[i] == results[i + 4]);  // 1 vs 2 threads
 }
 
 namespace {
@@ -590,6 +699,107 @@ TEST_CASE("quantize_checkpoint: the file loads to the same model as quantize_mod
       fs::remove_all(dst);
     }
   }
+}
+
+namespace {
+
+/// A copy of fixture `name` whose gate projections (not the up ones) and q projections have
+/// input columns 3 and 40 twenty times larger: what column equalisation is for.
+fs::path outlier_copy(const std::string& name, const std::string& tag) {
+  const fs::path src = fixture(name), copy = temp_dir(tag);
+  for (const auto& f : fs::directory_iterator(src))
+    fs::copy_file(f.path(), copy / f.path().filename());
+  std::deque<std::vector<float>> keep;
+  rewrite_single(copy, [&](std::vector<SafeTensorsEntry>& e) {
+    for (auto& x : e) {
+      if (x.dtype != "F32" || x.shape.size() != 2) continue;
+      const bool gate = x.name.ends_with("gate_proj.weight"), q = x.name.ends_with("q_proj.weight");
+      if (!gate && !q) continue;
+      std::vector<float>& v = keep.emplace_back(static_cast<const float*>(x.data),
+                                                static_cast<const float*>(x.data) + x.nbytes / 4);
+      const std::int64_t k = x.shape[1];
+      for (std::int64_t r = 0; r < x.shape[0]; ++r)
+        for (std::int64_t c : {3, 40}) v[static_cast<std::size_t>(r * k + c)] *= 20.0f;
+      x.data = v.data();
+    }
+  });
+  return copy;
+}
+
+}  // namespace
+
+TEST_CASE("quantize_checkpoint: column scales are saved, shared by gate and up, and reloaded",
+          "[quant][models]") {
+  CpuBackend& b = cpu2();
+  const fs::path src = outlier_copy("qwen3_moe", "eqsrc"), dst = temp_dir("eqdst");
+  quantize_checkpoint(src, dst, QuantConfig{});
+  const SafeTensorsFile f = SafeTensorsFile::open(dst / "model.safetensors");
+  const std::string gate = "model.layers.0.mlp.experts.0.gate_proj.weight",
+                    up = "model.layers.0.mlp.experts.0.up_proj.weight",
+                    q = "model.layers.0.self_attn.q_proj.weight";
+  // The up projection has no large columns itself but shares the gate's scales (one matrix).
+  for (const std::string& w : {gate, up, q}) REQUIRE(f.find(col_scale_name(w)) != nullptr);
+  auto values = [&](const std::string& w) {
+    const HostTensor h = f.host_view(col_scale_name(w));
+    return std::vector<float>(h.view.as<const float>(), h.view.as<const float>() + h.view.numel());
+  };
+  REQUIRE(values(gate) == values(up));
+  REQUIRE(values(gate).size() == 48);
+  REQUIRE(values(gate)[3] > 2.0f);
+  // Loading the file gives the model quantize_model makes: same scales, codes and kernels.
+  const std::vector<std::int32_t> prompt = read_ids(fixture("qwen3_moe"), "prompt");
+  const Model from_file = load_model(b, dst);
+  const Model in_memory = quantize_model(load_model(b, src), QuantConfig{});
+  Session s1(from_file), s2(in_memory);
+  REQUIRE(host_f32(b, s1.prefill(prompt, true)) == host_f32(b, s2.prefill(prompt, true)));
+
+  SECTION("bad column scales are Errors naming the tensor") {
+    std::vector<float> wrong(7, 1.0f), zero = values(q), other = values(up);
+    zero[5] = 0.0f;
+    other[0] *= 2.0f;
+    const std::string embed = "model.embed_tokens.weight";
+    struct Case {
+      std::function<void(std::vector<SafeTensorsEntry>&)> edit;
+      ErrorCode code;
+      std::vector<std::string> parts;
+    };
+    const std::vector<Case> cases{
+        {[&](auto& e) {
+           for (auto& x : e)
+             if (x.name == col_scale_name(q))
+               x = SafeTensorsEntry{x.name, "F32", {7}, wrong.data(), 28};
+         },
+         ErrorCode::shape_mismatch,
+         {col_scale_name(q), "[7]"}},
+        {[&](auto& e) {
+           for (auto& x : e)
+             if (x.name == col_scale_name(q)) x.data = zero.data();
+         },
+         ErrorCode::numeric,
+         {col_scale_name(q), "finite and > 0"}},
+        {[&](auto& e) {
+           for (auto& x : e)
+             if (x.name == col_scale_name(up)) x.data = other.data();
+         },
+         ErrorCode::invalid_argument,
+         {gate, up, "different column scales"}},
+        {[&](auto& e) {
+           e.push_back(SafeTensorsEntry{col_scale_name(embed), "F32", {7}, wrong.data(), 28});
+         },
+         ErrorCode::unsupported,
+         {col_scale_name(embed)}},
+    };
+    for (const Case& c : cases) {
+      const fs::path bad = temp_dir("eqbad");
+      for (const auto& file : fs::directory_iterator(dst))
+        fs::copy_file(file.path(), bad / file.path().filename());
+      rewrite_single(bad, c.edit);
+      REQUIRE_THROWS_MATCHES(load_model(b, bad), Error, ErrorMatcher(c.code, c.parts));
+      fs::remove_all(bad);
+    }
+  }
+  fs::remove_all(src);
+  fs::remove_all(dst);
 }
 
 TEST_CASE("int8 checkpoint errors name the tensor", "[quant][errors]") {

@@ -35,6 +35,7 @@ struct Args {
   std::string activations = "weight_only";        // or w8a8
   std::string save_quantized;                     // write the int8 checkpoint here, then run it
   std::string parts = "experts,attention,dense";  // what --quantize converts
+  std::string equalize = "on";                    // column equalisation of int8 weights
 };
 
 void usage() {
@@ -44,7 +45,7 @@ void usage() {
       "                 [--group-mask neg_inf|zero|config] [--repeat R]\n"
       "                 [--quantize int8|int8_g32|int8_g64|int8_g128] [--activations "
       "weight_only|w8a8]\n"
-      "                 [--save-quantized OUT_DIR] [--quantize-parts LIST]\n"
+      "                 [--save-quantized OUT_DIR] [--quantize-parts LIST] [--equalize on|off]\n"
       "DIR holds config.json and model.safetensors (or a sharded index). Greedy by default.\n"
       "--group-mask: value of discarded expert groups (DeepSeek-V3 / GLM group-limited routing):\n"
       "  neg_inf (default: transformers 5.x, DeepSeek reference, llama.cpp, vLLM), zero\n"
@@ -56,6 +57,8 @@ void usage() {
       "  quantizes activations per token (faster at long prompts, less accurate).\n"
       "--quantize-parts: comma list of experts, attention, dense, head, embeddings, router\n"
       "  (default experts,attention,dense).\n"
+      "--equalize off: no column scales for weight-only int8 (on: where a few large input\n"
+      "  columns dominate, see docs/quantization.md).\n"
       "--save-quantized OUT_DIR: writes the int8 checkpoint (quantize_checkpoint) and runs it;\n"
       "  an int8 directory loads directly with --model, without re-quantizing.");
 }
@@ -132,6 +135,8 @@ Args parse(int argc, char** argv) {
       a.save_quantized = v;
     else if (f == "--quantize-parts")
       a.parts = v;
+    else if (f == "--equalize")
+      a.equalize = v;
     else
       bad(fmt::format("unknown flag {}; see --help", f));
   }
@@ -141,6 +146,8 @@ Args parse(int argc, char** argv) {
   if (a.repeat < 1) bad(fmt::format("--repeat {} must be >= 1", a.repeat));
   if (a.group_mask != "neg_inf" && a.group_mask != "zero" && a.group_mask != "config")
     bad(fmt::format("--group-mask {} must be neg_inf, zero or config", a.group_mask));
+  if (a.equalize != "on" && a.equalize != "off")
+    bad(fmt::format("--equalize {} must be on or off", a.equalize));
   if (!a.save_quantized.empty() && a.quantize.empty()) a.quantize = "int8";
   if (!a.quantize.empty()) autoglm::QuantSpec::parse(a.quantize, a.activations);  // validates
   return a;
@@ -186,6 +193,7 @@ int main(int argc, char** argv) {
     autoglm::QuantConfig qc;
     if (!a.quantize.empty()) {
       qc.spec = autoglm::QuantSpec::parse(a.quantize, a.activations);
+      qc.spec.equalize = a.equalize == "on";
       qc.experts = qc.attention = qc.dense_mlp = qc.lm_head = qc.embeddings = qc.router = false;
       std::string_view rest = a.parts;
       while (!rest.empty()) {

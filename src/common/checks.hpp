@@ -114,6 +114,9 @@ inline void expect_qembedding_io(std::string_view fn, const QuantizedTensor& tab
                 "table must be a row-major int8 [V, d], got {}{}", table.shape().str(),
                 table.is_packed() ? " (packed)" : "");
   AUTOGLM_CHECK(table.backend() == self, device, fn, "table is on another backend");
+  AUTOGLM_CHECK(!table.has_col_scales(), unsupported, fn,
+                "table {} has column scales; an int8 embedding table must have none",
+                table.shape().str());
   expect_matrix(fn, "out", out, d);
   expect_device(fn, "ids", ids, d);
   expect_dtype(fn, "ids", ids, DType::i32);

@@ -94,7 +94,7 @@ QuantizedTensor CpuBackend::pack_quantized(const QuantizedTensor& w) {
       q8::group_sums(we, g.n, g.k, g.group, sums.data<std::int32_t>() + e * g.pn * g.groups);
   });
   return QuantizedTensor::packed(w.shape(), w.spec(), std::move(data), std::move(scales),
-                                 std::move(sums));
+                                 std::move(sums), w.col_scales());
 }
 
 void CpuBackend::quantized_to_host(const QuantizedTensor& w, std::int8_t* data, float* scales) {
@@ -143,6 +143,26 @@ void run_qtiles(Backend& backend, Parallel&& parallel, const float* x, std::int6
   }
 }
 
+// The activations of an equalised product: row r of x [rows, k] times the column scales of the
+// matrix its tile reads (w's col_scales [mats, k]). Null when w has none.
+template <typename Parallel>
+Tensor scale_columns(Backend& backend, Parallel&& parallel, const float* x, std::int64_t rows,
+                     std::int64_t k, const QuantizedTensor& w, const std::vector<QTile>& tiles) {
+  if (!w.has_col_scales()) return Tensor();
+  Tensor xs(backend, DType::f32, Shape{rows, k});
+  const float* cs = w.col_scales().data<float>();
+  float* out = xs.data<float>();
+  // Tiles of one matrix cover its rows once per column block: take the first block's.
+  parallel(static_cast<std::int64_t>(tiles.size()), [&](std::int64_t i) {
+    const QTile& t = tiles[static_cast<std::size_t>(i)];
+    if (t.col0 != 0) return;
+    const float* s = cs + t.e * k;
+    for (std::int64_t r = t.row0; r < t.row0 + t.rows; ++r)
+      for (std::int64_t c = 0; c < k; ++c) out[r * k + c] = x[r * k + c] * s[c];
+  });
+  return xs;
+}
+
 }  // namespace
 
 void CpuBackend::qgemm(TensorView a, const QuantizedTensor& w, TensorView c) {
@@ -159,9 +179,10 @@ void CpuBackend::qgemm(TensorView a, const QuantizedTensor& w, TensorView c) {
   }
   std::vector<QTile> tiles;
   add_qtiles(tiles, 0, 0, m, n);
-  run_qtiles(
-      *this, [&](std::int64_t cnt, auto&& f) { impl_->parallel(cnt, 1, f); }, a.as<float>(), m,
-      packed, g, tiles, c.as<float>());
+  auto parallel = [&](std::int64_t cnt, auto&& f) { impl_->parallel(cnt, 1, f); };
+  const Tensor xs = scale_columns(*this, parallel, a.as<float>(), m, g.k, packed, tiles);
+  run_qtiles(*this, parallel, xs.defined() ? xs.data<float>() : a.as<float>(), m, packed, g, tiles,
+             c.as<float>());
 }
 
 void CpuBackend::grouped_qgemm(TensorView x, const QuantizedTensor& w, TensorView offsets,
@@ -183,9 +204,10 @@ void CpuBackend::grouped_qgemm(TensorView x, const QuantizedTensor& w, TensorVie
   // One task list across all experts, as grouped_gemm does.
   std::vector<QTile> tiles;
   for (std::int64_t e = 0; e < E; ++e) add_qtiles(tiles, e, off[e], off[e + 1] - off[e], n);
-  run_qtiles(
-      *this, [&](std::int64_t cnt, auto&& f) { impl_->parallel(cnt, 1, f); }, x.as<float>(), rows,
-      packed, g, tiles, out.as<float>());
+  auto parallel = [&](std::int64_t cnt, auto&& f) { impl_->parallel(cnt, 1, f); };
+  const Tensor xs = scale_columns(*this, parallel, x.as<float>(), rows, k, packed, tiles);
+  run_qtiles(*this, parallel, xs.defined() ? xs.data<float>() : x.as<float>(), rows, packed, g,
+             tiles, out.as<float>());
 }
 
 }  // namespace autoglm

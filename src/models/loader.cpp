@@ -12,6 +12,7 @@
 // expert for fused expert tensors. Only tensors used in place (embedding table, norms, biases)
 // stay mapped.
 #include <charconv>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -110,6 +111,49 @@ class Checkpoint {
                    fmt::join(s->extents, ", "), name, int8_->scheme_name(), ws.str());
     progress_state_.tensors_total += 2;
     progress_state_.bytes_total += info.nbytes + s->nbytes;
+    const std::string cn = col_scale_name(name);
+    if (const TensorInfo* c = st_.find(cn)) {
+      const std::string& cfile = st_.file_of(cn).source();
+      const Shape wc = want.rank() == 2 ? Shape{k} : Shape{want[0], k};
+      if (c->dtype != DType::f32)
+        detail::fail(ErrorCode::dtype_mismatch, kFn,
+                     "{}: column-scale tensor '{}' has dtype {}; must be F32", cfile, cn,
+                     c->dtype_tag);
+      if (!c->shape || !(*c->shape == wc))
+        detail::fail(ErrorCode::shape_mismatch, kFn,
+                     "{}: column-scale tensor '{}' has shape [{}], but {} needs {}", cfile, cn,
+                     fmt::join(c->extents, ", "), name, wc.str());
+      progress_state_.tensors_total += 1;
+      progress_state_.bytes_total += c->nbytes;
+    }
+  }
+
+  /// The column scales of the int8 weight `name` on the host (empty when it has none), each
+  /// checked finite and > 0.
+  std::vector<float> host_col_scales(const std::string& name) {
+    const std::string cn = col_scale_name(name);
+    if (!st_.find(cn)) return {};
+    const HostTensor h = st_.host_view(cn);
+    const float* v = h.view.as<const float>();
+    std::vector<float> out(v, v + h.view.numel());
+    for (std::size_t i = 0; i < out.size(); ++i)
+      if (!(out[i] > 0.0f && out[i] < std::numeric_limits<float>::infinity()))
+        detail::fail(ErrorCode::numeric, kFn,
+                     "{}: column-scale tensor '{}' holds {} at {}; column scales must be finite "
+                     "and > 0",
+                     st_.file_of(cn).source(), cn, out[i], i);
+    report(cn);
+    return out;
+  }
+
+  /// host_col_scales(name) on the backend, or an undefined tensor; shape [k] or [E, k].
+  Tensor take_col_scales(const std::string& name, const Shape& shape) {
+    const std::vector<float> cs = host_col_scales(name);
+    if (cs.empty()) return Tensor();
+    Tensor t(backend_, DType::f32, shape);
+    backend_.copy_from_host(t, cs.data());
+    st_.release(col_scale_name(name));
+    return t;
   }
 
   /// A planned int8 weight with its scales, row-major (aliasing the mapped file on the CPU).
@@ -119,7 +163,10 @@ class Checkpoint {
     Tensor scales = st_.load(backend_, sn, DType::f32);
     report(name);
     report(sn);
-    return QuantizedTensor(std::move(data), std::move(scales), *int8_);
+    const Shape& ds = data.shape();
+    Tensor cs =
+        take_col_scales(name, ds.rank() == 2 ? Shape{ds[1]} : Shape{ds[0], ds[ds.rank() - 1]});
+    return QuantizedTensor(std::move(data), std::move(scales), *int8_, std::move(cs));
   }
 
   /// take_q packed for the backend's kernels, the file's pages released.
@@ -138,13 +185,26 @@ class Checkpoint {
     const std::int64_t groups = k / int8_->group_of(k);
     Tensor data(backend_, DType::i8, shape);
     Tensor scales(backend_, DType::f32, Shape{E, n, groups});
+    // Column scales [E, k]: the parts of one matrix share x, so they must share these too.
+    std::vector<float> cs;
     for (std::int64_t e = 0; e < E; ++e) {
       std::int64_t row = 0;
-      for (const std::string& name : parts[static_cast<std::size_t>(e)]) {
+      std::vector<float> matrix_cs;
+      const auto& names = parts[static_cast<std::size_t>(e)];
+      for (std::size_t p = 0; p < names.size(); ++p) {
+        const std::string& name = names[p];
         if (!is_int8(name))
           detail::fail(ErrorCode::dtype_mismatch, kFn,
                        "{}: tensor '{}' is not I8, but the other matrices of its bank are",
                        st_.file_of(name).source(), name);
+        std::vector<float> part_cs = host_col_scales(name);
+        if (p == 0)
+          matrix_cs = std::move(part_cs);
+        else if (part_cs != matrix_cs)
+          detail::fail(ErrorCode::invalid_argument, kFn,
+                       "{}: int8 tensors '{}' and '{}' are fused into one matrix but have "
+                       "different column scales",
+                       st_.file_of(name).source(), names[0], name);
         const std::int64_t rows = (*st_.at(name).shape)[0];
         const HostTensor q = st_.host_view(name);
         const HostTensor s = st_.host_view(scale_name(name));
@@ -155,8 +215,18 @@ class Checkpoint {
         report(scale_name(name));
         row += rows;
       }
+      if (!matrix_cs.empty()) {
+        if (cs.empty()) cs.assign(static_cast<std::size_t>(E * k), 1.0f);
+        std::copy(matrix_cs.begin(), matrix_cs.end(), cs.begin() + e * k);
+      }
     }
-    return backend_.pack_quantized(QuantizedTensor(std::move(data), std::move(scales), *int8_));
+    Tensor col_scales;
+    if (!cs.empty()) {
+      col_scales = Tensor(backend_, DType::f32, Shape{E, k});
+      backend_.copy_from_host(col_scales, cs.data());
+    }
+    return backend_.pack_quantized(
+        QuantizedTensor(std::move(data), std::move(scales), *int8_, std::move(col_scales)));
   }
 
   /// Loads a planned tensor as f32 (aliasing the mapped file when it already is f32), for
@@ -672,6 +742,11 @@ Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadO
   // Build, in plan order.
   ck.start();
   // An int8 table stays row-major (looked up row by row) and aliases the mapped file.
+  if (ck.has(col_scale_name(embed)))
+    detail::fail(ErrorCode::unsupported, kFn,
+                 "{}: the int8 embedding table '{}' has column scales ('{}'); a looked-up table "
+                 "must have none",
+                 dir.string(), embed, col_scale_name(embed));
   const Weight table = ck.is_int8(embed) ? Weight(ck.take_q(embed)) : Weight(ck.take(embed));
   std::vector<DecoderLayer> layers;
   layers.reserve(names.size());

@@ -29,6 +29,9 @@ bool ends_with(std::string_view s, std::string_view suffix) {
 bool contains(std::string_view s, std::string_view part) {
   return s.find(part) != std::string_view::npos;
 }
+bool is_float_dtype(DType t) {
+  return t == DType::f32 || t == DType::f16 || t == DType::bf16;
+}
 
 }  // namespace
 
@@ -78,6 +81,47 @@ std::string scale_name(std::string_view weight) {
   return std::string(weight) + "_scale";
 }
 
+std::string col_scale_name(std::string_view weight) {
+  return std::string(weight) + "_colscale";
+}
+
+namespace {
+
+// Matrix e of a 2-D or 3-D float tensor as f32 rows: in place for F32, else converted into buf.
+const float* matrix_f32(const HostTensor& h, DType dtype, std::int64_t e, std::int64_t n,
+                        std::int64_t k, std::vector<float>& buf) {
+  const std::size_t off = static_cast<std::size_t>(e * n * k);
+  if (dtype == DType::f32) return h.view.as<const float>() + off;
+  buf.resize(static_cast<std::size_t>(n * k));
+  const auto* bits = h.view.as<const std::uint16_t>() + off;
+  for (std::size_t i = 0; i < buf.size(); ++i)
+    buf[i] = dtype == DType::f16 ? f16_to_float(bits[i]) : bf16_to_float(bits[i]);
+  return buf.data();
+}
+
+// The partner of a 2-D projection that loaders fuse with it into one matrix (gate_proj with
+// up_proj; Mixtral's w1 with w3), or "".
+std::string fused_partner(const SafeTensorsModel& st, const std::string& name) {
+  constexpr std::pair<std::string_view, std::string_view> kPairs[] = {
+      {"gate_proj.weight", "up_proj.weight"}, {".w1.weight", ".w3.weight"}};
+  std::string partner;
+  for (const auto& [a, b] : kPairs) {
+    if (ends_with(name, a))
+      partner = name.substr(0, name.size() - a.size()) + std::string(b);
+    else if (ends_with(name, b))
+      partner = name.substr(0, name.size() - b.size()) + std::string(a);
+  }
+  const TensorInfo* p = partner.empty() ? nullptr : st.find(partner);
+  return p && p->shape && p->shape->rank() == 2 ? partner : std::string();
+}
+
+/// The key of a fused pair: the name of its first member.
+std::string pair_key(const std::string& name, const std::string& partner) {
+  return ends_with(name, "up_proj.weight") || ends_with(name, ".w3.weight") ? partner : name;
+}
+
+}  // namespace
+
 QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
                                    const QuantConfig& config) {
   const ModelConfig mc = load_model_config(src);  // validates the family and the sizes
@@ -101,6 +145,8 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
       {"autoglm.quant", config.spec.scheme_name()},
       {"autoglm.activations", std::string(config.spec.mode_name())}};
   const auto& shards = st.shards();
+  // Column scales chosen for a gate/up pair (keyed by the gate's name): chosen?, scales [k].
+  std::map<std::string, std::pair<bool, std::vector<float>>> pair_scales;
   nlohmann::json weight_map = nlohmann::json::object();
   for (std::size_t si = 0; si < shards.size(); ++si) {
     const SafeTensorsFile& shard = shards[si];
@@ -111,7 +157,7 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
             : fmt::format("model-{:05d}-of-{:05d}.safetensors", si + 1, shards.size());
     // The int8 codes and scales of this shard, alive until it is written.
     std::vector<std::vector<std::int8_t>> codes;
-    std::vector<std::vector<float>> scales;
+    std::vector<std::vector<float>> scales, col_scales;
     std::vector<HostTensor> kept;
     std::vector<SafeTensorsEntry> entries;
     std::vector<std::string> names = shard.names();
@@ -146,17 +192,54 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
       std::vector<std::int8_t>& q = codes.emplace_back(static_cast<std::size_t>(mats * n * k));
       std::vector<float>& sc = scales.emplace_back(static_cast<std::size_t>(mats * n * groups));
       const HostTensor h = shard.host_view(name);
-      std::vector<float> f32(static_cast<std::size_t>(n * k));
+      // Column scales [mats, k]: searched per matrix, or once over a fused gate/up pair (cached
+      // for the partner); embedding tables are looked up, never equalised.
+      const bool equalize = config.spec.equalize && role != WeightRole::embeddings;
+      std::vector<float> cs(equalize ? static_cast<std::size_t>(mats * k) : 0, 1.0f);
+      bool equalised = false;
+      const std::string partner = equalize && mats == 1 ? fused_partner(st, name) : std::string();
+      if (!partner.empty()) {
+        const std::string key = pair_key(name, partner);
+        auto it = pair_scales.find(key);
+        if (it == pair_scales.end()) {
+          // Rows of both: this tensor's, then the partner's (same K, checked here).
+          const TensorInfo& pi = st.at(partner);
+          std::vector<float> rows, buf;
+          if ((*pi.shape)[1] == k && pi.dtype && is_float_dtype(*pi.dtype)) {
+            const float* a = matrix_f32(h, *info.dtype, 0, n, k, buf);
+            rows.assign(a, a + n * k);
+            const HostTensor ph = st.host_view(partner);
+            const std::int64_t pn = (*pi.shape)[0];
+            const float* b = matrix_f32(ph, *pi.dtype, 0, pn, k, buf);
+            rows.insert(rows.end(), b, b + pn * k);
+            std::vector<float> joint(static_cast<std::size_t>(k), 1.0f);
+            const bool chosen = detail::column_scales(rows.data(), n + pn, k, group,
+                                                      config.spec.mode, joint.data());
+            it = pair_scales.emplace(key, std::make_pair(chosen, std::move(joint))).first;
+          } else {
+            it = pair_scales.emplace(key, std::make_pair(false, std::vector<float>())).first;
+          }
+        }
+        if (it->second.first) {
+          cs = it->second.second;
+          equalised = true;
+        }
+      }
+      std::vector<float> f32;
       for (std::int64_t e = 0; e < mats; ++e) {
         const std::size_t off = static_cast<std::size_t>(e * n * k);
-        const float* src_rows = nullptr;
-        if (*info.dtype == DType::f32) {
-          src_rows = h.view.as<const float>() + off;
-        } else {
-          const auto* bits = h.view.as<const std::uint16_t>() + off;
-          for (std::size_t i = 0; i < f32.size(); ++i)
-            f32[i] = *info.dtype == DType::f16 ? f16_to_float(bits[i]) : bf16_to_float(bits[i]);
+        const float* src_rows = matrix_f32(h, *info.dtype, e, n, k, f32);
+        float* ce = equalize ? cs.data() + e * k : nullptr;
+        const bool scaled =
+            equalize &&
+            (partner.empty() ? detail::column_scales(src_rows, n, k, group, config.spec.mode, ce)
+                             : equalised);
+        if (scaled) {
+          if (src_rows != f32.data()) f32.assign(src_rows, src_rows + n * k);
+          for (std::int64_t r = 0; r < n; ++r)
+            for (std::int64_t c = 0; c < k; ++c) f32[static_cast<std::size_t>(r * k + c)] /= ce[c];
           src_rows = f32.data();
+          equalised = true;
         }
         const std::int64_t bad = detail::quantize_rows(src_rows, n, k, group, q.data() + off,
                                                        sc.data() + e * n * groups);
@@ -174,6 +257,14 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
           SafeTensorsEntry{scale_name(name), "F32", sshape, sc.data(), sc.size() * sizeof(float)});
       weight_map[name] = out_name;
       weight_map[scale_name(name)] = out_name;
+      if (equalised) {
+        std::vector<float>& kept_cs = col_scales.emplace_back(std::move(cs));
+        std::vector<std::int64_t> cshape{k};
+        if (mats > 1 || s.rank() == 3) cshape = {mats, k};
+        entries.push_back(SafeTensorsEntry{col_scale_name(name), "F32", cshape, kept_cs.data(),
+                                           kept_cs.size() * sizeof(float)});
+        weight_map[col_scale_name(name)] = out_name;
+      }
       ++report.quantized;
     }
     save_safetensors(dst / out_name, entries, metadata);

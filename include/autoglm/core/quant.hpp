@@ -5,6 +5,12 @@
 // Symmetric int8: for each output row n and group g of `group` input columns,
 //   scale[n, g] = max |w[n, c]| / 127 over c in the group, q[n, c] = round(w[n, c] / scale),
 // and w is read back as q * scale. An all-zero group gets scale 0 (and q 0), never a division.
+//
+// Column equalisation (QuantSpec::equalize): the quantizer may first divide each input column c
+// of a matrix by a scale col_scale[c] > 0 chosen from the weights' own statistics, so that a
+// few columns of large weights no longer set every row's scale; the kernels then multiply the
+// activations by col_scale (w x = (w / col_scale) (col_scale x)), and w is read back as
+// q * scale * col_scale[c].
 #pragma once
 
 #include <concepts>
@@ -50,6 +56,11 @@ struct QuantSpec {
   /// How the kernels take activations: weight-only by default (the accurate mode; W8A8 is
   /// faster from ~100 tokens per expert up, see docs/quantization.md).
   ActivationMode mode = ActivationMode::weight_only;
+  /// Quantizer option: search per-column scales (column equalisation, see above) for each
+  /// matrix and keep them where they lower the expected output error; a matrix without large
+  /// columns keeps none. What was chosen is recorded per tensor (QuantizedTensor::col_scales,
+  /// `<name>_colscale` in a file), so readers of int8 tensors do not depend on this flag.
+  bool equalize = true;
 
   /// The spec of scheme S.
   template <QuantScheme S>
@@ -68,18 +79,21 @@ struct QuantSpec {
 };
 
 /// Int8 weights [..., N, K] (a matrix or a stack of expert matrices) with f32 scales
-/// [..., N, K / group]. The data is either row-major or packed into its backend's kernel layout
-/// (Backend::pack_quantized); Backend::quantized_to_host reads either back row-major. Copies
-/// share the buffers.
+/// [..., N, K / group] and, when equalised, f32 column scales [..., K]. The data is either
+/// row-major or packed into its backend's kernel layout (Backend::pack_quantized);
+/// Backend::quantized_to_host reads either back row-major. Copies share the buffers.
 class QuantizedTensor {
  public:
   QuantizedTensor() = default;
-  // data: i8 [..., N, K] row-major; scales: f32 [..., N, K / group]; same backend.
-  /// Validates dtypes, shapes and the group (it must divide K).
-  QuantizedTensor(Tensor data, Tensor scales, QuantSpec spec);
-  /// A packed tensor: `data` and `aux` in a backend-specific layout (see pack_quantized).
-  static QuantizedTensor packed(Shape shape, QuantSpec spec, Tensor data, Tensor scales,
-                                Tensor aux);
+  // data: i8 [..., N, K] row-major; scales: f32 [..., N, K / group]; col_scales: f32 [..., K]
+  // or undefined (none); same backend.
+  /// Validates dtypes, shapes and the group (it must divide K). The column scales' values are
+  /// the caller's to check (the loader does: finite and > 0).
+  QuantizedTensor(Tensor data, Tensor scales, QuantSpec spec, Tensor col_scales = Tensor());
+  /// A packed tensor: `data` and `aux` in a backend-specific layout (see pack_quantized);
+  /// col_scales as in the constructor.
+  static QuantizedTensor packed(Shape shape, QuantSpec spec, Tensor data, Tensor scales, Tensor aux,
+                                Tensor col_scales = Tensor());
 
   /// Logical shape [..., N, K].
   const Shape& shape() const noexcept { return shape_; }
@@ -102,8 +116,14 @@ class QuantizedTensor {
   const Tensor& scales() const noexcept { return scales_; }
   /// Backend-specific extra data of a packed tensor (the CPU's int32 group sums), else empty.
   const Tensor& aux() const noexcept { return aux_; }
-  /// Bytes held: data, scales and aux.
-  std::size_t nbytes() const noexcept { return data_.nbytes() + scales_.nbytes() + aux_.nbytes(); }
+  /// Column scales f32 [..., K] of an equalised tensor (never packed), else undefined.
+  const Tensor& col_scales() const noexcept { return col_scales_; }
+  /// True when the tensor has column scales.
+  bool has_col_scales() const noexcept { return col_scales_.defined(); }
+  /// Bytes held: data, scales, aux and column scales.
+  std::size_t nbytes() const noexcept {
+    return data_.nbytes() + scales_.nbytes() + aux_.nbytes() + col_scales_.nbytes();
+  }
   /// True when nothing is held.
   bool empty() const noexcept { return shape_.numel() == 0; }
   /// The backend holding the buffers.
@@ -115,6 +135,7 @@ class QuantizedTensor {
   Tensor data_;
   Tensor scales_;
   Tensor aux_;
+  Tensor col_scales_;
   bool packed_ = false;
 };
 

@@ -47,8 +47,10 @@ class EmbeddingEncoder {
   const Weight& table() const noexcept { return table_; }
   /// The norm [d] (may be empty).
   const Tensor& norm() const noexcept { return norm_; }
-  /// The same encoder with an int8 table (one scale per token row, as the scheme gives).
-  EmbeddingEncoder quantized(Backend& backend, const QuantSpec& spec) const {
+  /// The same encoder with an int8 table (one scale per token row, as the scheme gives; never
+  /// column-equalised, since a lookup has no activations to carry the column scales).
+  EmbeddingEncoder quantized(Backend& backend, QuantSpec spec) const {
+    spec.equalize = false;
     return EmbeddingEncoder(quantize_weight(backend, table_, spec, "embed_tokens", /*pack=*/false),
                             norm_, eps_);
   }

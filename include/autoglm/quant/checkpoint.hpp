@@ -38,6 +38,9 @@ WeightRole weight_role(std::string_view name);
 bool quantizes(const QuantConfig& config, WeightRole role);
 /// Name of the scale tensor of the int8 weight `weight`.
 std::string scale_name(std::string_view weight);
+/// Name of the column-scale tensor of the int8 weight `weight` (present when equalised; the
+/// gate and up projections that a loader fuses into one matrix share theirs).
+std::string col_scale_name(std::string_view weight);
 
 /// What quantize_checkpoint did.
 struct QuantizeReport {
@@ -49,8 +52,10 @@ struct QuantizeReport {
 
 /// Writes the int8 form of the checkpoint directory `src` into `dst` (created if needed; may
 /// not be `src`): one output shard per input shard, an index when sharded, config.json with
-/// quantization_config. Error naming the file and tensor for a NaN / Inf weight, an unknown
-/// model_type, an already quantized source or an unwritable destination.
+/// quantization_config. With config.spec.equalize, matrices get column scales where they help;
+/// a gate_proj and its up_proj get one set chosen over both. Error naming the file and tensor for a
+/// NaN / Inf weight, an unknown model_type, an already quantized source or an unwritable
+/// destination.
 QuantizeReport quantize_checkpoint(const std::filesystem::path& src,
                                    const std::filesystem::path& dst, const QuantConfig& config);
 

@@ -12,7 +12,8 @@ namespace autoglm {
 
 // w: [..., N, K] f32 (any layout) on `backend`; K % group == 0.
 /// Symmetric int8 quantization of w with spec, packed for backend's kernels (pack = false keeps
-/// it row-major, as embedding tables need). A NaN or Inf weight is an Error naming `name` and
+/// it row-major, as embedding tables need). With spec.equalize each matrix gets column scales
+/// where they help (detail::column_scales). A NaN or Inf weight is an Error naming `name` and
 /// the element; an all-zero group gets scale 0.
 QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec,
                          std::string_view name = "weight", bool pack = true);
@@ -45,7 +46,7 @@ struct QuantConfig {
 Weight quantize_weight(Backend& backend, const Weight& w, const QuantSpec& spec,
                        std::string_view name = "weight", bool pack = true);
 
-/// The f32 weights [..., N, K] (row-major) that w stands for: q * scale.
+/// The f32 weights [..., N, K] (row-major) that w stands for: q * scale (* col_scale).
 Tensor dequantize(Backend& backend, const QuantizedTensor& w);
 
 namespace detail {
@@ -54,6 +55,15 @@ namespace detail {
 /// Quantizes rows on the host; returns the index of the first non-finite weight, or -1.
 std::int64_t quantize_rows(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
                            std::int8_t* q, float* scales);
+
+// w: [n, k] f32 row-major on the host; col_scale: [k].
+/// Column equalisation search: tries col_scale[c] = (max_r |w[r, c]| / typical column max)^a
+/// for a in {0.25, 0.5, 0.75, 1} and keeps the one with the smallest expected output error of
+/// int8 rounding (weights, and for W8A8 activations) under unit-variance activations, if it
+/// at least halves the expected error of no equalisation. Returns false (col_scale all 1)
+/// otherwise, and for a non-finite or huge weight.
+bool column_scales(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
+                   ActivationMode mode, float* col_scale);
 
 }  // namespace detail
 
