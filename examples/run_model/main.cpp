@@ -229,13 +229,9 @@ int main(int argc, char** argv) {
           100.0 * static_cast<double>(r.bytes_out) / static_cast<double>(r.bytes_in));
       dir = a.save_quantized;
     }
+    // Quantized while loading, a layer at a time: the f32 model is never whole in memory.
+    if (!a.quantize.empty() && a.save_quantized.empty()) lo.quantize = qc;
     autoglm::Model model = autoglm::load_model(backend, dir, lo);
-    if (!a.quantize.empty() && a.save_quantized.empty()) {
-      if (!model.config().quantization.method.empty())
-        bad(fmt::format("--quantize: {} is already quantized ({})", dir,
-                        model.config().quantization.method));
-      model = autoglm::quantize_model(model, qc);
-    }
     const double load_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const autoglm::ModelConfig& c = model.config();

@@ -64,6 +64,10 @@ class Checkpoint {
       need_int8(*info, file, want, what);
       return;
     }
+    if (has(col_scale_name(name)))
+      detail::fail(ErrorCode::invalid_argument, kFn,
+                   "{}: tensor '{}' has column scales ('{}') but is not I8", file, name,
+                   col_scale_name(name));
     if (!info->dtype || !is_float(*info->dtype))
       detail::fail(ErrorCode::unsupported, kFn,
                    "{}: tensor '{}' has dtype {}; only F32, F16 and BF16 weights are supported",
@@ -137,10 +141,11 @@ class Checkpoint {
     const float* v = h.view.as<const float>();
     std::vector<float> out(v, v + h.view.numel());
     for (std::size_t i = 0; i < out.size(); ++i)
-      if (!(out[i] > 0.0f && out[i] < std::numeric_limits<float>::infinity()))
+      // quantize clamps to [1/256, 256]; far outside, x * col_scale would overflow or vanish.
+      if (!(out[i] >= 0x1p-64f && out[i] <= 0x1p64f))
         detail::fail(ErrorCode::numeric, kFn,
                      "{}: column-scale tensor '{}' holds {} at {}; column scales must be finite "
-                     "and > 0",
+                     "and > 0 (within [2^-64, 2^64])",
                      st_.file_of(cn).source(), cn, out[i], i);
     report(cn);
     return out;
@@ -198,6 +203,7 @@ class Checkpoint {
                        "{}: tensor '{}' is not I8, but the other matrices of its bank are",
                        st_.file_of(name).source(), name);
         std::vector<float> part_cs = host_col_scales(name);
+        st_.release(col_scale_name(name));
         if (p == 0)
           matrix_cs = std::move(part_cs);
         else if (part_cs != matrix_cs)
@@ -718,6 +724,9 @@ Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadO
                   dir.string(), kAutoglmQuantMethod);
     int8 = QuantSpec::parse(scheme->second, mode->second);
   }
+  AUTOGLM_CHECK(!(int8 && options.quantize), invalid_argument, kFn,
+                "{}: LoadOptions::quantize was set, but the checkpoint is already int8 ({})",
+                dir.string(), int8 ? int8->scheme_name() : std::string());
   Checkpoint ck(backend, std::move(st), dir.string(),
                 options.progress ? &options.progress : nullptr, int8);
   check_layer_count(ck, c);
@@ -744,13 +753,18 @@ Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadO
   // An int8 table stays row-major (looked up row by row) and aliases the mapped file.
   if (ck.has(col_scale_name(embed)))
     detail::fail(ErrorCode::unsupported, kFn,
-                 "{}: the int8 embedding table '{}' has column scales ('{}'); a looked-up table "
-                 "must have none",
+                 "{}: the embedding table '{}' has column scales ('{}'); a looked-up table must "
+                 "have none",
                  dir.string(), embed, col_scale_name(embed));
   const Weight table = ck.is_int8(embed) ? Weight(ck.take_q(embed)) : Weight(ck.take(embed));
   std::vector<DecoderLayer> layers;
   layers.reserve(names.size());
-  for (const LayerNames& n : names) layers.push_back(build_layer(backend, ck, c, n));
+  for (const LayerNames& n : names) {
+    DecoderLayer layer = build_layer(backend, ck, c, n);
+    // Quantizing here frees this layer's f32 weights before the next one is read.
+    layers.push_back(options.quantize ? layer.quantized(backend, *options.quantize)
+                                      : std::move(layer));
+  }
   Tensor final_norm = ck.take(norm);
   // Tied: the head is a re-laid-out (or packed) copy of the table; the table's pages that copy
   // touches are released afterwards (the embedding faults back only the rows it looks up).
@@ -768,8 +782,12 @@ Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadO
     }
   }
   const float eps = static_cast<float>(c.rms_norm_eps);
-  return Model(backend, std::move(c), EmbeddingEncoder(std::move(table)), std::move(layers),
-               LmHeadDecoder(std::move(final_norm), std::move(head), eps));
+  Model model(backend, std::move(c), EmbeddingEncoder(std::move(table)), std::move(layers),
+              LmHeadDecoder(std::move(final_norm), std::move(head), eps));
+  // The layers are int8 already (quantize_weight keeps int8 weights): this does the
+  // embeddings and the head as the config says.
+  if (options.quantize) return quantize_model(model, *options.quantize);
+  return model;
 }
 
 }  // namespace autoglm

@@ -276,7 +276,11 @@ Model quantize_model(const Model& model, const QuantConfig& config) {
   std::vector<DecoderLayer> layers;
   layers.reserve(model.layers().size());
   for (const DecoderLayer& l : model.layers()) layers.push_back(l.quantized(b, config));
-  LmHeadDecoder head = config.lm_head ? model.head().quantized(b, config.spec) : model.head();
+  // A tied head is the embedding table, which a file stores once and never equalises (a lookup
+  // cannot carry column scales): quantized the same way, the head matches the file's.
+  QuantSpec head_spec = config.spec;
+  if (model.config().tie_word_embeddings) head_spec.equalize = false;
+  LmHeadDecoder head = config.lm_head ? model.head().quantized(b, head_spec) : model.head();
   return Model(b, model.config(), std::move(embeddings), std::move(layers), std::move(head));
 }
 

@@ -145,7 +145,8 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
       {"autoglm.quant", config.spec.scheme_name()},
       {"autoglm.activations", std::string(config.spec.mode_name())}};
   const auto& shards = st.shards();
-  // Column scales chosen for a gate/up pair (keyed by the gate's name): chosen?, scales [k].
+  // Column scales chosen for a gate/up pair whose partner is still to come (keyed by the gate's
+  // name): chosen?, scales [k].
   std::map<std::string, std::pair<bool, std::vector<float>>> pair_scales;
   nlohmann::json weight_map = nlohmann::json::object();
   for (std::size_t si = 0; si < shards.size(); ++si) {
@@ -192,37 +193,46 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
       std::vector<std::int8_t>& q = codes.emplace_back(static_cast<std::size_t>(mats * n * k));
       std::vector<float>& sc = scales.emplace_back(static_cast<std::size_t>(mats * n * groups));
       const HostTensor h = shard.host_view(name);
-      // Column scales [mats, k]: searched per matrix, or once over a fused gate/up pair (cached
-      // for the partner); embedding tables are looked up, never equalised.
-      const bool equalize = config.spec.equalize && role != WeightRole::embeddings;
+      // Column scales [mats, k]: searched per matrix, or once over a fused gate/up pair (kept
+      // until the partner takes them); embedding tables are looked up, never equalised, and
+      // W8A8 never equalises (detail::column_scales).
+      const bool equalize = config.spec.equalize &&
+                            config.spec.mode == ActivationMode::weight_only &&
+                            role != WeightRole::embeddings;
       std::vector<float> cs(equalize ? static_cast<std::size_t>(mats * k) : 0, 1.0f);
       bool equalised = false;
       const std::string partner = equalize && mats == 1 ? fused_partner(st, name) : std::string();
       if (!partner.empty()) {
         const std::string key = pair_key(name, partner);
-        auto it = pair_scales.find(key);
-        if (it == pair_scales.end()) {
-          // Rows of both: this tensor's, then the partner's (same K, checked here).
+        if (auto it = pair_scales.find(key); it != pair_scales.end()) {
+          if (it->second.first) {
+            cs = std::move(it->second.second);
+            equalised = true;
+          }
+          pair_scales.erase(it);
+        } else {
+          // Rows of both in the fused matrix's order, gate (the key) first, as quantize_model
+          // sees them; the partner's K must match for the pair to be fused at all.
           const TensorInfo& pi = st.at(partner);
-          std::vector<float> rows, buf;
           if ((*pi.shape)[1] == k && pi.dtype && is_float_dtype(*pi.dtype)) {
-            const float* a = matrix_f32(h, *info.dtype, 0, n, k, buf);
-            rows.assign(a, a + n * k);
+            const bool gate_first = key == name;
             const HostTensor ph = st.host_view(partner);
             const std::int64_t pn = (*pi.shape)[0];
-            const float* b = matrix_f32(ph, *pi.dtype, 0, pn, k, buf);
-            rows.insert(rows.end(), b, b + pn * k);
-            std::vector<float> joint(static_cast<std::size_t>(k), 1.0f);
-            const bool chosen = detail::column_scales(rows.data(), n + pn, k, group,
-                                                      config.spec.mode, joint.data());
-            it = pair_scales.emplace(key, std::make_pair(chosen, std::move(joint))).first;
+            std::vector<float> rows, buf;
+            rows.reserve(static_cast<std::size_t>((n + pn) * k));
+            const float* a = gate_first ? matrix_f32(h, *info.dtype, 0, n, k, buf)
+                                        : matrix_f32(ph, *pi.dtype, 0, pn, k, buf);
+            rows.insert(rows.end(), a, a + (gate_first ? n : pn) * k);
+            const float* b = gate_first ? matrix_f32(ph, *pi.dtype, 0, pn, k, buf)
+                                        : matrix_f32(h, *info.dtype, 0, n, k, buf);
+            rows.insert(rows.end(), b, b + (gate_first ? pn : n) * k);
+            const bool chosen =
+                detail::column_scales(rows.data(), n + pn, k, group, config.spec.mode, cs.data());
+            equalised = chosen;
+            pair_scales.emplace(key, std::make_pair(chosen, chosen ? cs : std::vector<float>()));
           } else {
-            it = pair_scales.emplace(key, std::make_pair(false, std::vector<float>())).first;
+            pair_scales.emplace(key, std::make_pair(false, std::vector<float>()));
           }
-        }
-        if (it->second.first) {
-          cs = it->second.second;
-          equalised = true;
         }
       }
       std::vector<float> f32;

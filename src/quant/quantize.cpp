@@ -56,6 +56,8 @@ namespace {
 void check_col_scales(std::string_view fn, const Tensor& col_scales, const Shape& s,
                       const Backend* backend) {
   if (!col_scales.defined()) return;
+  AUTOGLM_CHECK(s.rank() == 2 || s.rank() == 3, shape_mismatch, fn,
+                "column scales need data [N, K] or [E, N, K], got {}", s.str());
   const Shape want = s.rank() == 2 ? Shape{s[1]} : Shape{s[0], s[2]};
   AUTOGLM_CHECK(col_scales.dtype() == DType::f32 && col_scales.layout() == Layout::row_major,
                 dtype_mismatch, fn, "column scales must be row-major f32, got {}",
@@ -164,8 +166,8 @@ bool column_scales(const float* w, std::int64_t n, std::int64_t k, std::int64_t 
     for (std::int64_t c = 0; c < k; ++c)
       colmax[c] = std::max(colmax[c], static_cast<double>(std::fabs(w[r * k + c])));
   // Reference level: the geometric mean of the non-zero column maxima, so a scale of 1 means
-  // a typical column. A non-finite or huge weight disables the search (quantize_rows reports
-  // the non-finite one).
+  // a typical column. An infinite or huge weight disables the search (quantize_rows reports
+  // it; a NaN, which std::max skips, too).
   double log_sum = 0.0;
   std::int64_t nonzero = 0;
   for (double m : colmax) {

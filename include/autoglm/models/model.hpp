@@ -28,6 +28,7 @@
 #include "autoglm/moe/expert.hpp"
 #include "autoglm/moe/gate.hpp"
 #include "autoglm/moe/layer.hpp"
+#include "autoglm/quant/quantize.hpp"
 
 namespace autoglm {
 
@@ -165,6 +166,11 @@ struct LoadOptions {
   /// Replaces the config's numeric choices (group mask, renormalisation epsilon, norm_topk_prob)
   /// when set; see FidelityOptions and docs/models.md.
   std::optional<FidelityOptions> fidelity;
+  /// When set, the model is quantized while it loads, one decoder layer at a time: the result
+  /// is quantize_model(load_model(dir), *quantize) bit for bit, but the peak memory is the int8
+  /// model plus one f32 layer instead of the whole f32 model. An int8 checkpoint with this set
+  /// is an Error.
+  std::optional<QuantConfig> quantize;
 };
 
 /// Loads a Hugging Face checkpoint directory (config.json plus model.safetensors or a sharded

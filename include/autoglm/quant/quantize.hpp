@@ -57,11 +57,11 @@ std::int64_t quantize_rows(const float* w, std::int64_t n, std::int64_t k, std::
                            std::int8_t* q, float* scales);
 
 // w: [n, k] f32 row-major on the host; col_scale: [k].
-/// Column equalisation search: tries col_scale[c] = (max_r |w[r, c]| / typical column max)^a
-/// for a in {0.25, 0.5, 0.75, 1} and keeps the one with the smallest expected output error of
-/// int8 rounding (weights, and for W8A8 activations) under unit-variance activations, if it
-/// at least halves the expected error of no equalisation. Returns false (col_scale all 1)
-/// otherwise, and for a non-finite or huge weight.
+/// Column equalisation search (weight-only; W8A8 returns false): tries col_scale[c] =
+/// (max_r |w[r, c]| / typical column max)^a for a in {0.25, 0.5, 0.75, 1} and keeps the one with
+/// the smallest expected output error of int8 rounding under unit-variance activations, if that
+/// is below 75 % of no equalisation's. Returns false (col_scale all 1) otherwise, and for a
+/// non-finite or huge weight.
 bool column_scales(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
                    ActivationMode mode, float* col_scale);
 
