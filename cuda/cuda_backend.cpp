@@ -503,17 +503,8 @@ void CudaBackend::route_topk(TensorView logits, TensorView bias, const RoutePara
 void CudaBackend::route_expert_choice(TensorView logits, std::int64_t capacity, TensorView ids,
                                       TensorView weights, TensorView stats) {
   constexpr std::string_view fn = "CudaBackend::route_expert_choice";
-  expect_matrix(fn, "logits", logits, device());
+  detail::expect_expert_choice_io(fn, logits, capacity, ids, weights, stats, device());
   const std::int64_t T = logits.dim(0), E = logits.dim(1);
-  AUTOGLM_CHECK(capacity >= 1, invalid_argument, fn, "capacity={} must be >= 1", capacity);
-  expect_matrix(fn, "ids", ids, device(), DType::i32);
-  expect_matrix(fn, "weights", weights, device());
-  expect_dim(fn, "ids", ids, 0, T);
-  expect_dim(fn, "ids", ids, 1, E);
-  expect_same_shape(fn, "ids", ids, "weights", weights);
-  AUTOGLM_CHECK(stats.numel() == E + 1 && stats.dtype == DType::f32, shape_mismatch, fn,
-                "stats must be {} f32 values", E + 1);
-  detail::expect_device(fn, "stats", stats, device());
   cuda_detail::checked_int(T, fn, "tokens");
   Impl& m = *impl_;
   m.activate();
@@ -538,20 +529,8 @@ void CudaBackend::route_expert_choice(TensorView logits, std::int64_t capacity, 
 void CudaBackend::plan_dispatch(TensorView ids, std::int64_t capacity, TensorView counts,
                                 TensorView offsets, TensorView row_token, TensorView slot_row) {
   constexpr std::string_view fn = "CudaBackend::plan_dispatch";
-  expect_matrix(fn, "ids", ids, device(), DType::i32);
-  const std::int64_t T = ids.dim(0), kk = ids.dim(1);
-  for (auto [name, v] : {std::pair{"counts", &counts},
-                         {"offsets", &offsets},
-                         {"row_token", &row_token},
-                         {"slot_row", &slot_row}}) {
-    detail::expect_device(fn, name, *v, device());
-    expect_dtype(fn, name, *v, DType::i32);
-  }
-  const std::int64_t E = counts.numel();
-  AUTOGLM_CHECK(offsets.numel() == E + 1, shape_mismatch, fn, "offsets must hold {} values, got {}",
-                E + 1, offsets.numel());
-  AUTOGLM_CHECK(row_token.numel() >= T * kk && slot_row.numel() == T * kk, shape_mismatch, fn,
-                "row_token and slot_row must hold {} values", T * kk);
+  detail::expect_dispatch_io(fn, ids, counts, offsets, row_token, slot_row, device());
+  const std::int64_t T = ids.dim(0), kk = ids.dim(1), E = counts.numel();
   cuda_detail::checked_int(T * kk, fn, "pairs");
   cuda_detail::checked_int(E, fn, "experts");
   Impl& m = *impl_;

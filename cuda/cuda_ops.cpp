@@ -62,15 +62,8 @@ void CudaBackend::softmax(TensorView x) {
 
 void CudaBackend::rms_norm(TensorView x, TensorView weight, float eps, TensorView out) {
   constexpr std::string_view fn = "CudaBackend::rms_norm";
-  expect_matrix(fn, "x", x, device());
-  expect_matrix(fn, "out", out, device());
-  expect_same_shape(fn, "x", x, "out", out);
-  detail::expect_device(fn, "weight", weight, device());
-  expect_dtype(fn, "weight", weight, DType::f32);
+  detail::expect_rms_norm_io(fn, x, weight, eps, out, device());
   const std::int64_t T = x.dim(0), d = x.dim(1);
-  AUTOGLM_CHECK(weight.numel() == d, shape_mismatch, fn, "weight must hold {} values, got {}", d,
-                weight.numel());
-  AUTOGLM_CHECK(eps > 0.0f, invalid_argument, fn, "eps={} must be > 0", eps);
   cuda_detail::checked_int(T, fn, "rows");
   impl_->activate();
   kern::rms_norm(x.as<float>(), weight.as<float>(), T, d, eps, out.as<float>(), impl_->stream);
@@ -79,12 +72,7 @@ void CudaBackend::rms_norm(TensorView x, TensorView weight, float eps, TensorVie
 
 void CudaBackend::add(TensorView a, TensorView b, TensorView out) {
   constexpr std::string_view fn = "CudaBackend::add";
-  for (auto [name, v] : {std::pair{"a", &a}, {"b", &b}, {"out", &out}}) {
-    detail::expect_device(fn, name, *v, device());
-    expect_dtype(fn, name, *v, DType::f32);
-  }
-  expect_same_shape(fn, "a", a, "b", b);
-  expect_same_shape(fn, "a", a, "out", out);
+  detail::expect_add_io(fn, a, b, out, device());
   impl_->activate();
   kern::add(a.as<float>(), b.as<float>(), out.as<float>(), a.numel(), impl_->stream);
   Impl::launched("add");
@@ -92,14 +80,8 @@ void CudaBackend::add(TensorView a, TensorView b, TensorView out) {
 
 void CudaBackend::add_scaled_rows(TensorView x, TensorView scale, RowScale f, TensorView out) {
   constexpr std::string_view fn = "CudaBackend::add_scaled_rows";
-  expect_matrix(fn, "x", x, device());
-  expect_matrix(fn, "out", out, device());
-  expect_same_shape(fn, "x", x, "out", out);
-  detail::expect_device(fn, "scale", scale, device());
-  expect_dtype(fn, "scale", scale, DType::f32);
+  detail::expect_add_scaled_rows_io(fn, x, scale, out, device());
   const std::int64_t T = x.dim(0), d = x.dim(1);
-  AUTOGLM_CHECK(scale.numel() == T, shape_mismatch, fn, "scale must hold {} values, got {}", T,
-                scale.numel());
   impl_->activate();
   kern::add_scaled_rows(x.as<float>(), scale.as<float>(), f == RowScale::sigmoid, T, d,
                         out.as<float>(), impl_->stream);
@@ -212,28 +194,8 @@ void CudaBackend::copy_columns(TensorView src, std::int64_t src_col, TensorView 
 void CudaBackend::rope(TensorView x, TensorView positions, TensorView inv_freq,
                        const RopeParams& p) {
   constexpr std::string_view fn = "CudaBackend::rope";
-  detail::expect_device(fn, "x", x, device());
-  expect_rank(fn, "x", x, 3);
-  expect_dtype(fn, "x", x, DType::f32);
-  detail::expect_device(fn, "positions", positions, device());
-  expect_dtype(fn, "positions", positions, DType::i32);
-  detail::expect_device(fn, "inv_freq", inv_freq, device());
-  expect_dtype(fn, "inv_freq", inv_freq, DType::f32);
+  const std::int64_t r = detail::expect_rope_io(fn, x, positions, inv_freq, p, device());
   const std::int64_t T = x.dim(0), H = x.dim(1), D = x.dim(2);
-  AUTOGLM_CHECK(positions.numel() == T, shape_mismatch, fn,
-                "positions must hold {} values (one per token), got shape {}", T,
-                positions.shape.str());
-  AUTOGLM_CHECK(p.offset >= 0 && p.offset <= D, out_of_range, fn, "offset={} outside head_dim={}",
-                p.offset, D);
-  const std::int64_t r = p.rotary_dim == 0 ? D - p.offset : p.rotary_dim;
-  AUTOGLM_CHECK(r >= 2 && r % 2 == 0 && p.offset + r <= D, invalid_argument, fn,
-                "rotary_dim={} must be even, >= 2 and fit head_dim={} after offset={}", r, D,
-                p.offset);
-  AUTOGLM_CHECK(inv_freq.numel() == r / 2, shape_mismatch, fn,
-                "inv_freq must hold rotary_dim/2={} values, got shape {}", r / 2,
-                inv_freq.shape.str());
-  AUTOGLM_CHECK(std::isfinite(p.attention_factor), invalid_argument, fn,
-                "attention_factor={} must be finite", p.attention_factor);
   AUTOGLM_CHECK(static_cast<std::size_t>(r) * sizeof(float) <= cuda_detail::kDefaultSharedBytes,
                 unsupported, fn, "rotary_dim={} exceeds the rope kernel's shared memory", r);
   cuda_detail::checked_int(T * H, fn, "tokens x heads");
@@ -252,28 +214,9 @@ void CudaBackend::rope(TensorView x, TensorView positions, TensorView inv_freq,
 void CudaBackend::attention(TensorView q, TensorView k, TensorView v, TensorView positions,
                             const AttentionParams& p, TensorView out) {
   constexpr std::string_view fn = "CudaBackend::attention";
-  for (auto [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}}) {
-    detail::expect_device(fn, name, *t, device());
-    expect_rank(fn, name, *t, 3);
-    expect_dtype(fn, name, *t, DType::f32);
-  }
-  detail::expect_device(fn, "positions", positions, device());
-  expect_dtype(fn, "positions", positions, DType::i32);
+  detail::expect_attention_io(fn, q, k, v, positions, p, out, device());
   const std::int64_t T = q.dim(0), Hq = q.dim(1), D = q.dim(2);
   const std::int64_t S = k.dim(0), Hkv = k.dim(1), Dv = v.dim(2);
-  expect_dim(fn, "k", k, 2, D);
-  expect_dim(fn, "v", v, 0, S);
-  expect_dim(fn, "v", v, 1, Hkv);
-  expect_dim(fn, "out", out, 0, T);
-  expect_dim(fn, "out", out, 1, Hq);
-  expect_dim(fn, "out", out, 2, Dv);
-  AUTOGLM_CHECK(Hkv >= 1 && Hq % Hkv == 0, shape_mismatch, fn,
-                "query heads {} must be a multiple of kv heads {}", Hq, Hkv);
-  AUTOGLM_CHECK(positions.numel() == T, shape_mismatch, fn,
-                "positions must hold {} values (one per query), got shape {}", T,
-                positions.shape.str());
-  AUTOGLM_CHECK(std::isfinite(p.scale), invalid_argument, fn, "scale={} must be finite", p.scale);
-  AUTOGLM_CHECK(p.window >= 0, invalid_argument, fn, "window={} must be >= 0", p.window);
   AUTOGLM_CHECK(Dv <= cuda_detail::kMaxAttentionValueDim, unsupported, fn,
                 "value head dim {} exceeds the attention kernel's {}", Dv,
                 cuda_detail::kMaxAttentionValueDim);

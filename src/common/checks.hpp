@@ -2,7 +2,9 @@
 // Argument validation shared by every backend: one place says what a primitive accepts.
 #pragma once
 
+#include <cmath>
 #include <string_view>
+#include <utility>
 
 #include "autoglm/backend/backend.hpp"
 
@@ -78,6 +80,146 @@ inline void check_offsets(std::string_view fn, const std::int32_t* off, std::int
   for (std::int64_t e = 0; e < E; ++e)
     AUTOGLM_CHECK(off[e] <= off[e + 1], invalid_argument, fn,
                   "offsets decrease at expert {}: {} > {}", e, off[e], off[e + 1]);
+}
+
+/// The operands of Backend::rope on device d: x f32 [T, H, D], positions i32 with T values,
+/// inv_freq f32 with rotary_dim / 2 values, an offset and rotary dim that fit D, a finite
+/// attention factor. Returns the rotary dim. (The positions' values are the backend's to check.)
+inline std::int64_t expect_rope_io(std::string_view fn, const TensorView& x,
+                                   const TensorView& positions, const TensorView& inv_freq,
+                                   const RopeParams& p, Device d) {
+  expect_device(fn, "x", x, d);
+  expect_rank(fn, "x", x, 3);
+  expect_dtype(fn, "x", x, DType::f32);
+  expect_device(fn, "positions", positions, d);
+  expect_dtype(fn, "positions", positions, DType::i32);
+  expect_device(fn, "inv_freq", inv_freq, d);
+  expect_dtype(fn, "inv_freq", inv_freq, DType::f32);
+  const std::int64_t T = x.dim(0), D = x.dim(2);
+  AUTOGLM_CHECK(positions.numel() == T, shape_mismatch, fn,
+                "positions must hold {} values (one per token), got shape {}", T,
+                positions.shape.str());
+  AUTOGLM_CHECK(p.offset >= 0 && p.offset <= D, out_of_range, fn, "offset={} outside head_dim={}",
+                p.offset, D);
+  const std::int64_t r = p.rotary_dim == 0 ? D - p.offset : p.rotary_dim;
+  AUTOGLM_CHECK(r >= 2 && r % 2 == 0 && p.offset + r <= D, invalid_argument, fn,
+                "rotary_dim={} must be even, >= 2 and fit head_dim={} after offset={}", r, D,
+                p.offset);
+  AUTOGLM_CHECK(inv_freq.numel() == r / 2, shape_mismatch, fn,
+                "inv_freq must hold rotary_dim/2={} values, got shape {}", r / 2,
+                inv_freq.shape.str());
+  AUTOGLM_CHECK(std::isfinite(p.attention_factor), invalid_argument, fn,
+                "attention_factor={} must be finite", p.attention_factor);
+  return r;
+}
+
+/// The operands of Backend::route_expert_choice on device d: logits f32 [T, E], capacity >= 1,
+/// ids i32 and weights f32 [T, E], stats f32 with E + 1 values. (The logits' values are the
+/// backend's to check.)
+inline void expect_expert_choice_io(std::string_view fn, const TensorView& logits,
+                                    std::int64_t capacity, const TensorView& ids,
+                                    const TensorView& weights, const TensorView& stats, Device d) {
+  expect_matrix(fn, "logits", logits, d);
+  const std::int64_t T = logits.dim(0), E = logits.dim(1);
+  AUTOGLM_CHECK(capacity >= 1, invalid_argument, fn, "capacity={} must be >= 1", capacity);
+  expect_matrix(fn, "ids", ids, d, DType::i32);
+  expect_matrix(fn, "weights", weights, d);
+  expect_dim(fn, "ids", ids, 0, T);
+  expect_dim(fn, "ids", ids, 1, E);
+  expect_same_shape(fn, "ids", ids, "weights", weights);
+  AUTOGLM_CHECK(stats.numel() == E + 1 && stats.dtype == DType::f32, shape_mismatch, fn,
+                "stats must be {} f32 values", E + 1);
+  expect_device(fn, "stats", stats, d);
+}
+
+/// The operands of Backend::attention on device d: q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv]
+/// and out [T, Hq, Dv] f32, positions i32 with T values, Hq a multiple of Hkv, a finite scale
+/// and a window >= 0. (The positions' values are the backend's to check.)
+inline void expect_attention_io(std::string_view fn, const TensorView& q, const TensorView& k,
+                                const TensorView& v, const TensorView& positions,
+                                const AttentionParams& p, const TensorView& out, Device d) {
+  for (auto [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}}) {
+    expect_device(fn, name, *t, d);
+    expect_rank(fn, name, *t, 3);
+    expect_dtype(fn, name, *t, DType::f32);
+  }
+  expect_device(fn, "positions", positions, d);
+  expect_dtype(fn, "positions", positions, DType::i32);
+  const std::int64_t T = q.dim(0), Hq = q.dim(1), D = q.dim(2);
+  const std::int64_t S = k.dim(0), Hkv = k.dim(1), Dv = v.dim(2);
+  expect_dim(fn, "k", k, 2, D);
+  expect_dim(fn, "v", v, 0, S);
+  expect_dim(fn, "v", v, 1, Hkv);
+  expect_dim(fn, "out", out, 0, T);
+  expect_dim(fn, "out", out, 1, Hq);
+  expect_dim(fn, "out", out, 2, Dv);
+  AUTOGLM_CHECK(Hkv >= 1 && Hq % Hkv == 0, shape_mismatch, fn,
+                "query heads {} must be a multiple of kv heads {}", Hq, Hkv);
+  AUTOGLM_CHECK(positions.numel() == T, shape_mismatch, fn,
+                "positions must hold {} values (one per query), got shape {}", T,
+                positions.shape.str());
+  AUTOGLM_CHECK(std::isfinite(p.scale), invalid_argument, fn, "scale={} must be finite", p.scale);
+  AUTOGLM_CHECK(p.window >= 0, invalid_argument, fn, "window={} must be >= 0", p.window);
+}
+
+/// The operands of Backend::plan_dispatch on device d: ids i32 [T, k]; counts [E], offsets
+/// [E + 1], row_token (>= T k values) and slot_row (T k values) i32. (The ids' values are the
+/// backend's to check.)
+inline void expect_dispatch_io(std::string_view fn, const TensorView& ids, const TensorView& counts,
+                               const TensorView& offsets, const TensorView& row_token,
+                               const TensorView& slot_row, Device d) {
+  expect_matrix(fn, "ids", ids, d, DType::i32);
+  const std::int64_t pairs = ids.dim(0) * ids.dim(1);
+  for (auto [name, v] : {std::pair{"counts", &counts},
+                         {"offsets", &offsets},
+                         {"row_token", &row_token},
+                         {"slot_row", &slot_row}}) {
+    expect_device(fn, name, *v, d);
+    expect_dtype(fn, name, *v, DType::i32);
+  }
+  const std::int64_t E = counts.numel();
+  AUTOGLM_CHECK(offsets.numel() == E + 1, shape_mismatch, fn, "offsets must hold {} values, got {}",
+                E + 1, offsets.numel());
+  AUTOGLM_CHECK(row_token.numel() >= pairs && slot_row.numel() == pairs, shape_mismatch, fn,
+                "row_token and slot_row must hold {} values", pairs);
+}
+
+/// The operands of Backend::rms_norm on device d: x and out f32 [T, d] matrices of one shape,
+/// weight f32 with d values, eps > 0.
+inline void expect_rms_norm_io(std::string_view fn, const TensorView& x, const TensorView& weight,
+                               float eps, const TensorView& out, Device d) {
+  expect_matrix(fn, "x", x, d);
+  expect_matrix(fn, "out", out, d);
+  expect_same_shape(fn, "x", x, "out", out);
+  expect_device(fn, "weight", weight, d);
+  expect_dtype(fn, "weight", weight, DType::f32);
+  AUTOGLM_CHECK(weight.numel() == x.dim(1), shape_mismatch, fn,
+                "weight must hold {} values, got {}", x.dim(1), weight.numel());
+  AUTOGLM_CHECK(eps > 0.0f, invalid_argument, fn, "eps={} must be > 0", eps);
+}
+
+/// The operands of Backend::add on device d: a, b and out f32 of one shape.
+inline void expect_add_io(std::string_view fn, const TensorView& a, const TensorView& b,
+                          const TensorView& out, Device d) {
+  for (auto [name, v] : {std::pair{"a", &a}, {"b", &b}, {"out", &out}}) {
+    expect_device(fn, name, *v, d);
+    expect_dtype(fn, name, *v, DType::f32);
+  }
+  expect_same_shape(fn, "a", a, "b", b);
+  expect_same_shape(fn, "a", a, "out", out);
+}
+
+/// The operands of Backend::add_scaled_rows on device d: x and out f32 [T, d] matrices of one
+/// shape, scale f32 with T values.
+inline void expect_add_scaled_rows_io(std::string_view fn, const TensorView& x,
+                                      const TensorView& scale, const TensorView& out, Device d) {
+  expect_matrix(fn, "x", x, d);
+  expect_matrix(fn, "out", out, d);
+  expect_same_shape(fn, "x", x, "out", out);
+  expect_device(fn, "scale", scale, d);
+  expect_dtype(fn, "scale", scale, DType::f32);
+  AUTOGLM_CHECK(scale.numel() == x.dim(0), shape_mismatch, fn, "scale must hold {} values, got {}",
+                x.dim(0), scale.numel());
 }
 
 /// The operands of Backend::qgemm on backend `self`: a [M, K] f32, w int8 [N, K], c [M, N].

@@ -71,11 +71,10 @@ void CpuBackend::copy_columns(TensorView src, std::int64_t src_col, TensorView d
   AUTOGLM_CHECK(src.dtype == dst.dtype, dtype_mismatch, fn, "src is {} but dst is {}",
                 dtype_name(src.dtype), dtype_name(dst.dtype));
   const std::int64_t R = src.dim(0), Cs = src.dim(1), Rd = dst.dim(0), Cd = dst.dim(1);
-  AUTOGLM_CHECK(width >= 0 && src_col >= 0 && dst_col >= 0 && src_col + width <= Cs &&
-                    dst_col + width <= Cd,
-                out_of_range, fn,
-                "columns [{}, {}) of src {} or [{}, {}) of dst {} are outside the matrix", src_col,
-                src_col + width, src.shape.str(), dst_col, dst_col + width, dst.shape.str());
+  AUTOGLM_CHECK(
+      width >= 0 && src_col >= 0 && dst_col >= 0 && src_col + width <= Cs && dst_col + width <= Cd,
+      out_of_range, fn, "columns [{}, {}) of src {} or [{}, {}) of dst {} are outside the matrix",
+      src_col, src_col + width, src.shape.str(), dst_col, dst_col + width, dst.shape.str());
   AUTOGLM_CHECK((R == 0 && Rd == 0) || (R > 0 && Rd % R == 0 && Rd >= R), shape_mismatch, fn,
                 "dst rows {} must be a positive multiple of src rows {}", Rd, R);
   if (Rd == 0 || width == 0) return;
@@ -91,28 +90,8 @@ void CpuBackend::copy_columns(TensorView src, std::int64_t src_col, TensorView d
 void CpuBackend::rope(TensorView x, TensorView positions, TensorView inv_freq,
                       const RopeParams& p) {
   constexpr std::string_view fn = "CpuBackend::rope";
-  detail::expect_device(fn, "x", x, device());
-  expect_rank(fn, "x", x, 3);
-  expect_dtype(fn, "x", x, DType::f32);
-  detail::expect_device(fn, "positions", positions, device());
-  expect_dtype(fn, "positions", positions, DType::i32);
-  detail::expect_device(fn, "inv_freq", inv_freq, device());
-  expect_dtype(fn, "inv_freq", inv_freq, DType::f32);
+  const std::int64_t r = detail::expect_rope_io(fn, x, positions, inv_freq, p, device());
   const std::int64_t T = x.dim(0), H = x.dim(1), D = x.dim(2);
-  AUTOGLM_CHECK(positions.numel() == T, shape_mismatch, fn,
-                "positions must hold {} values (one per token), got shape {}", T,
-                positions.shape.str());
-  AUTOGLM_CHECK(p.offset >= 0 && p.offset <= D, out_of_range, fn,
-                "offset={} outside head_dim={}", p.offset, D);
-  const std::int64_t r = p.rotary_dim == 0 ? D - p.offset : p.rotary_dim;
-  AUTOGLM_CHECK(r >= 2 && r % 2 == 0 && p.offset + r <= D, invalid_argument, fn,
-                "rotary_dim={} must be even, >= 2 and fit head_dim={} after offset={}", r, D,
-                p.offset);
-  AUTOGLM_CHECK(inv_freq.numel() == r / 2, shape_mismatch, fn,
-                "inv_freq must hold rotary_dim/2={} values, got shape {}", r / 2,
-                inv_freq.shape.str());
-  AUTOGLM_CHECK(std::isfinite(p.attention_factor), invalid_argument, fn,
-                "attention_factor={} must be finite", p.attention_factor);
   const std::int32_t* pos = positions.as<std::int32_t>();
   for (std::int64_t t = 0; t < T; ++t)
     AUTOGLM_CHECK(pos[t] >= 0, out_of_range, fn, "position {} of token {} is negative", pos[t], t);
@@ -149,28 +128,9 @@ void CpuBackend::rope(TensorView x, TensorView positions, TensorView inv_freq,
 void CpuBackend::attention(TensorView q, TensorView k, TensorView v, TensorView positions,
                            const AttentionParams& p, TensorView out) {
   constexpr std::string_view fn = "CpuBackend::attention";
-  for (auto [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}}) {
-    detail::expect_device(fn, name, *t, device());
-    expect_rank(fn, name, *t, 3);
-    expect_dtype(fn, name, *t, DType::f32);
-  }
-  detail::expect_device(fn, "positions", positions, device());
-  expect_dtype(fn, "positions", positions, DType::i32);
+  detail::expect_attention_io(fn, q, k, v, positions, p, out, device());
   const std::int64_t T = q.dim(0), Hq = q.dim(1), D = q.dim(2);
   const std::int64_t S = k.dim(0), Hkv = k.dim(1), Dv = v.dim(2);
-  expect_dim(fn, "k", k, 2, D);
-  expect_dim(fn, "v", v, 0, S);
-  expect_dim(fn, "v", v, 1, Hkv);
-  expect_dim(fn, "out", out, 0, T);
-  expect_dim(fn, "out", out, 1, Hq);
-  expect_dim(fn, "out", out, 2, Dv);
-  AUTOGLM_CHECK(Hkv >= 1 && Hq % Hkv == 0, shape_mismatch, fn,
-                "query heads {} must be a multiple of kv heads {}", Hq, Hkv);
-  AUTOGLM_CHECK(positions.numel() == T, shape_mismatch, fn,
-                "positions must hold {} values (one per query), got shape {}", T,
-                positions.shape.str());
-  AUTOGLM_CHECK(std::isfinite(p.scale), invalid_argument, fn, "scale={} must be finite", p.scale);
-  AUTOGLM_CHECK(p.window >= 0, invalid_argument, fn, "window={} must be >= 0", p.window);
   const std::int32_t* pos = positions.as<std::int32_t>();
   for (std::int64_t t = 0; t < T; ++t)
     AUTOGLM_CHECK(pos[t] >= 0, out_of_range, fn, "position {} of query {} is negative", pos[t], t);

@@ -464,16 +464,8 @@ void CpuBackend::route_topk(TensorView logits, TensorView bias, const RouteParam
 void CpuBackend::route_expert_choice(TensorView logits, std::int64_t capacity, TensorView ids,
                                      TensorView weights, TensorView stats) {
   constexpr std::string_view fn = "CpuBackend::route_expert_choice";
-  expect_matrix(fn, "logits", logits, device());
+  detail::expect_expert_choice_io(fn, logits, capacity, ids, weights, stats, device());
   const std::int64_t T = logits.dim(0), E = logits.dim(1);
-  AUTOGLM_CHECK(capacity >= 1, invalid_argument, fn, "capacity={} must be >= 1", capacity);
-  expect_matrix(fn, "ids", ids, device(), DType::i32);
-  expect_matrix(fn, "weights", weights, device());
-  expect_dim(fn, "ids", ids, 0, T);
-  expect_dim(fn, "ids", ids, 1, E);
-  expect_same_shape(fn, "ids", ids, "weights", weights);
-  AUTOGLM_CHECK(stats.numel() == E + 1 && stats.dtype == DType::f32, shape_mismatch, fn,
-                "stats must be {} f32 values", E + 1);
   const float* L = logits.as<float>();
   for (std::int64_t i = 0; i < T * E; ++i)
     AUTOGLM_CHECK(std::isfinite(L[i]), numeric, fn, "router logit [{}, {}] is {}", i / E, i % E,
@@ -515,20 +507,8 @@ void CpuBackend::route_expert_choice(TensorView logits, std::int64_t capacity, T
 void CpuBackend::plan_dispatch(TensorView ids, std::int64_t capacity, TensorView counts,
                                TensorView offsets, TensorView row_token, TensorView slot_row) {
   constexpr std::string_view fn = "CpuBackend::plan_dispatch";
-  expect_matrix(fn, "ids", ids, device(), DType::i32);
-  const std::int64_t T = ids.dim(0), k = ids.dim(1);
-  for (auto [name, v] : {std::pair{"counts", &counts},
-                         {"offsets", &offsets},
-                         {"row_token", &row_token},
-                         {"slot_row", &slot_row}}) {
-    detail::expect_device(fn, name, *v, device());
-    expect_dtype(fn, name, *v, DType::i32);
-  }
-  const std::int64_t E = counts.numel();
-  AUTOGLM_CHECK(offsets.numel() == E + 1, shape_mismatch, fn, "offsets must hold {} values, got {}",
-                E + 1, offsets.numel());
-  AUTOGLM_CHECK(row_token.numel() >= T * k && slot_row.numel() == T * k, shape_mismatch, fn,
-                "row_token and slot_row must hold {} values", T * k);
+  detail::expect_dispatch_io(fn, ids, counts, offsets, row_token, slot_row, device());
+  const std::int64_t T = ids.dim(0), k = ids.dim(1), E = counts.numel();
   const std::int32_t* I = ids.as<std::int32_t>();
   for (std::int64_t i = 0; i < T * k; ++i)
     AUTOGLM_CHECK(I[i] >= -1 && I[i] < E, out_of_range, fn,
@@ -662,15 +642,8 @@ void CpuBackend::softmax(TensorView x) {
 
 void CpuBackend::rms_norm(TensorView x, TensorView weight, float eps, TensorView out) {
   constexpr std::string_view fn = "CpuBackend::rms_norm";
-  expect_matrix(fn, "x", x, device());
-  expect_matrix(fn, "out", out, device());
-  expect_same_shape(fn, "x", x, "out", out);
-  detail::expect_device(fn, "weight", weight, device());
-  expect_dtype(fn, "weight", weight, DType::f32);
+  detail::expect_rms_norm_io(fn, x, weight, eps, out, device());
   const std::int64_t T = x.dim(0), d = x.dim(1);
-  AUTOGLM_CHECK(weight.numel() == d, shape_mismatch, fn, "weight must hold {} values, got {}", d,
-                weight.numel());
-  AUTOGLM_CHECK(eps > 0.0f, invalid_argument, fn, "eps={} must be > 0", eps);
   const float* w = weight.as<float>();
   impl_->parallel(T, 4, [&](std::int64_t t) {
     const float* xi = x.as<float>() + t * d;
@@ -684,12 +657,7 @@ void CpuBackend::rms_norm(TensorView x, TensorView weight, float eps, TensorView
 
 void CpuBackend::add(TensorView a, TensorView b, TensorView out) {
   constexpr std::string_view fn = "CpuBackend::add";
-  for (auto [name, v] : {std::pair{"a", &a}, {"b", &b}, {"out", &out}}) {
-    detail::expect_device(fn, name, *v, device());
-    expect_dtype(fn, name, *v, DType::f32);
-  }
-  expect_same_shape(fn, "a", a, "b", b);
-  expect_same_shape(fn, "a", a, "out", out);
+  detail::expect_add_io(fn, a, b, out, device());
   const std::int64_t n = a.numel();
   constexpr std::int64_t block = 1 << 14;
   impl_->parallel((n + block - 1) / block, 1, [&](std::int64_t blk) {
@@ -700,14 +668,8 @@ void CpuBackend::add(TensorView a, TensorView b, TensorView out) {
 
 void CpuBackend::add_scaled_rows(TensorView x, TensorView scale, RowScale f, TensorView out) {
   constexpr std::string_view fn = "CpuBackend::add_scaled_rows";
-  expect_matrix(fn, "x", x, device());
-  expect_matrix(fn, "out", out, device());
-  expect_same_shape(fn, "x", x, "out", out);
-  detail::expect_device(fn, "scale", scale, device());
-  expect_dtype(fn, "scale", scale, DType::f32);
+  detail::expect_add_scaled_rows_io(fn, x, scale, out, device());
   const std::int64_t T = x.dim(0), d = x.dim(1);
-  AUTOGLM_CHECK(scale.numel() == T, shape_mismatch, fn, "scale must hold {} values, got {}", T,
-                scale.numel());
   impl_->parallel(T, 4, [&](std::int64_t t) {
     float s = scale.as<float>()[t];
     if (f == RowScale::sigmoid) s = 1.0f / (1.0f + std::exp(-s));
