@@ -16,6 +16,10 @@
 // ROTATE_MB (default 1024) in all, so that the weights come from memory, not from the
 // last-level cache, as they do when a real model reaches a layer.
 //
+// backend_wonly / backend_wonly_colscale: CpuBackend::qgemm, weight-only, on the same weights
+// without and with column scales (all ones, so the arithmetic is the same): the cost of the
+// extra pass over the activations that column equalisation adds (docs/quantization.md).
+//
 // Counters: GOPS (2*M*N*K per second), GB/s (bytes of int8 weights per second).
 #include <algorithm>
 #include <cstdint>
@@ -32,6 +36,8 @@
 #include <tbb/partitioner.h>
 #include <tbb/task_arena.h>
 
+#include "autoglm/backend/cpu_backend.hpp"
+#include "autoglm/core/quant.hpp"
 #include "cpu/qgemm_kernels.hpp"
 
 #if AUTOGLM_BENCH_HAVE_DNNL
@@ -143,6 +149,43 @@ void bench_ours(benchmark::State& state, Mode mode, std::int64_t m, Shape s, std
   state.SetLabel(std::string(q8::isa_name(isa)) + " " + s.what);
 }
 
+void bench_backend(benchmark::State& state, std::int64_t m, Shape s, bool col_scales) {
+  static autoglm::CpuBackend backend(autoglm::CpuBackendOptions{g_threads});
+  const std::int64_t n = s.n, k = s.k;
+  std::mt19937 rng(42);
+  std::uniform_int_distribution<int> byte(-127, 127);
+  std::uniform_real_distribution<float> val(-1.0f, 1.0f);
+  std::vector<std::int8_t> w(static_cast<std::size_t>(n * k));
+  for (auto& v : w) v = static_cast<std::int8_t>(byte(rng));
+  const std::vector<float> sc(static_cast<std::size_t>(n), 0.01f), ones(k, 1.0f);
+  std::vector<autoglm::QuantizedTensor> ws;
+  for (std::int64_t c = 0; c < copies_for(static_cast<std::size_t>(n * k)); ++c) {
+    autoglm::Tensor data(backend, autoglm::DType::i8, autoglm::Shape{n, k});
+    autoglm::Tensor scales(backend, autoglm::DType::f32, autoglm::Shape{n, 1});
+    backend.copy_from_host(data, w.data());
+    backend.copy_from_host(scales, sc.data());
+    autoglm::Tensor cs;
+    if (col_scales) {
+      cs = autoglm::Tensor(backend, autoglm::DType::f32, autoglm::Shape{k});
+      backend.copy_from_host(cs, ones.data());
+    }
+    ws.push_back(backend.pack_quantized(
+        autoglm::QuantizedTensor(data, scales, autoglm::QuantSpec{}, std::move(cs))));
+  }
+  std::vector<float> xh(static_cast<std::size_t>(m * k));
+  for (auto& v : xh) v = val(rng);
+  autoglm::Tensor x(backend, autoglm::DType::f32, autoglm::Shape{m, k});
+  autoglm::Tensor out(backend, autoglm::DType::f32, autoglm::Shape{m, n});
+  backend.copy_from_host(x, xh.data());
+  std::size_t c = 0;
+  for (auto _ : state) {
+    backend.qgemm(x, ws[c], out);
+    c = (c + 1) % ws.size();
+  }
+  set_counters(state, m, n, k);
+  state.SetLabel(s.what);
+}
+
 #if AUTOGLM_BENCH_HAVE_DNNL
 void bench_onednn(benchmark::State& state, std::int64_t m, Shape s) {
   using namespace dnnl;
@@ -208,6 +251,12 @@ int main(int argc, char** argv) {
       benchmark::RegisterBenchmark(("ours_wonly" + dims).c_str(), bench_ours, Mode::wonly, m, s,
                                    s.k)
           ->UseRealTime();
+      if (std::string(s.what) == "Qwen3-gate_up")
+        for (bool cs : {false, true})
+          benchmark::RegisterBenchmark(
+              ((cs ? "backend_wonly_colscale" : "backend_wonly") + dims).c_str(), bench_backend, m,
+              s, cs)
+              ->UseRealTime();
 #if AUTOGLM_BENCH_HAVE_DNNL
       benchmark::RegisterBenchmark(("onednn_u8s8" + dims).c_str(), bench_onednn, m, s)
           ->UseRealTime();
