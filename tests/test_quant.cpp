@@ -5,6 +5,7 @@
 // int8 against f32 and against transformers' greedy continuation; bad input.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <deque>
 #include <filesystem>
 #include <fstream>
@@ -744,6 +745,33 @@ fs::path outlier_copy(const std::string& name, const std::string& tag) {
   return copy;
 }
 
+/// Moves tensor `name` of the sharded checkpoint `dir` into shard file `to` (and its index).
+void move_to_shard(const fs::path& dir, const std::string& name, const std::string& to) {
+  const fs::path index = dir / "model.safetensors.index.json";
+  nlohmann::json j;
+  {
+    std::ifstream f(index);
+    j = nlohmann::json::parse(f);
+  }
+  const std::string from = j["weight_map"][name].get<std::string>();
+  std::vector<unsigned char> bytes;
+  SafeTensorsEntry moved;
+  rewrite_file(dir / from, [&](std::vector<SafeTensorsEntry>& e) {
+    for (auto it = e.begin(); it != e.end(); ++it)
+      if (it->name == name) {
+        const auto* d = static_cast<const unsigned char*>(it->data);
+        bytes.assign(d, d + it->nbytes);
+        moved = *it;
+        e.erase(it);
+        break;
+      }
+  });
+  moved.data = bytes.data();
+  rewrite_file(dir / to, [&](std::vector<SafeTensorsEntry>& e) { e.push_back(moved); });
+  j["weight_map"][name] = to;
+  std::ofstream(index) << j.dump(2);
+}
+
 }  // namespace
 
 TEST_CASE("quantize_checkpoint: column scales are saved, shared by gate and up, and reloaded",
@@ -777,6 +805,12 @@ TEST_CASE("quantize_checkpoint: column scales are saved, shared by gate and up, 
         QuantConfig cfg;
         if (everything) cfg.lm_head = cfg.embeddings = true;
         const fs::path osrc = outlier_copy(other, "eqsrc2"), odst = temp_dir("eqdst2");
+        const std::string w1 = "model.layers.1.block_sparse_moe.experts.3.w1.weight",
+                          w3 = "model.layers.1.block_sparse_moe.experts.3.w3.weight";
+        // One pair split across the shards, its up (w3) in the first: quantize_checkpoint
+        // meets it before its gate and reads the gate from the other shard.
+        if (other == "mixtral_hub_sharded")
+          move_to_shard(osrc, w3, "model-00001-of-00002.safetensors");
         quantize_checkpoint(osrc, odst, cfg);
         const SafeTensorsModel om = SafeTensorsModel::open(odst);
         if (other == "mixtral_fused_tied") {
@@ -784,10 +818,15 @@ TEST_CASE("quantize_checkpoint: column scales are saved, shared by gate and up, 
           REQUIRE(om.find(col_scale_name(gu)) != nullptr);
           REQUIRE(om.find(col_scale_name(gu))->shape->rank() == 2);  // [E, K]
         } else {
-          const std::string w1 = "model.layers.1.block_sparse_moe.experts.3.w1.weight",
-                            w3 = "model.layers.1.block_sparse_moe.experts.3.w3.weight";
           REQUIRE(om.find(col_scale_name(w1)) != nullptr);
           REQUIRE(om.find(col_scale_name(w3)) != nullptr);
+          REQUIRE(om.file_of(w1).source() != om.file_of(w3).source());
+          auto values = [&](const std::string& w) {
+            const HostTensor h = om.host_view(col_scale_name(w));
+            const float* v = h.view.as<const float>();
+            return std::vector<float>(v, v + h.view.numel());
+          };
+          REQUIRE(values(w1) == values(w3));
         }
         REQUIRE(om.find(col_scale_name("model.embed_tokens.weight")) == nullptr);
         const std::vector<std::int32_t> p = read_ids(fixture(other), "prompt");
@@ -868,6 +907,25 @@ TEST_CASE("load_model with LoadOptions::quantize equals quantize_model after loa
       REQUIRE(on_load.head().head().is_quantized() == everything);
     }
   }
+  // A tied model's head is its table: lm_head and embeddings only together.
+  QuantConfig half;
+  half.lm_head = true;
+  for (auto attempt : {std::function<void()>([&] {
+                         quantize_model(load_model(b, fixture("mixtral_fused_tied")), half);
+                       }),
+                       std::function<void()>([&] {
+                         const fs::path d = temp_dir("tied_half");
+                         quantize_checkpoint(fixture("mixtral_fused_tied"), d, half);
+                       }),
+                       std::function<void()>([&] {
+                         LoadOptions o;
+                         o.quantize = half;
+                         load_model(b, fixture("mixtral_fused_tied"), o);
+                       })})
+    REQUIRE_THROWS_MATCHES(
+        attempt(), Error,
+        ErrorMatcher(ErrorCode::invalid_argument, {"ties its LM head", "must be equal"}));
+  fs::remove_all(temp_dir("tied_half"));
   // An int8 directory is not quantized twice.
   const fs::path dst = temp_dir("onload_int8");
   quantize_checkpoint(fixture("qwen3_moe"), dst, QuantConfig{});

@@ -724,6 +724,7 @@ Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadO
                   dir.string(), kAutoglmQuantMethod);
     int8 = QuantSpec::parse(scheme->second, mode->second);
   }
+  if (options.quantize) detail::check_tied_parts(kFn, c.tie_word_embeddings, *options.quantize);
   AUTOGLM_CHECK(!(int8 && options.quantize), invalid_argument, kFn,
                 "{}: LoadOptions::quantize was set, but the checkpoint is already int8 ({})",
                 dir.string(), int8 ? int8->scheme_name() : std::string());

@@ -270,6 +270,7 @@ DecoderLayer DecoderLayer::quantized(Backend& backend, const QuantConfig& config
 }
 
 Model quantize_model(const Model& model, const QuantConfig& config) {
+  detail::check_tied_parts("quantize_model", model.config().tie_word_embeddings, config);
   Backend& b = model.backend();
   EmbeddingEncoder embeddings =
       config.embeddings ? model.embeddings().quantized(b, config.spec) : model.embeddings();

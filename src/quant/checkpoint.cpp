@@ -125,6 +125,7 @@ std::string pair_key(const std::string& name, const std::string& partner) {
 QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
                                    const QuantConfig& config) {
   const ModelConfig mc = load_model_config(src);  // validates the family and the sizes
+  detail::check_tied_parts(kFn, mc.tie_word_embeddings, config);
   AUTOGLM_CHECK(mc.quantization.method.empty(), unsupported, kFn,
                 "{}: the checkpoint is already quantized (quant_method '{}')", mc.source,
                 mc.quantization.method);

@@ -167,9 +167,10 @@ struct LoadOptions {
   /// when set; see FidelityOptions and docs/models.md.
   std::optional<FidelityOptions> fidelity;
   /// When set, the model is quantized while it loads, one decoder layer at a time: the result
-  /// is quantize_model(load_model(dir), *quantize) bit for bit, but the peak memory is the int8
-  /// model plus one f32 layer instead of the whole f32 model. An int8 checkpoint with this set
-  /// is an Error.
+  /// is quantize_model(load_model(dir), *quantize) bit for bit, but the decoder layers are
+  /// never all f32 at once (peak: the int8 layers plus one f32 layer, plus the f32 embedding
+  /// table and head, which also exist in f32 while lm_head / embeddings are quantized). An int8
+  /// checkpoint with this set is an Error.
   std::optional<QuantConfig> quantize;
 };
 

@@ -40,6 +40,17 @@ struct QuantConfig {
   bool router = false;      ///< MoE router weights: f32 by default, as llama.cpp keeps them
 };
 
+namespace detail {
+/// A tied model's head is its embedding table, stored once: an Error (naming fn) unless
+/// lm_head and embeddings are both on or both off.
+inline void check_tied_parts(std::string_view fn, bool tied, const QuantConfig& config) {
+  AUTOGLM_CHECK(!tied || config.lm_head == config.embeddings, invalid_argument, fn,
+                "the model ties its LM head to the embedding table, so QuantConfig::lm_head ({}) "
+                "and embeddings ({}) must be equal",
+                config.lm_head, config.embeddings);
+}
+}  // namespace detail
+
 /// w in int8 with spec when it is a non-empty f32 matrix (or stack) whose K the group divides;
 /// else w unchanged (int8 weights stay; so do f32 ones a group does not fit, as
 /// quantize_checkpoint keeps them).
