@@ -31,7 +31,7 @@
 #include <dnnl.hpp>
 
 #include "autoglm/autoglm.hpp"
-#include "bench_common.hpp"
+#include "bench_layer.hpp"
 
 namespace {
 
@@ -94,14 +94,7 @@ Gemm make_gemm(const dnnl::engine& eng, dnnl::stream& strm, std::int64_t m, std:
 // Rows per expert of bench_moe_layer's routing of T tokens (same seeds, same gate options).
 std::vector<std::int32_t> routed_rows(const ModelSpec& m, std::int64_t T) {
   autoglm::CpuBackend be(autoglm::CpuBackendOptions{g_threads});
-  autoglm::GateOptions go;
-  go.policy = m.sigmoid ? autoglm::GatePolicy::sigmoid_group : autoglm::GatePolicy::softmax_topk;
-  go.top_k = m.top_k;
-  go.renormalize = m.renormalize;
-  go.renorm_epsilon = m.renorm_epsilon;
-  go.routed_scaling = m.routed_scaling;
-  go.n_group = m.n_group;
-  go.topk_group = m.topk_group;
+  const autoglm::GateOptions go = autoglm_bench::gate_options(m);
   const auto gate =
       autoglm::GateNetwork::random(be, m.experts, m.d, go, Seeds::router, m.selection_bias);
   autoglm::Tensor x(be, autoglm::DType::f32, autoglm::Shape{T, m.d});

@@ -40,7 +40,7 @@
 #include <benchmark/benchmark.h>
 
 #include "autoglm/autoglm.hpp"
-#include "bench_common.hpp"
+#include "bench_layer.hpp"
 
 namespace {
 
@@ -108,14 +108,7 @@ struct LiveModel {
 LiveModel g_live;
 
 Layer build_layer(autoglm::CpuBackend& be, const ModelSpec& m) {
-  autoglm::GateOptions go;
-  go.policy = m.sigmoid ? autoglm::GatePolicy::sigmoid_group : autoglm::GatePolicy::softmax_topk;
-  go.top_k = m.top_k;
-  go.renormalize = m.renormalize;
-  go.renorm_epsilon = m.renorm_epsilon;
-  go.routed_scaling = m.routed_scaling;
-  go.n_group = m.n_group;
-  go.topk_group = m.topk_group;
+  const autoglm::GateOptions go = autoglm_bench::gate_options(m);
   auto gate = autoglm::GateNetwork::random(be, m.experts, m.d, go, Seeds::router, m.selection_bias);
   auto experts = autoglm::SwiGluExperts::random(be, m.experts, m.d, m.ffn, Seeds::experts);
   autoglm::WeightedSumAggregator agg;

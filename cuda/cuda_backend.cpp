@@ -283,6 +283,27 @@ void CudaBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
                kk, a.as<float>(), kk, &p.beta, c.as<float>(), n);
 }
 
+namespace {
+
+// The active experts of a grouped product from the device offsets [E + 1], validated against
+// the x_rows rows of x; `rows` (if given) gets offsets[E]. The plan needs the row ranges on the
+// host: one small synchronous read.
+template <typename Impl>
+std::vector<cuda_detail::ExpertRows> plan_experts(Impl& m, const TensorView& offsets,
+                                                  std::int64_t E, std::int64_t x_rows,
+                                                  std::string_view fn,
+                                                  std::int64_t* rows = nullptr) {
+  std::vector<std::int32_t> off(static_cast<std::size_t>(E + 1));
+  AUTOGLM_CUDA(cudaMemcpyAsync, off.data(), offsets.data, off.size() * sizeof(std::int32_t),
+               cudaMemcpyDeviceToHost, m.stream);
+  m.sync();
+  auto active = cuda_detail::plan_grouped_gemm(off.data(), E, x_rows, fn);
+  if (rows) *rows = off[static_cast<std::size_t>(E)];
+  return active;
+}
+
+}  // namespace
+
 void CudaBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, TensorView out) {
   constexpr std::string_view fn = "CudaBackend::grouped_gemm";
   detail::expect_device(fn, "w", w, device(), /*any_layout=*/true);
@@ -293,12 +314,7 @@ void CudaBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, T
   expect_row_major(fn, "w", w);
   Impl& m = *impl_;
   m.activate();
-  // The plan needs the row ranges on the host: one small synchronous read.
-  std::vector<std::int32_t> off(static_cast<std::size_t>(E + 1));
-  AUTOGLM_CUDA(cudaMemcpyAsync, off.data(), offsets.data, off.size() * sizeof(std::int32_t),
-               cudaMemcpyDeviceToHost, m.stream);
-  m.sync();
-  const auto active = cuda_detail::plan_grouped_gemm(off.data(), E, x.dim(0), fn);
+  const auto active = plan_experts(m, offsets, E, x.dim(0), fn);
   if (N == 0 || active.empty()) return;
   const int n = cuda_detail::checked_int(N, fn, "N"), kk = cuda_detail::checked_int(K, fn, "K");
   const float one = 1.0f, zero = 0.0f;
@@ -424,13 +440,8 @@ void CudaBackend::grouped_qgemm(TensorView x, const QuantizedTensor& w, TensorVi
   expect_row_major_int8(fn, "w", w);
   Impl& m = *impl_;
   m.activate();
-  // The plan needs the row ranges on the host: one small synchronous read, as grouped_gemm.
-  std::vector<std::int32_t> off(static_cast<std::size_t>(E + 1));
-  AUTOGLM_CUDA(cudaMemcpyAsync, off.data(), offsets.data, off.size() * sizeof(std::int32_t),
-               cudaMemcpyDeviceToHost, m.stream);
-  m.sync();
-  const auto active = cuda_detail::plan_grouped_gemm(off.data(), E, x.dim(0), fn);
-  const std::int64_t rows = off[static_cast<std::size_t>(E)];
+  std::int64_t rows = 0;
+  const auto active = plan_experts(m, offsets, E, x.dim(0), fn, &rows);
   if (rows == 0 || N == 0) return;
   if (K == 0) {
     fill(out.slice(0, rows), 0.0f);

@@ -88,22 +88,29 @@ void CudaBackend::add_scaled_rows(TensorView x, TensorView scale, RowScale f, Te
   Impl::launched("add_scaled_rows");
 }
 
-void CudaBackend::embedding(TensorView table, TensorView ids, TensorView out) {
-  constexpr std::string_view fn = "CudaBackend::embedding";
-  expect_matrix(fn, "table", table, device());
-  expect_matrix(fn, "out", out, device());
-  detail::expect_device(fn, "ids", ids, device());
-  expect_dtype(fn, "ids", ids, DType::i32);
-  const std::int64_t V = table.dim(0), d = table.dim(1), T = ids.numel();
-  expect_dim(fn, "out", out, 0, T);
-  expect_dim(fn, "out", out, 1, d);
-  Impl& m = *impl_;
-  m.activate();
+namespace {
+
+// The device ids [T] each in [0, V), else the CPU's Error naming the first outside. (Impl is
+// deduced: a free function may not name the private CudaBackend::Impl.)
+template <typename Impl>
+void check_token_ids(Impl& m, std::string_view fn, const TensorView& ids, std::int64_t T,
+                     std::int64_t V) {
   const std::uint64_t bad = m.first_out_of_range(ids, T, 0, V - 1);
   if (bad != cuda_detail::kNoFailure)
     detail::fail(ErrorCode::out_of_range, fn,
                  "token id {} at position {} outside vocabulary [0, {})",
-                 m.element<std::int32_t>(ids.data, bad), bad, V);
+                 m.template element<std::int32_t>(ids.data, bad), bad, V);
+}
+
+}  // namespace
+
+void CudaBackend::embedding(TensorView table, TensorView ids, TensorView out) {
+  constexpr std::string_view fn = "CudaBackend::embedding";
+  detail::expect_embedding_io(fn, table, ids, out, device());
+  const std::int64_t V = table.dim(0), d = table.dim(1), T = ids.numel();
+  Impl& m = *impl_;
+  m.activate();
+  check_token_ids(m, fn, ids, T, V);
   kern::embedding(table.as<float>(), V, ids.as<std::int32_t>(), T, d, out.as<float>(), m.stream);
   Impl::launched("embedding");
 }
@@ -114,11 +121,7 @@ void CudaBackend::qembedding(const QuantizedTensor& table, TensorView ids, Tenso
   const std::int64_t V = table.dim(0), d = table.dim(1), T = ids.numel();
   Impl& m = *impl_;
   m.activate();
-  const std::uint64_t bad = m.first_out_of_range(ids, T, 0, V - 1);
-  if (bad != cuda_detail::kNoFailure)
-    detail::fail(ErrorCode::out_of_range, fn,
-                 "token id {} at position {} outside vocabulary [0, {})",
-                 m.element<std::int32_t>(ids.data, bad), bad, V);
+  check_token_ids(m, fn, ids, T, V);
   if (T == 0 || d == 0) return;  // (and table.groups() is undefined for d = 0 per channel)
   const kern::QMatrix q{table.data().data<std::int8_t>(),
                         table.scales().data<float>(),

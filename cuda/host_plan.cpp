@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "autoglm/core/error.hpp"
+#include "common/checks.hpp"
 
 namespace autoglm::cuda_detail {
 
@@ -21,13 +22,7 @@ std::uint32_t row_block(std::int64_t cols, std::uint32_t max_block) {
 
 std::vector<ExpertRows> plan_grouped_gemm(const std::int32_t* off, std::int64_t E,
                                           std::int64_t total_rows, std::string_view fn) {
-  // Same checks, order and wording as CpuBackend::grouped_gemm.
-  AUTOGLM_CHECK(off[0] == 0 && off[E] <= total_rows, invalid_argument, fn,
-                "offsets must start at 0 and end within {} rows, got [{}, {}]", total_rows, off[0],
-                off[E]);
-  for (std::int64_t e = 0; e < E; ++e)
-    AUTOGLM_CHECK(off[e] <= off[e + 1], invalid_argument, fn,
-                  "offsets decrease at expert {}: {} > {}", e, off[e], off[e + 1]);
+  detail::check_offsets(fn, off, E, total_rows);  // as CpuBackend::grouped_gemm
   std::vector<ExpertRows> active;
   for (std::int64_t e = 0; e < E; ++e)
     if (off[e + 1] > off[e]) active.push_back({e, off[e], off[e + 1] - off[e]});

@@ -346,6 +346,27 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// The tiled kernels' group step: when the depth tile ending at `end` closes a scale group (or
+// k), each thread's 4 x 4 partial sums (columns col0 + tx + 16 jj) are added into acc times
+// their group's scale and cleared.
+template <typename T>
+__device__ __forceinline__ void fold_group(T (&part)[4][4], float (&acc)[4][4], const QMatrix& w,
+                                           dev::i64 col0, int tx, dev::i64 end, dev::i64 k) {
+  if (end != k && end % w.group != 0) return;
+  const dev::i64 g = (end - 1) / w.group;
+#pragma unroll
+  for (int jj = 0; jj < 4; ++jj) {
+    const dev::i64 col = col0 + tx + 16 * jj;
+    const float s = col < w.n ? w.scales[col * w.groups + g] : 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      // int -> float rounds to nearest (__int2float_rn) for the W8A8 sums.
+      acc[i][jj] = fmaf(static_cast<float>(part[i][jj]), s, acc[i][jj]);
+      part[i][jj] = T(0);
+    }
+  }
+}
+
 // Weight-only, prefill: 256 threads, each 4 x 4 outputs (rows ty + 16 i, columns tx + 16 j, so
 // that shared-memory reads are broadcasts or distinct banks). The products of one group are
 // summed in `part` and take the group's scale when the group ends (per channel: at the end).
@@ -383,20 +404,7 @@ __global__ void __launch_bounds__(256) qtile_wonly_kernel(const float* __restric
         for (int jj = 0; jj < 4; ++jj) part[i][jj] = fmaf(a[i], b[jj], part[i][jj]);
     }
     __syncthreads();
-    const dev::i64 end = k0 + kTileK < k ? k0 + kTileK : k;
-    if (end == k || end % w.group == 0) {
-      const dev::i64 g = (end - 1) / w.group;
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const dev::i64 col = col0 + tx + 16 * jj;
-        const float s = col < w.n ? w.scales[col * w.groups + g] : 0.0f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          acc[i][jj] = fmaf(part[i][jj], s, acc[i][jj]);
-          part[i][jj] = 0.0f;
-        }
-      }
-    }
+    fold_group(part, acc, w, col0, tx, k0 + kTileK < k ? k0 + kTileK : k, k);
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -465,20 +473,7 @@ __global__ void __launch_bounds__(256)
         for (int jj = 0; jj < 4; ++jj) isum[i][jj] = __dp4a(a[i], b[jj], isum[i][jj]);
     }
     __syncthreads();
-    const dev::i64 end = k0 + kTileK < k ? k0 + kTileK : k;
-    if (end == k || end % w.group == 0) {
-      const dev::i64 g = (end - 1) / w.group;
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const dev::i64 col = col0 + tx + 16 * jj;
-        const float s = col < w.n ? w.scales[col * w.groups + g] : 0.0f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          acc[i][jj] = fmaf(__int2float_rn(isum[i][jj]), s, acc[i][jj]);
-          isum[i][jj] = 0;
-        }
-      }
-    }
+    fold_group(isum, acc, w, col0, tx, k0 + kTileK < k ? k0 + kTileK : k, k);
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {

@@ -82,6 +82,26 @@ inline void check_offsets(std::string_view fn, const std::int32_t* off, std::int
                   "offsets decrease at expert {}: {} > {}", e, off[e], off[e + 1]);
 }
 
+/// The operands of Backend::embedding on device d: table f32 [V, d], ids i32 [T], out f32
+/// [T, d]. (The ids' values are checked by check_token_ids, or on the device.)
+inline void expect_embedding_io(std::string_view fn, const TensorView& table, const TensorView& ids,
+                                const TensorView& out, Device d) {
+  expect_matrix(fn, "table", table, d);
+  expect_matrix(fn, "out", out, d);
+  expect_device(fn, "ids", ids, d);
+  expect_dtype(fn, "ids", ids, DType::i32);
+  expect_dim(fn, "out", out, 0, ids.numel());
+  expect_dim(fn, "out", out, 1, table.dim(1));
+}
+
+/// Host token ids [T]: each in [0, V), else an Error naming the first outside and its position.
+inline void check_token_ids(std::string_view fn, const std::int32_t* ids, std::int64_t T,
+                            std::int64_t V) {
+  for (std::int64_t t = 0; t < T; ++t)
+    AUTOGLM_CHECK(ids[t] >= 0 && ids[t] < V, out_of_range, fn,
+                  "token id {} at position {} outside vocabulary [0, {})", ids[t], t, V);
+}
+
 /// The operands of Backend::rope on device d: x f32 [T, H, D], positions i32 with T values,
 /// inv_freq f32 with rotary_dim / 2 values, an offset and rotary dim that fit D, a finite
 /// attention factor. Returns the rotary dim. (The positions' values are the backend's to check.)

@@ -681,17 +681,10 @@ void CpuBackend::add_scaled_rows(TensorView x, TensorView scale, RowScale f, Ten
 
 void CpuBackend::embedding(TensorView table, TensorView ids, TensorView out) {
   constexpr std::string_view fn = "CpuBackend::embedding";
-  expect_matrix(fn, "table", table, device());
-  expect_matrix(fn, "out", out, device());
-  detail::expect_device(fn, "ids", ids, device());
-  expect_dtype(fn, "ids", ids, DType::i32);
+  detail::expect_embedding_io(fn, table, ids, out, device());
   const std::int64_t V = table.dim(0), d = table.dim(1), T = ids.numel();
-  expect_dim(fn, "out", out, 0, T);
-  expect_dim(fn, "out", out, 1, d);
   const std::int32_t* I = ids.as<std::int32_t>();
-  for (std::int64_t t = 0; t < T; ++t)
-    AUTOGLM_CHECK(I[t] >= 0 && I[t] < V, out_of_range, fn,
-                  "token id {} at position {} outside vocabulary [0, {})", I[t], t, V);
+  detail::check_token_ids(fn, I, T, V);
   impl_->parallel(T, 16, [&](std::int64_t t) {
     std::memcpy(out.as<float>() + t * d, table.as<float>() + I[t] * d, sizeof(float) * d);
   });

@@ -219,9 +219,7 @@ void CpuBackend::qembedding(const QuantizedTensor& table, TensorView ids, Tensor
   detail::expect_qembedding_io(fn, table, ids, out, this, device());
   const std::int64_t V = table.dim(0), d = table.dim(1), T = ids.numel();
   const std::int32_t* I = ids.as<std::int32_t>();
-  for (std::int64_t t = 0; t < T; ++t)
-    AUTOGLM_CHECK(I[t] >= 0 && I[t] < V, out_of_range, fn,
-                  "token id {} at position {} outside vocabulary [0, {})", I[t], t, V);
+  detail::check_token_ids(fn, I, T, V);
   const std::int64_t group = table.group(), groups = table.groups();
   const std::int8_t* q = table.data().data<std::int8_t>();
   const float* s = table.scales().data<float>();

@@ -247,8 +247,7 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
                              : equalised);
         if (scaled) {
           if (src_rows != f32.data()) f32.assign(src_rows, src_rows + n * k);
-          for (std::int64_t r = 0; r < n; ++r)
-            for (std::int64_t c = 0; c < k; ++c) f32[static_cast<std::size_t>(r * k + c)] /= ce[c];
+          detail::divide_columns(f32.data(), n, k, ce);
           src_rows = f32.data();
           equalised = true;
         }

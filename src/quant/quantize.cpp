@@ -219,6 +219,11 @@ bool column_scales(const float* w, std::int64_t n, std::int64_t k, std::int64_t 
   return true;
 }
 
+void divide_columns(float* w, std::int64_t n, std::int64_t k, const float* col_scale) {
+  for (std::int64_t r = 0; r < n; ++r)
+    for (std::int64_t c = 0; c < k; ++c) w[r * k + c] /= col_scale[c];
+}
+
 }  // namespace detail
 
 QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::string_view name,
@@ -247,9 +252,7 @@ QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::st
     if (spec.equalize &&
         detail::column_scales(host.data(), n, k, group, spec.mode, cs.data() + e * k)) {
       equalised = true;
-      const float* ce = cs.data() + e * k;
-      for (std::int64_t r = 0; r < n; ++r)
-        for (std::int64_t c = 0; c < k; ++c) host[static_cast<std::size_t>(r * k + c)] /= ce[c];
+      detail::divide_columns(host.data(), n, k, cs.data() + e * k);
     }
     const std::int64_t bad = detail::quantize_rows(host.data(), n, k, group, q.data(), s.data());
     if (bad >= 0) {

@@ -76,6 +76,10 @@ std::int64_t quantize_rows(const float* w, std::int64_t n, std::int64_t k, std::
 bool column_scales(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
                    ActivationMode mode, float* col_scale);
 
+// w: [n, k] f32 row-major on the host, in place; col_scale: [k].
+/// w[r, c] /= col_scale[c]: the matrix an equalised tensor quantizes.
+void divide_columns(float* w, std::int64_t n, std::int64_t k, const float* col_scale);
+
 }  // namespace detail
 
 }  // namespace autoglm
