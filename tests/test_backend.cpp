@@ -1024,3 +1024,97 @@ BACKEND_TEST("gemm and grouped_gemm take weights in every layout", "[layout]") {
     }
   }
 }
+
+BACKEND_TEST("16-bit weights: gemm and grouped_gemm read bf16 / f16 exactly as their f32 values",
+             "[layout][half]") {
+  Backend& b = TestType::get();
+  std::uint64_t seed = 900;
+  for (DType dt : {DType::bf16, DType::f16}) {
+    const bool kept = b.supports_weight_dtype(dt);
+    auto round = [&](const std::vector<float>& v, std::vector<std::uint16_t>& bits) {
+      std::vector<float> wide(v.size());
+      bits.resize(v.size());
+      for (std::size_t i = 0; i < v.size(); ++i) {
+        bits[i] = dt == DType::bf16 ? float_to_bf16(v[i]) : float_to_f16(v[i]);
+        wide[i] = dt == DType::bf16 ? bf16_to_float(bits[i]) : f16_to_float(bits[i]);
+      }
+      return wide;
+    };
+    // 70 rows: two full panels and a partial one; K = 300: more than one 256-deep block, and
+    // not a multiple of 16. M spans the few-rows path (<= 6), whole and partial 12-row blocks.
+    const std::int64_t N = 70, K = 300;
+    std::vector<std::uint16_t> bits;
+    const auto W = round(random_floats(static_cast<std::size_t>(N * K), ++seed), bits);
+    Tensor w16(b, dt, Shape{N, K});
+    b.copy_from_host(w16, bits.data());
+    const Tensor p16 = prepare_weights(b, w16);
+    const Tensor p32 = prepare_weights(b, tensor_f32(b, Shape{N, K}, W));
+    DYNAMIC_SECTION(dtype_name(dt) << " storage") {
+      CHECK(p16.layout() == b.weight_layout());
+      CHECK(p16.dtype() == (kept ? dt : DType::f32));
+      CHECK(host_f32(b, p32) == W);
+      if (kept) {
+        CHECK(host_u16(b, p16) == bits);  // panel copies speak the logical row-major order
+        Tensor rm(b, dt, Shape{N, K});
+        b.relayout(p16, rm);
+        CHECK(host_u16(b, rm) == bits);
+      } else {
+        CHECK(host_f32(b, p16) == W);
+      }
+    }
+    for (std::int64_t M : {1, 3, 6, 7, 12, 13, 40}) {
+      DYNAMIC_SECTION("gemm " << dtype_name(dt) << " M=" << M) {
+        const auto A = random_floats(static_cast<std::size_t>(M * K), ++seed);
+        const auto C0 = random_floats(static_cast<std::size_t>(M * N), ++seed);
+        const GemmParams p{0.5f, -2.0f};
+        Tensor a = tensor_f32(b, Shape{M, K}, A);
+        Tensor c16 = tensor_f32(b, Shape{M, N}, C0), c32 = tensor_f32(b, Shape{M, N}, C0);
+        b.gemm(a, p16, c16, p);
+        b.gemm(a, p32, c32, p);
+        check_bitwise(host_f32(b, c16), host_f32(b, c32), "16-bit vs f32 weights");
+        auto want = ref::matmul_nt(A, W, M, N, K);
+        for (std::size_t i = 0; i < want.size(); ++i) want[i] = p.alpha * want[i] + p.beta * C0[i];
+        check_close(host_f32(b, c16), want, 1e-5, 1e-5, "gemm");
+        if (kept) {  // row-major 16-bit weights are accepted too
+          Tensor crm = tensor_f32(b, Shape{M, N}, C0);
+          b.gemm(a, w16, crm, p);
+          check_close(host_f32(b, crm), want, 1e-5, 1e-5, "gemm, row-major 16-bit");
+        }
+      }
+    }
+    DYNAMIC_SECTION("grouped_gemm " << dtype_name(dt)) {
+      const std::int64_t E = 3, R = 60;
+      const std::vector<std::int32_t> off{0, 5, 5, R};
+      std::vector<std::uint16_t> sbits;
+      const auto S = round(random_floats(static_cast<std::size_t>(E * N * K), ++seed), sbits);
+      Tensor s16(b, dt, Shape{E, N, K});
+      b.copy_from_host(s16, sbits.data());
+      const Tensor q16 = prepare_weights(b, s16);
+      const Tensor q32 = prepare_weights(b, tensor_f32(b, Shape{E, N, K}, S));
+      const auto X = random_floats(static_cast<std::size_t>(R * K), ++seed);
+      Tensor x = tensor_f32(b, Shape{R, K}, X), offs = tensor_i32(b, Shape{E + 1}, off);
+      Tensor o16(b, DType::f32, Shape{R, N}), o32(b, DType::f32, Shape{R, N});
+      b.grouped_gemm(x, q16, offs, o16);
+      b.grouped_gemm(x, q32, offs, o32);
+      check_bitwise(host_f32(b, o16), host_f32(b, o32), "16-bit vs f32 expert weights");
+      std::vector<double> want(static_cast<std::size_t>(R * N));
+      for (std::int64_t e = 0; e < E; ++e)
+        for (std::int64_t r = off[e]; r < off[e + 1]; ++r)
+          for (std::int64_t n = 0; n < N; ++n) {
+            double s = 0.0;
+            for (std::int64_t k = 0; k < K; ++k)
+              s += static_cast<double>(X[r * K + k]) * S[(e * N + n) * K + k];
+            want[r * N + n] = s;
+          }
+      check_close(host_f32(b, o16), want, 1e-5, 1e-5, "grouped_gemm");
+    }
+  }
+  SECTION("other weight dtypes are rejected, naming the accepted ones") {
+    Tensor a = uniform(b, Shape{2, 8}, 1), c(b, DType::f32, Shape{2, 4});
+    REQUIRE_ERROR(b.gemm(a, Tensor(b, DType::i32, Shape{4, 8}), c), dtype_mismatch, "gemm]",
+                  "b must be f32", "got i32");
+    REQUIRE_ERROR(b.grouped_gemm(a, Tensor(b, DType::i8, Shape{1, 4, 8}),
+                                 tensor_i32(b, Shape{2}, {0, 2}), c),
+                  dtype_mismatch, "grouped_gemm]", "w must be f32", "got i8");
+  }
+}

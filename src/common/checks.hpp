@@ -22,6 +22,20 @@ inline void expect_dtype(std::string_view fn, std::string_view arg, const Tensor
                 dtype_name(t.dtype));
 }
 
+/// True for the dtypes a float weight may be stored in: f32, or bf16 / f16 widened in the GEMM.
+constexpr bool is_float_dtype(DType t) noexcept {
+  return t == DType::f32 || t == DType::bf16 || t == DType::f16;
+}
+
+/// Throws unless t is a float weight (f32, bf16 or f16) that `backend` computes with directly.
+inline void expect_weight_dtype(std::string_view fn, std::string_view arg, const TensorView& t,
+                                const Backend& backend) {
+  AUTOGLM_CHECK(is_float_dtype(t.dtype) && backend.supports_weight_dtype(t.dtype), dtype_mismatch,
+                fn, "{} must be f32{}, got {}", arg,
+                backend.supports_weight_dtype(DType::bf16) ? ", bf16 or f16" : "",
+                dtype_name(t.dtype));
+}
+
 /// Throws unless t lives on device d, has a buffer when non-empty and is row-major (unless
 /// `any_layout`: only weight operands and copies take other layouts).
 inline void expect_device(std::string_view fn, std::string_view arg, const TensorView& t, Device d,

@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -87,8 +88,22 @@ void for_each_matrix(const TensorView& t, F&& f) {
   for (std::int64_t i = 0; i < count; ++i) f(i, n, k);
 }
 
-std::int64_t panel_floats(std::int64_t n, std::int64_t k) {
+// Elements of one panel32 matrix [n, k] (padded rows included).
+std::int64_t panel_elems(std::int64_t n, std::int64_t k) {
   return (n + kPanelRows - 1) / kPanelRows * kPanelRows * k;
+}
+
+// Byte pointer `elems` elements of dtype dt past p.
+template <typename T>
+T* advance(T* p, std::int64_t elems, DType dt) {
+  using Byte = std::conditional_t<std::is_const_v<T>, const char, char>;
+  return reinterpret_cast<Byte*>(p) + elems * static_cast<std::int64_t>(dtype_size(dt));
+}
+
+// Throws unless t is a float dtype this backend keeps weights in (panel32 takes no other).
+void expect_panel_dtype(std::string_view fn, std::string_view arg, const TensorView& t,
+                        const Backend& b) {
+  if (t.layout == Layout::panel32) detail::expect_weight_dtype(fn, arg, t, b);
 }
 
 }  // namespace
@@ -96,10 +111,10 @@ std::int64_t panel_floats(std::int64_t n, std::int64_t k) {
 void CpuBackend::copy_from_host(TensorView dst, const void* src) {
   detail::expect_device("CpuBackend::copy_from_host", "dst", dst, device(), true);
   if (dst.layout == Layout::panel32) {
-    expect_dtype("CpuBackend::copy_from_host", "dst", dst, DType::f32);
+    expect_panel_dtype("CpuBackend::copy_from_host", "dst", dst, *this);
     for_each_matrix(dst, [&](std::int64_t i, std::int64_t n, std::int64_t k) {
-      detail::to_panels(static_cast<const float*>(src) + i * n * k, n, k,
-                        dst.as<float>() + i * panel_floats(n, k));
+      detail::to_panels(advance(src, i * n * k, dst.dtype), dst.dtype, n, k,
+                        advance(dst.data, i * panel_elems(n, k), dst.dtype));
     });
     return;
   }
@@ -109,14 +124,19 @@ void CpuBackend::copy_from_host(TensorView dst, const void* src) {
 void CpuBackend::copy_to_host(void* dst, TensorView src) {
   detail::expect_device("CpuBackend::copy_to_host", "src", src, device(), true);
   if (src.layout == Layout::panel32) {
-    expect_dtype("CpuBackend::copy_to_host", "src", src, DType::f32);
+    expect_panel_dtype("CpuBackend::copy_to_host", "src", src, *this);
     for_each_matrix(src, [&](std::int64_t i, std::int64_t n, std::int64_t k) {
-      detail::from_panels(src.as<float>() + i * panel_floats(n, k), n, k,
-                          static_cast<float*>(dst) + i * n * k);
+      detail::from_panels(advance(src.data, i * panel_elems(n, k), src.dtype), src.dtype, n, k,
+                          advance(dst, i * n * k, src.dtype));
     });
     return;
   }
   if (src.nbytes() > 0) std::memcpy(dst, src.data, src.nbytes());
+}
+
+bool CpuBackend::supports_weight_dtype(DType t) const noexcept {
+  return t == DType::f32 ||
+         (weight_layout() == Layout::panel32 && (t == DType::bf16 || t == DType::f16));
 }
 
 Layout CpuBackend::weight_layout() const noexcept {
@@ -131,8 +151,8 @@ void CpuBackend::relayout(TensorView src, TensorView dst) {
   constexpr std::string_view fn = "CpuBackend::relayout";
   detail::expect_device(fn, "src", src, device(), true);
   detail::expect_device(fn, "dst", dst, device(), true);
-  expect_dtype(fn, "src", src, DType::f32);
-  expect_dtype(fn, "dst", dst, DType::f32);
+  detail::expect_weight_dtype(fn, "src", src, *this);
+  expect_dtype(fn, "dst", dst, src.dtype);
   expect_same_shape(fn, "src", src, "dst", dst);
   AUTOGLM_CHECK(src.rank() >= 2, shape_mismatch, fn, "weights need rank >= 2, got {}",
                 src.shape.str());
@@ -142,13 +162,14 @@ void CpuBackend::relayout(TensorView src, TensorView dst) {
   }
   const std::int64_t n = src.dim(src.rank() - 2), k = src.dim(src.rank() - 1);
   const std::int64_t count = n * k == 0 ? 0 : src.numel() / (n * k);
+  const DType dt = src.dtype;
   impl_->parallel(count, 1, [&](std::int64_t i) {
     if (dst.layout == Layout::panel32)
-      detail::to_panels(src.as<float>() + i * n * k, n, k,
-                        dst.as<float>() + i * panel_floats(n, k));
+      detail::to_panels(advance(src.data, i * n * k, dt), dt, n, k,
+                        advance(dst.data, i * panel_elems(n, k), dt));
     else
-      detail::from_panels(src.as<float>() + i * panel_floats(n, k), n, k,
-                          dst.as<float>() + i * n * k);
+      detail::from_panels(advance(src.data, i * panel_elems(n, k), dt), dt, n, k,
+                          advance(dst.data, i * n * k, dt));
   });
 }
 
@@ -213,7 +234,7 @@ void CpuBackend::fill_uniform(TensorView dst, std::uint64_t seed, float scale) {
     const std::int64_t count = n * k == 0 ? 0 : dst.numel() / (n * k);
     impl_->parallel(count * panels, 1, [&](std::int64_t job) {
       const std::int64_t m = job / panels, p = job % panels;
-      float* out = d + m * panel_floats(n, k) + p * k * kPanelRows;
+      float* out = d + m * panel_elems(n, k) + p * k * kPanelRows;
       for (std::int64_t c = 0; c < k; ++c)
         for (std::int64_t r = 0; r < kPanelRows; ++r) {
           const std::int64_t row = p * kPanelRows + r;
@@ -278,23 +299,37 @@ void add_tiles(std::vector<Tile>& tiles, std::int64_t e, std::int64_t row0, std:
       tiles.push_back({e, row0 + i0, std::min(mb, m - i0), j0, std::min(nb, n - j0)});
 }
 
+// An f32 row-major copy of a row-major 16-bit weight (the row-major kernels read f32 only);
+// an undefined tensor when w can be read as it is.
+Tensor widened(CpuBackend& b, const TensorView& w) {
+  if (w.dtype == DType::f32 || w.layout != Layout::row_major) return Tensor();
+  Tensor out(b, DType::f32, w.shape);
+  b.convert(w, out);
+  return out;
+}
+
 }  // namespace
 
 void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
   constexpr std::string_view fn = "CpuBackend::gemm";
   expect_matrix(fn, "a", a, device());
-  expect_matrix(fn, "b", b, device(), DType::f32, /*any_layout=*/true);
+  detail::expect_device(fn, "b", b, device(), /*any_layout=*/true);
+  expect_rank(fn, "b", b, 2);
+  detail::expect_weight_dtype(fn, "b", b, *this);
   expect_matrix(fn, "c", c, device());
   expect_dim(fn, "b", b, 1, a.dim(1));
   expect_dim(fn, "c", c, 0, a.dim(0));
   expect_dim(fn, "c", c, 1, b.dim(0));
   const std::int64_t m = a.dim(0), n = b.dim(0), k = a.dim(1);
   if (m == 0 || n == 0) return;
+  // 16-bit weights are read by the panel kernels only; row-major ones are widened here.
+  const Tensor wide = widened(*this, b);
+  if (wide.defined()) b = wide;
   const bool panels = b.layout == Layout::panel32;
   std::vector<Tile> tiles;
   add_tiles(tiles, 0, 0, m, n, k, panels);
   const float* A = a.as<float>();
-  const float* B = b.as<float>();
+  const void* B = b.data;
   float* C = c.as<float>();
   Tensor packed;
   if (panels) {
@@ -306,12 +341,12 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
     const Tile& t = tiles[static_cast<std::size_t>(i)];
     if (panels) {
       detail::gemm_panel_tile(packed.data<float>() + t.row0 * k, t.rows,
-                              B + t.col0 / kPanelRows * kPanelRows * k, k,
-                              (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
+                              advance(B, t.col0 / kPanelRows * kPanelRows * k, b.dtype), b.dtype,
+                              k, (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
                               C + t.row0 * n + t.col0, n, p.alpha, p.beta);
     } else {
-      detail::gemm_nt_tile(A + t.row0 * k, k, B + t.col0 * k, k, C + t.row0 * n + t.col0, n, t.rows,
-                           t.cols, k, p.alpha, p.beta);
+      detail::gemm_nt_tile(A + t.row0 * k, k, static_cast<const float*>(B) + t.col0 * k, k,
+                           C + t.row0 * n + t.col0, n, t.rows, t.cols, k, p.alpha, p.beta);
     }
   });
 }
@@ -320,11 +355,13 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   constexpr std::string_view fn = "CpuBackend::grouped_gemm";
   detail::expect_device(fn, "w", w, device(), /*any_layout=*/true);
   expect_rank(fn, "w", w, 3);
-  expect_dtype(fn, "w", w, DType::f32);
+  detail::expect_weight_dtype(fn, "w", w, *this);
   const std::int64_t E = w.dim(0), n = w.dim(1), k = w.dim(2);
   detail::expect_grouped_io(fn, x, E, n, k, offsets, out, device());
   const std::int32_t* off = offsets.as<std::int32_t>();
   detail::check_offsets(fn, off, E, x.dim(0));
+  const Tensor wide = widened(*this, w);
+  if (wide.defined()) w = wide;
   const bool panels = w.layout == Layout::panel32;
   // One task list across all experts, so a heavy expert is spread over every thread and light
   // experts do not leave threads waiting at a per-expert barrier.
@@ -336,9 +373,9 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
     add_tiles(tiles, e, off[e], rows[e], n, k, panels);
   }
   const float* X = x.as<float>();
-  const float* W = w.as<float>();
+  const void* W = w.data;
   float* O = out.as<float>();
-  const std::int64_t wstride = panels ? panel_floats(n, k) : n * k;
+  const std::int64_t wstride = panels ? panel_elems(n, k) : n * k;
   Tensor packed;
   std::vector<std::int64_t> start;
   if (panels)
@@ -347,15 +384,15 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
         start);
   impl_->parallel(static_cast<std::int64_t>(tiles.size()), 1, [&](std::int64_t i) {
     const Tile& t = tiles[static_cast<std::size_t>(i)];
-    const float* We = W + t.e * wstride;
+    const void* We = advance(W, t.e * wstride, w.dtype);
     if (panels) {
       detail::gemm_panel_tile(packed.data<float>() + start[t.e] + (t.row0 - row0[t.e]) * k, t.rows,
-                              We + t.col0 / kPanelRows * kPanelRows * k, k,
-                              (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
+                              advance(We, t.col0 / kPanelRows * kPanelRows * k, w.dtype), w.dtype,
+                              k, (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
                               O + t.row0 * n + t.col0, n, 1.0f, 0.0f);
     } else {
-      detail::gemm_nt_tile(X + t.row0 * k, k, We + t.col0 * k, k, O + t.row0 * n + t.col0, n,
-                           t.rows, t.cols, k, 1.0f, 0.0f);
+      detail::gemm_nt_tile(X + t.row0 * k, k, static_cast<const float*>(We) + t.col0 * k, k,
+                           O + t.row0 * n + t.col0, n, t.rows, t.cols, k, 1.0f, 0.0f);
     }
   });
 }

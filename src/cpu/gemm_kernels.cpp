@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -100,15 +101,46 @@ void dot_tile(const float* x, std::int64_t ldx, const float* w, std::int64_t ldw
   }
 }
 
-// Panel kernel: w is Layout::panel32, so one k step reads 32 consecutive floats of a panel and
+// Widening loads of one panel step (32 weights) into two f32 vectors, columns 0-15 and 16-31.
+// Both 16-bit forms widen exactly, so a product reads the same f32 values as from f32 panels.
+struct F32Panel {
+  using Elem = float;
+  static void load(const Elem* w, __m512& lo, __m512& hi) {
+    lo = _mm512_loadu_ps(w);
+    hi = _mm512_loadu_ps(w + 16);
+  }
+};
+// bf16 is the top half of an f32: interleaving zero words below the weights is the whole
+// conversion, one shuffle per 16 weights (bf16_panel_slot stores the words in the order that
+// vpunpck[lh]wd's per-lane interleave needs).
+struct Bf16Panel {
+  using Elem = std::uint16_t;
+  static void load(const Elem* w, __m512& lo, __m512& hi) {
+    const __m512i v = _mm512_loadu_si512(w);
+    const __m512i z = _mm512_setzero_si512();
+    lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v));
+    hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v));
+  }
+};
+struct F16Panel {
+  using Elem = std::uint16_t;
+  static void load(const Elem* w, __m512& lo, __m512& hi) {
+    lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+    hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16)));
+  }
+};
+
+// Panel kernel: w is Layout::panel32, so one k step reads 32 consecutive weights of a panel and
 // each weight element is loaded once per row block. xp holds the block's rows packed [k][xs],
 // broadcast one at a time. acc[i][v]: row i against panel columns 16v..16v+15.
 // pf/pf_lines: cache lines of weights needed next, fetched into L2 spread over this call's k steps
 // so that memory keeps streaming while row blocks after the first compute from L1.
-template <int MR, int NP>
-void panel_kernel(const float* xp, std::int64_t xs, const float* wp, std::int64_t pstride,
-                  float* out, std::int64_t ldo, std::int64_t kc, std::int64_t cols, float alpha,
-                  float beta, const char* pf, std::int64_t pf_lines) {
+template <int MR, int NP, typename P>
+void panel_kernel(const float* xp, std::int64_t xs, const typename P::Elem* wp,
+                  std::int64_t pstride, float* out, std::int64_t ldo, std::int64_t kc,
+                  std::int64_t cols, float alpha, float beta, const char* pf,
+                  std::int64_t pf_lines) {
+  constexpr std::int64_t step_bytes = kPanelRows * sizeof(typename P::Elem);
   const std::int64_t pf_step = pf_lines <= 0 ? 0 : (pf_lines + kc - 1) / kc;
   std::int64_t pf_done = 0;
   constexpr int NV = 2 * NP;
@@ -117,17 +149,13 @@ void panel_kernel(const float* xp, std::int64_t xs, const float* wp, std::int64_
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
   for (std::int64_t p = 0; p < kc; ++p) {
     __m512 wv[NV];
-    for (int q = 0; q < NP; ++q) {
-      wv[2 * q] = _mm512_loadu_ps(wp + q * pstride + p * kPanelRows);
-      wv[2 * q + 1] = _mm512_loadu_ps(wp + q * pstride + p * kPanelRows + 16);
-    }
+    for (int q = 0; q < NP; ++q) P::load(wp + q * pstride + p * kPanelRows, wv[2 * q], wv[2 * q + 1]);
     for (std::int64_t q = 0; q < pf_step && pf_done < pf_lines; ++q, ++pf_done)
       _mm_prefetch(pf + 64 * pf_done, _MM_HINT_T1);
     if (pf_lines < 0)  // streaming: fetch each panel kStreamAhead steps ahead
       for (int q = 0; q < NP; ++q) {
         const char* a = reinterpret_cast<const char*>(wp + q * pstride + (p + kStreamAhead) * kPanelRows);
-        _mm_prefetch(a, _MM_HINT_T0);
-        _mm_prefetch(a + 64, _MM_HINT_T0);
+        for (std::int64_t b = 0; b < step_bytes; b += 64) _mm_prefetch(a + b, _MM_HINT_T0);
       }
     for (int i = 0; i < MR; ++i) {
       const __m512 xb = _mm512_set1_ps(xp[p * xs + i]);
@@ -149,18 +177,72 @@ void panel_kernel(const float* xp, std::int64_t xs, const float* wp, std::int64_
   }
 }
 
-// Compile-time dispatch of panel_kernel<R, NP> for a run-time row count r in [1, MaxR].
-template <int NP, int R = 1, int MaxR = 12>
-void panel_rows(int r, const float* xp, std::int64_t xs, const float* wp, std::int64_t pstride,
-                float* out, std::int64_t ldo, std::int64_t kc, std::int64_t cols, float alpha,
-                float beta, const char* pf = nullptr, std::int64_t pf_lines = 0) {
+// Compile-time dispatch of panel_kernel<R, NP, P> for a run-time row count r in [1, MaxR].
+template <int NP, typename P, int R = 1, int MaxR = 12>
+void panel_rows(int r, const float* xp, std::int64_t xs, const typename P::Elem* wp,
+                std::int64_t pstride, float* out, std::int64_t ldo, std::int64_t kc,
+                std::int64_t cols, float alpha, float beta, const char* pf = nullptr,
+                std::int64_t pf_lines = 0) {
   if constexpr (R <= MaxR) {
     if (r == R) {
-      panel_kernel<R, NP>(xp, xs, wp, pstride, out, ldo, kc, cols, alpha, beta, pf, pf_lines);
+      panel_kernel<R, NP, P>(xp, xs, wp, pstride, out, ldo, kc, cols, alpha, beta, pf, pf_lines);
       return;
     }
-    panel_rows<NP, R + 1, MaxR>(r, xp, xs, wp, pstride, out, ldo, kc, cols, alpha, beta, pf,
-                                pf_lines);
+    panel_rows<NP, P, R + 1, MaxR>(r, xp, xs, wp, pstride, out, ldo, kc, cols, alpha, beta, pf,
+                                   pf_lines);
+  }
+}
+
+// gemm_panel_tile for one weight element type.
+template <typename P>
+void panel_tile(const float* xp, std::int64_t m, const typename P::Elem* wp, std::int64_t k,
+                std::int64_t panels, std::int64_t cols, float* out, std::int64_t ldo, float alpha,
+                float beta) {
+  using Elem = typename P::Elem;
+  const std::int64_t mr = pack_block_rows(m);
+  const std::int64_t pstride = k * kPanelRows;
+  // Depth blocks keep a slice of a panel in L1 while every row block of the tile uses it.
+  constexpr std::int64_t kc_max = 256;
+  for (std::int64_t k0 = 0; k0 < k && mr <= kSmallRows; k0 += kc_max) {
+    const std::int64_t kc = std::min(kc_max, k - k0);
+    const float b = k0 == 0 ? beta : 1.0f;
+    // Few rows: two panels per step give 4 independent weight streams per row.
+    for (std::int64_t p = 0; p < panels; p += 2) {
+      const std::int64_t c = std::min(cols - p * kPanelRows, 2 * kPanelRows);
+      const Elem* w = wp + p * pstride + k0 * kPanelRows;
+      const float* x = xp + k0 * mr;
+      if (p + 1 < panels)
+        panel_rows<2, P, 1, kSmallRows>(static_cast<int>(m), x, mr, w, pstride,
+                                        out + p * kPanelRows, ldo, kc, c, alpha, b, nullptr, -1);
+      else
+        panel_rows<1, P, 1, kSmallRows>(static_cast<int>(m), x, mr, w, pstride,
+                                        out + p * kPanelRows, ldo, kc, c, alpha, b, nullptr, -1);
+    }
+  }
+  if (mr <= kSmallRows) return;
+  // Many rows: a panel's depth blocks in order, so the tile's weights are one sequential stream;
+  // the next block is prefetched while the row blocks compute on the current one.
+  const std::int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
+  const std::int64_t end_elems = panels * pstride;
+  for (std::int64_t p = 0; p < panels; ++p) {
+    const std::int64_t c = std::min(cols - p * kPanelRows, kPanelRows);
+    for (std::int64_t k0 = 0; k0 < k; k0 += kc_max) {
+      const std::int64_t kc = std::min(kc_max, k - k0);
+      const float b = k0 == 0 ? beta : 1.0f;
+      const std::int64_t here = p * pstride + k0 * kPanelRows;
+      const std::int64_t next = std::min(here + kc * kPanelRows, end_elems);
+      const std::int64_t next_lines = (std::min(next + kc * kPanelRows, end_elems) - next) *
+                                      static_cast<std::int64_t>(sizeof(Elem)) / 64;
+      const std::int64_t per_block = (next_lines + blocks - 1) / blocks;
+      for (std::int64_t r0 = 0, rb = 0; r0 < m; r0 += kBlockRows, ++rb) {
+        const int rows = static_cast<int>(std::min(kBlockRows, m - r0));
+        const std::int64_t first = std::min(rb * per_block, next_lines);
+        panel_rows<1, P>(rows, xp + r0 * k + k0 * kBlockRows, kBlockRows, wp + here, pstride,
+                         out + r0 * ldo + p * kPanelRows, ldo, kc, c, alpha, b,
+                         reinterpret_cast<const char*>(wp + next) + 64 * first,
+                         std::min(per_block, next_lines - first));
+      }
+    }
   }
 }
 
@@ -189,64 +271,29 @@ void pack_x(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k, fl
   }
 }
 
-void gemm_panel_tile(const float* xp, std::int64_t m, const float* wp, std::int64_t k,
+void gemm_panel_tile(const float* xp, std::int64_t m, const void* wp, DType wdt, std::int64_t k,
                      std::int64_t panels, std::int64_t cols, float* out, std::int64_t ldo,
                      float alpha, float beta) {
   if (m == 0 || cols == 0) return;
 #if defined(__AVX512F__)
-  const std::int64_t mr = pack_block_rows(m);
-  const std::int64_t pstride = k * kPanelRows;
-  // Depth blocks keep a 32 KB slice of a panel in L1 while every row block of the tile uses it.
-  constexpr std::int64_t kc_max = 256;
-  for (std::int64_t k0 = 0; k0 < k && mr <= kSmallRows; k0 += kc_max) {
-    const std::int64_t kc = std::min(kc_max, k - k0);
-    const float b = k0 == 0 ? beta : 1.0f;
-    {
-      // Few rows: two panels per step give 4 independent weight streams per row.
-      for (std::int64_t p = 0; p < panels; p += 2) {
-        const std::int64_t c = std::min(cols - p * kPanelRows, 2 * kPanelRows);
-        const float* w = wp + p * pstride + k0 * kPanelRows;
-        const float* x = xp + k0 * mr;
-        if (p + 1 < panels)
-          panel_rows<2, 1, kSmallRows>(static_cast<int>(m), x, mr, w, pstride, out + p * kPanelRows,
-                                       ldo, kc, c, alpha, b, nullptr, -1);
-        else
-          panel_rows<1, 1, kSmallRows>(static_cast<int>(m), x, mr, w, pstride, out + p * kPanelRows,
-                                       ldo, kc, c, alpha, b, nullptr, -1);
-      }
-    }
-  }
-  if (mr <= kSmallRows) return;
-  // Many rows: a panel's depth blocks in order, so the tile's weights are one sequential stream;
-  // the next block is prefetched while the row blocks compute on the current one.
-  const std::int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
-  const std::int64_t end_floats = panels * pstride;
-  for (std::int64_t p = 0; p < panels; ++p) {
-    const std::int64_t c = std::min(cols - p * kPanelRows, kPanelRows);
-    for (std::int64_t k0 = 0; k0 < k; k0 += kc_max) {
-      const std::int64_t kc = std::min(kc_max, k - k0);
-      const float b = k0 == 0 ? beta : 1.0f;
-      const std::int64_t here = p * pstride + k0 * kPanelRows;
-      const std::int64_t next = std::min(here + kc * kPanelRows, end_floats);
-      const std::int64_t next_lines =
-          (std::min(next + kc * kPanelRows, end_floats) - next) * 4 / 64;
-      const std::int64_t per_block = (next_lines + blocks - 1) / blocks;
-      for (std::int64_t r0 = 0, rb = 0; r0 < m; r0 += kBlockRows, ++rb) {
-        const int rows = static_cast<int>(std::min(kBlockRows, m - r0));
-        const std::int64_t first = std::min(rb * per_block, next_lines);
-        panel_rows<1>(rows, xp + r0 * k + k0 * kBlockRows, kBlockRows, wp + here, pstride,
-                      out + r0 * ldo + p * kPanelRows, ldo, kc, c, alpha, b,
-                      reinterpret_cast<const char*>(wp + next) + 64 * first,
-                      std::min(per_block, next_lines - first));
-      }
-    }
+  switch (wdt) {
+    case DType::bf16:
+      panel_tile<Bf16Panel>(xp, m, static_cast<const std::uint16_t*>(wp), k, panels, cols, out, ldo,
+                            alpha, beta);
+      return;
+    case DType::f16:
+      panel_tile<F16Panel>(xp, m, static_cast<const std::uint16_t*>(wp), k, panels, cols, out, ldo,
+                           alpha, beta);
+      return;
+    default:
+      panel_tile<F32Panel>(xp, m, static_cast<const float*>(wp), k, panels, cols, out, ldo, alpha,
+                           beta);
+      return;
   }
 #else
   // Portable path: unpack the tile's panels and let Eigen compute.
   std::vector<float> w(static_cast<std::size_t>(cols * k)), x(static_cast<std::size_t>(m * k));
-  for (std::int64_t c = 0; c < cols; ++c)
-    for (std::int64_t p = 0; p < k; ++p)
-      w[c * k + p] = wp[(c / kPanelRows) * k * kPanelRows + p * kPanelRows + c % kPanelRows];
+  panels_to_f32(wp, wdt, cols, k, w.data());
   const std::int64_t mr = pack_block_rows(m);
   for (std::int64_t i = 0; i < m; ++i)
     for (std::int64_t p = 0; p < k; ++p) x[i * k + p] = xp[(i / mr) * mr * k + p * mr + i % mr];
@@ -268,27 +315,75 @@ void gemm_nt_tile(const float* x, std::int64_t ldx, const float* w, std::int64_t
   eigen_tile(x, ldx, w, ldw, out, ldo, m, n, k, alpha, beta);
 }
 
-void to_panels(const float* src, std::int64_t n, std::int64_t k, float* dst) {
+namespace {
+
+// Element e's value as f32.
+template <typename T>
+float widen(T v, DType dt) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)dt;
+    return v;
+  } else {
+    return dt == DType::bf16 ? bf16_to_float(v) : f16_to_float(v);
+  }
+}
+
+// Slot of panel row r within one step of a panel of dtype dt.
+int panel_slot(int r, DType dt) { return dt == DType::bf16 ? bf16_panel_slot(r) : r; }
+
+template <typename T>
+void to_panels_t(const T* src, DType dt, std::int64_t n, std::int64_t k, T* dst) {
   const std::int64_t panels = (n + kPanelRows - 1) / kPanelRows;
   for (std::int64_t p = 0; p < panels; ++p)
-    for (std::int64_t r = 0; r < kPanelRows; ++r) {
+    for (int r = 0; r < kPanelRows; ++r) {
       const std::int64_t row = p * kPanelRows + r;
-      float* d = dst + p * k * kPanelRows + r;
+      T* d = dst + p * k * kPanelRows + panel_slot(r, dt);
       if (row < n) {
-        const float* s = src + row * k;
+        const T* s = src + row * k;
         for (std::int64_t c = 0; c < k; ++c) d[c * kPanelRows] = s[c];
       } else {
-        for (std::int64_t c = 0; c < k; ++c) d[c * kPanelRows] = 0.0f;
+        for (std::int64_t c = 0; c < k; ++c) d[c * kPanelRows] = T{};
       }
     }
 }
 
-void from_panels(const float* src, std::int64_t n, std::int64_t k, float* dst) {
+template <typename T, typename U>
+void from_panels_t(const T* src, DType dt, std::int64_t n, std::int64_t k, U* dst) {
   for (std::int64_t row = 0; row < n; ++row) {
-    const float* s = src + (row / kPanelRows) * k * kPanelRows + row % kPanelRows;
-    float* d = dst + row * k;
-    for (std::int64_t c = 0; c < k; ++c) d[c] = s[c * kPanelRows];
+    const T* s = src + (row / kPanelRows) * k * kPanelRows +
+                 panel_slot(static_cast<int>(row % kPanelRows), dt);
+    U* d = dst + row * k;
+    for (std::int64_t c = 0; c < k; ++c) {
+      if constexpr (std::is_same_v<T, U>)
+        d[c] = s[c * kPanelRows];
+      else
+        d[c] = widen(s[c * kPanelRows], dt);
+    }
   }
+}
+
+}  // namespace
+
+void to_panels(const void* src, DType dt, std::int64_t n, std::int64_t k, void* dst) {
+  if (dtype_size(dt) == 2)
+    to_panels_t(static_cast<const std::uint16_t*>(src), dt, n, k, static_cast<std::uint16_t*>(dst));
+  else
+    to_panels_t(static_cast<const float*>(src), dt, n, k, static_cast<float*>(dst));
+}
+
+void from_panels(const void* src, DType dt, std::int64_t n, std::int64_t k, void* dst) {
+  if (dtype_size(dt) == 2)
+    from_panels_t(static_cast<const std::uint16_t*>(src), dt, n, k,
+                  static_cast<std::uint16_t*>(dst));
+  else
+    from_panels_t(static_cast<const float*>(src), dt, n, k, static_cast<float*>(dst));
+}
+
+void panels_to_f32(const void* src, DType dt, std::int64_t n, std::int64_t k, float* dst) {
+  if (dtype_size(dt) == 2)
+    from_panels_t(static_cast<const std::uint16_t*>(src), dt, n, k, dst);
+  else
+    from_panels_t(static_cast<const float*>(src), dt, n, k, dst);
 }
 
 }  // namespace autoglm::detail

@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 // FP32 GEMM kernels of the CPU backend: out[m, n] = alpha * x[m, k] * w[n, k]^T + beta * out,
-// with w either row-major (the Hugging Face [out, in] layout) or in Layout::panel32.
+// with w either row-major f32 (the Hugging Face [out, in] layout) or in Layout::panel32 as f32,
+// bf16 or f16 (16-bit weights are widened exactly inside the kernel; compute is f32).
 #pragma once
 
 #include <cstdint>
+
+#include "autoglm/core/dtype.hpp"
 
 namespace autoglm::detail {
 
@@ -16,8 +19,9 @@ std::int64_t packed_x_size(std::int64_t m, std::int64_t k);
 void pack_x(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k, float* dst);
 
 /// Output tile against panel32 weights: xp from pack_x (m rows, starting on a block), wp the
-/// first of `panels` panels of depth k, `cols` valid output columns (<= 32 * panels).
-void gemm_panel_tile(const float* xp, std::int64_t m, const float* wp, std::int64_t k,
+/// first of `panels` panels of depth k with elements of wdt (f32, bf16 or f16), `cols` valid
+/// output columns (<= 32 * panels).
+void gemm_panel_tile(const float* xp, std::int64_t m, const void* wp, DType wdt, std::int64_t k,
                      std::int64_t panels, std::int64_t cols, float* out, std::int64_t ldo,
                      float alpha, float beta);
 
@@ -26,9 +30,19 @@ void gemm_nt_tile(const float* x, std::int64_t ldx, const float* w, std::int64_t
                   std::int64_t ldo, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                   float beta);
 
-/// Row-major [n, k] -> panel32 (rows past n zero).
-void to_panels(const float* src, std::int64_t n, std::int64_t k, float* dst);
-/// panel32 -> row-major [n, k].
-void from_panels(const float* src, std::int64_t n, std::int64_t k, float* dst);
+/// Where panel row r (0..31) sits within one k step of a bf16 panel: the kernel widens a 64-byte
+/// step with vpunpcklwd / vpunpckhwd, which take words 0-3 and 4-7 of each 128-bit lane, so
+/// rows 0-15 go to those low words and rows 16-31 to the high ones. f32 and f16 panels keep
+/// rows in order.
+constexpr int bf16_panel_slot(int r) noexcept {
+  return (r % 16) / 4 * 8 + r % 4 + (r >= 16 ? 4 : 0);
+}
+
+/// Row-major [n, k] -> panel32 of the same dtype dt (f32, bf16 or f16; rows past n zero).
+void to_panels(const void* src, DType dt, std::int64_t n, std::int64_t k, void* dst);
+/// panel32 -> row-major [n, k], same dtype.
+void from_panels(const void* src, DType dt, std::int64_t n, std::int64_t k, void* dst);
+/// panel32 of dtype dt -> row-major f32 [n, k] (exact).
+void panels_to_f32(const void* src, DType dt, std::int64_t n, std::int64_t k, float* dst);
 
 }  // namespace autoglm::detail

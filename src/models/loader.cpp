@@ -38,12 +38,14 @@ class Checkpoint {
  public:
   Checkpoint(Backend& backend, SafeTensorsModel st, std::string dir,
              const std::function<bool(const LoadProgress&)>* progress,
-             std::optional<QuantSpec> int8 = std::nullopt)
+             std::optional<QuantSpec> int8 = std::nullopt,
+             WeightStorage storage = WeightStorage::as_stored)
       : backend_(backend),
         st_(std::move(st)),
         dir_(std::move(dir)),
         progress_(progress),
-        int8_(int8) {}
+        int8_(int8),
+        storage_(storage) {}
 
   bool has(const std::string& name) const { return st_.find(name) != nullptr; }
   /// True when `name` is stored as int8 (an autoglm int8 checkpoint's quantized weight).
@@ -246,32 +248,59 @@ class Checkpoint {
   /// Layout of the weight matrices the consumers would otherwise re-lay out (prepare_weights).
   Layout weight_layout() const noexcept { return backend_.weight_layout(); }
 
-  /// A planned weight matrix: int8 packed for the kernels when stored as int8, else f32 (after
-  /// conversion) in the backend's weight layout, its source pages released. With a row-major
-  /// backend the f32 case is take() (in place).
-  Weight take_weight(const std::string& name) {
+  /// The dtype a weight matrix built from the planned float tensors `names` is kept in: their
+  /// common stored dtype when it is bf16 / f16, WeightStorage::as_stored asks for it and the
+  /// backend computes with it (then it is exact: the kernels widen it); else f32.
+  DType matrix_dtype(std::initializer_list<const std::string*> names) const {
+    if (storage_ != WeightStorage::as_stored) return DType::f32;
+    DType dt = DType::f32;
+    bool first = true;
+    for (const std::string* n : names) {
+      const DType t = *st_.at(*n).dtype;
+      if (!first && t != dt) return DType::f32;
+      dt = t;
+      first = false;
+    }
+    return backend_.supports_weight_dtype(dt) ? dt : DType::f32;
+  }
+  /// matrix_dtype over a list of names.
+  DType matrix_dtype(const std::vector<std::string>& names) const {
+    DType dt = DType::f32;
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      const DType t = matrix_dtype({&names[i]});
+      if (i > 0 && t != dt) return DType::f32;
+      dt = t;
+    }
+    return dt;
+  }
+
+  /// A planned weight matrix: int8 packed for the kernels when stored as int8, else in the
+  /// backend's weight layout as matrix_dtype says, its source pages released. With a row-major
+  /// backend the float case is take() (f32, in place when stored so). `count`: report progress.
+  Weight take_weight(const std::string& name, bool count = true) {
     if (is_int8(name)) return take_packed(name);
     if (weight_layout() == Layout::row_major) return take(name);
-    Tensor out(backend_, DType::f32, *st_.at(name).shape, weight_layout());
-    take_into(name, out);
+    Tensor out(backend_, matrix_dtype({&name}), *st_.at(name).shape, weight_layout());
+    take_into(name, out, count);
     return out;
   }
 
   /// Copies a planned tensor into dst (converting from its stored dtype; dst row-major with
   /// the same element count, or in another layout with the same shape), then releases the
   /// source pages.
-  void take_into(const std::string& name, TensorView dst) {
+  void take_into(const std::string& name, TensorView dst, bool count = true) {
     const TensorInfo& info = st_.at(name);
     if (dst.layout == Layout::row_major) {
       const Tensor src = st_.load(backend_, name, *info.dtype);
       backend_.convert(TensorView(src).reshaped(dst.shape), dst);
     } else {
-      // relayout reads f32: in place when stored as f32, else a converted temporary.
-      const Tensor src = st_.load(backend_, name, DType::f32);
+      // relayout keeps the dtype: in place when stored as dst's dtype, else a converted
+      // temporary.
+      const Tensor src = st_.load(backend_, name, dst.dtype);
       backend_.relayout(src, dst);
     }
     st_.release(name);
-    report(name);
+    if (count) report(name);
   }
 
   /// A planned stack [E, N, K] in the backend's weight layout, re-laid out one matrix at a
@@ -281,26 +310,27 @@ class Checkpoint {
     if (weight_layout() == Layout::row_major) return take(name);
     const TensorInfo& info = st_.at(name);
     const Shape shape = *info.shape;
-    Tensor out(backend_, DType::f32, shape, weight_layout());
+    Tensor out(backend_, matrix_dtype({&name}), shape, weight_layout());
     if (backend_.device().kind == DeviceKind::cpu && shape[0] > 0) {
-      // The stored bytes (mapped, or an aligned copy), one matrix at a time; f16 / bf16 go
-      // through one f32 matrix reused for the whole stack.
+      // The stored bytes (mapped, or an aligned copy), one matrix at a time; a 16-bit stack
+      // widened to f32 goes through one f32 matrix reused for the whole stack.
       const HostTensor src = st_.host_view(name);
-      Tensor f32;
-      if (*info.dtype != DType::f32) f32 = Tensor(backend_, DType::f32, Shape{shape[1], shape[2]});
+      Tensor wide;
+      if (*info.dtype != out.dtype())
+        wide = Tensor(backend_, out.dtype(), Shape{shape[1], shape[2]});
       const std::size_t per = info.nbytes / static_cast<std::size_t>(shape[0]);
       for (std::int64_t e = 0; e < shape[0]; ++e) {
         const TensorView m = src.view[e];
-        if (f32.defined()) {
-          backend_.convert(m, f32);
-          backend_.relayout(f32, TensorView(out)[e]);
+        if (wide.defined()) {
+          backend_.convert(m, wide);
+          backend_.relayout(wide, TensorView(out)[e]);
         } else {
           backend_.relayout(m, TensorView(out)[e]);
         }
         st_.release(name, static_cast<std::size_t>(e) * per, static_cast<std::size_t>(e + 1) * per);
       }
-    } else {  // device memory: one converted f32 staging tensor
-      const Tensor src = st_.load(backend_, name, DType::f32);
+    } else {  // device memory: one converted staging tensor
+      const Tensor src = st_.load(backend_, name, out.dtype());
       backend_.relayout(src, out);
       st_.release(name);
     }
@@ -337,6 +367,7 @@ class Checkpoint {
   const std::function<bool(const LoadProgress&)>* progress_;
   LoadProgress progress_state_;
   std::optional<QuantSpec> int8_;
+  WeightStorage storage_;
 };
 
 /// Expert tensors of one MoE layer, in either layout.
@@ -562,7 +593,7 @@ void take_gate_up(Backend& b, Checkpoint& ck, const std::string& gate, const std
     ck.take_into(up, dst.slice(F, 2 * F));
     return;
   }
-  if (!scratch.defined()) scratch = Tensor(b, DType::f32, dst.shape);
+  if (!scratch.defined()) scratch = Tensor(b, dst.dtype, dst.shape);
   ck.take_into(gate, TensorView(scratch).slice(0, F));
   ck.take_into(up, TensorView(scratch).slice(F, 2 * F));
   b.relayout(scratch, dst);
@@ -574,8 +605,8 @@ SwiGluExperts build_mlp(Backend& b, Checkpoint& ck, const MlpNames& n, std::int6
   if (ck.is_int8(n.gate))
     return SwiGluExperts(ck.take_q_rows({{n.gate, n.up}}, Shape{1, 2 * F, d}),
                          ck.take_q_rows({{n.down}}, Shape{1, d, F}));
-  Tensor gu(b, DType::f32, Shape{1, 2 * F, d}, ck.weight_layout());
-  Tensor dn(b, DType::f32, Shape{1, d, F}, ck.weight_layout());
+  Tensor gu(b, ck.matrix_dtype({&n.gate, &n.up}), Shape{1, 2 * F, d}, ck.weight_layout());
+  Tensor dn(b, ck.matrix_dtype({&n.down}), Shape{1, d, F}, ck.weight_layout());
   Tensor scratch;
   take_gate_up(b, ck, n.gate, n.up, TensorView(gu)[0], scratch);
   ck.take_into(n.down, TensorView(dn)[0]);
@@ -659,15 +690,17 @@ DecoderLayer build_layer(Backend& b, Checkpoint& ck, const ModelConfig& c, const
       dn = ck.take_q_rows(down, Shape{E, d, I});
     } else {
       // Written straight into the weight layout, one expert at a time (see the file comment).
-      Tensor gu32(b, DType::f32, Shape{E, 2 * I, d}, ck.weight_layout());
-      Tensor dn32(b, DType::f32, Shape{E, d, I}, ck.weight_layout());
+      std::vector<std::string> gate_up = n.experts.gate;
+      gate_up.insert(gate_up.end(), n.experts.up.begin(), n.experts.up.end());
+      Tensor gu_bank(b, ck.matrix_dtype(gate_up), Shape{E, 2 * I, d}, ck.weight_layout());
+      Tensor dn_bank(b, ck.matrix_dtype(n.experts.downs), Shape{E, d, I}, ck.weight_layout());
       Tensor scratch;
       for (std::int64_t e = 0; e < E; ++e) {
-        take_gate_up(b, ck, n.experts.gate[e], n.experts.up[e], TensorView(gu32)[e], scratch);
-        ck.take_into(n.experts.downs[e], TensorView(dn32)[e]);
+        take_gate_up(b, ck, n.experts.gate[e], n.experts.up[e], TensorView(gu_bank)[e], scratch);
+        ck.take_into(n.experts.downs[e], TensorView(dn_bank)[e]);
       }
-      gu = std::move(gu32);
-      dn = std::move(dn32);
+      gu = std::move(gu_bank);
+      dn = std::move(dn_bank);
     }
     GateNetwork gate(std::move(router), std::move(bias), c.gate_options());
     SwiGluExperts experts(std::move(gu), std::move(dn));
@@ -729,7 +762,7 @@ Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadO
                 "{}: LoadOptions::quantize was set, but the checkpoint is already int8 ({})",
                 dir.string(), int8 ? int8->scheme_name() : std::string());
   Checkpoint ck(backend, std::move(st), dir.string(),
-                options.progress ? &options.progress : nullptr, int8);
+                options.progress ? &options.progress : nullptr, int8, options.weights);
   check_layer_count(ck, c);
 
   // Plan: every name, dtype and shape, before any weight is read.
@@ -777,10 +810,9 @@ Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadO
     ck.st().release(embed);
   } else {
     head = table;
-    if (ck.weight_layout() != Layout::row_major) {
-      head = prepare_weights(backend, table.tensor());
-      ck.st().release(embed);
-    }
+    // The head is the stored table in the weight layout (16-bit kept as matrix_dtype says),
+    // read again from the file rather than from the f32 table.
+    if (ck.weight_layout() != Layout::row_major) head = ck.take_weight(embed, /*count=*/false);
   }
   const float eps = static_cast<float>(c.rms_norm_eps);
   Model model(backend, std::move(c), EmbeddingEncoder(std::move(table)), std::move(layers),

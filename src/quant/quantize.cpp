@@ -229,7 +229,8 @@ void divide_columns(float* w, std::int64_t n, std::int64_t k, const float* col_s
 QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::string_view name,
                          bool pack) {
   constexpr std::string_view fn = "quantize";
-  AUTOGLM_CHECK(w.dtype == DType::f32, dtype_mismatch, fn, "{} must be f32, got {}", name,
+  AUTOGLM_CHECK(w.dtype == DType::f32 || w.dtype == DType::bf16 || w.dtype == DType::f16,
+                dtype_mismatch, fn, "{} must be f32, bf16 or f16, got {}", name,
                 dtype_name(w.dtype));
   AUTOGLM_CHECK(w.rank() == 2 || w.rank() == 3, shape_mismatch, fn,
                 "{} must be [N, K] or [E, N, K], got {}", name, w.shape.str());
@@ -241,6 +242,7 @@ QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::st
   Tensor scales(backend, DType::f32, w.rank() == 2 ? Shape{n, groups} : Shape{mats, n, groups});
   // One matrix at a time: the host copy of a whole expert stack would double its memory.
   std::vector<float> host(static_cast<std::size_t>(n * k));
+  std::vector<std::uint16_t> half(w.dtype == DType::f32 ? 0 : host.size());
   std::vector<std::int8_t> q(host.size());
   std::vector<float> s(static_cast<std::size_t>(n * groups));
   // Column scales of every matrix, kept only if one of them chose any.
@@ -248,7 +250,13 @@ QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::st
   bool equalised = false;
   for (std::int64_t e = 0; e < mats; ++e) {
     const TensorView src = w.rank() == 3 ? w[e] : w;
-    backend.copy_to_host(host.data(), src);
+    if (half.empty()) {
+      backend.copy_to_host(host.data(), src);
+    } else {  // 16-bit storage widens exactly, so the codes equal those of the f32 weights
+      backend.copy_to_host(half.data(), src);
+      for (std::size_t i = 0; i < half.size(); ++i)
+        host[i] = w.dtype == DType::bf16 ? bf16_to_float(half[i]) : f16_to_float(half[i]);
+    }
     if (spec.equalize &&
         detail::column_scales(host.data(), n, k, group, spec.mode, cs.data() + e * k)) {
       equalised = true;
@@ -281,7 +289,7 @@ Weight quantize_weight(Backend& backend, const Weight& w, const QuantSpec& spec,
                        std::string_view name, bool pack) {
   if (w.is_quantized() || !w.defined() || w.empty()) return w;
   const Shape& s = w.shape();
-  if (s.rank() < 2 || s.rank() > 3 || w.tensor().dtype() != DType::f32) return w;
+  if (s.rank() < 2 || s.rank() > 3 || !detail::is_float_or_int8(w)) return w;
   const std::int64_t k = s[s.rank() - 1];
   if (spec.group != 0 && k % spec.group != 0) return w;
   return quantize(backend, w.tensor(), spec, name, pack);

@@ -94,10 +94,14 @@ class Backend {
   virtual void copy_to_host(void* dst, TensorView src) = 0;
   /// dst <- src with dtype conversion (f32/f16/bf16 among themselves; same dtype for ints).
   virtual void convert(TensorView src, TensorView dst) = 0;
+  /// True when gemm and grouped_gemm take weights of dtype t as they are (f32 always; a
+  /// backend may add bf16 / f16, widened exactly inside its kernels). prepare_weights converts
+  /// other float weights to f32.
+  virtual bool supports_weight_dtype(DType t) const noexcept { return t == DType::f32; }
   /// The layout this backend's GEMMs read weights fastest in (see prepare_weights).
   virtual Layout weight_layout() const noexcept { return Layout::row_major; }
-  /// dst <- src in dst's layout; same f32 shape, rank >= 2. Backends that only use row_major
-  /// need not implement it.
+  /// dst <- src in dst's layout; same shape and dtype (f32, or a 16-bit dtype the backend
+  /// supports as weights), rank >= 2. Backends that only use row_major need not implement it.
   virtual void relayout(TensorView src, TensorView dst) {
     (void)src;
     (void)dst;
@@ -109,11 +113,11 @@ class Backend {
   /// dst (f32, any layout) <- uniform in [-scale, scale], a function of (seed, logical index).
   virtual void fill_uniform(TensorView dst, std::uint64_t seed, float scale) = 0;
 
-  // a: [M, K], b: [N, K] (any layout), c: [M, N]; all f32.
+  // a: [M, K] f32; b: [N, K] (any layout; f32 or a supported 16-bit weight dtype); c: [M, N] f32.
   /// Dense GEMM, C = alpha A B^T + beta C.
   virtual void gemm(TensorView a, TensorView b, TensorView c, GemmParams p = {}) = 0;
-  // x: [R, K] rows grouped by expert; w: [E, N, K] (any layout); offsets: [E + 1] i32;
-  // out: [R, N].
+  // x: [R, K] rows grouped by expert; w: [E, N, K] (any layout; f32 or a supported 16-bit
+  // weight dtype); offsets: [E + 1] i32; out: [R, N].
   /// Grouped GEMM: out[offsets[e]:offsets[e+1]] = x[same rows] * w[e]^T for every expert.
   virtual void grouped_gemm(TensorView x, TensorView w, TensorView offsets, TensorView out) = 0;
 
@@ -225,13 +229,26 @@ class Backend {
                          const AttentionParams& p, TensorView out) = 0;
 };
 
-/// w in the backend's preferred weight layout: w itself when it already is (or is not an f32
-/// matrix stack), else a re-laid-out copy. Expert banks and heads call this once at build time.
+/// w in the backend's preferred weight form: w itself when it already is (or is not a float
+/// matrix stack), else a re-laid-out copy; a 16-bit weight the backend cannot compute with is
+/// widened to f32 (exact). Expert banks and heads call this once at build time.
 template <typename B>
 Tensor prepare_weights(B& backend, Tensor w) {
-  if (w.dtype() != DType::f32 || w.shape().rank() < 2 || w.layout() == backend.weight_layout())
-    return w;
-  Tensor out(backend, DType::f32, w.shape(), backend.weight_layout());
+  const DType dt = w.dtype();
+  const bool is_float = dt == DType::f32 || dt == DType::bf16 || dt == DType::f16;
+  if (!is_float || w.shape().rank() < 2) return w;
+  const DType want = backend.supports_weight_dtype(dt) ? dt : DType::f32;
+  if (want == dt && w.layout() == backend.weight_layout()) return w;
+  if (want != dt) {  // widen first (row-major), then re-lay out below if needed
+    AUTOGLM_CHECK(w.layout() == Layout::row_major, unsupported, "prepare_weights",
+                  "a {} {} weight in a non-row-major layout cannot be widened by backend {}",
+                  dtype_name(dt), w.shape().str(), backend.name());
+    Tensor wide(backend, DType::f32, w.shape());
+    backend.convert(w, wide);
+    w = std::move(wide);
+    if (w.layout() == backend.weight_layout()) return w;
+  }
+  Tensor out(backend, w.dtype(), w.shape(), backend.weight_layout());
   backend.relayout(w, out);
   return out;
 }

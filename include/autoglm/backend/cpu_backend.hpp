@@ -38,6 +38,8 @@ class CpuBackend final : public Backend {
   void copy_to_host(void* dst, TensorView src) override;
   void convert(TensorView src, TensorView dst) override;
   void fill(TensorView dst, float value) override;
+  /// f32 always; bf16 and f16 in builds with the AVX-512 panel kernels.
+  bool supports_weight_dtype(DType t) const noexcept override;
   Layout weight_layout() const noexcept override;
   void relayout(TensorView src, TensorView dst) override;
   void fill_uniform(TensorView dst, std::uint64_t seed, float scale) override;

@@ -158,6 +158,17 @@ struct LoadProgress {
   std::string_view tensor;        ///< the tensor just loaded (empty in the first report)
 };
 
+/// How load_model keeps float weight matrices (attention, experts, dense MLPs, router, head).
+enum class WeightStorage : std::uint8_t {
+  /// bf16 / f16 matrices stay 16-bit where the backend computes with them
+  /// (Backend::supports_weight_dtype; the CPU backend's AVX-512 kernels do): half the memory and
+  /// half the bytes a decode step reads, and the same logits as f32, since the kernels widen each
+  /// weight exactly before the f32 multiply-add. f32 matrices stay f32.
+  as_stored,
+  /// Every matrix widened to f32 at load.
+  f32,
+};
+
 /// Options of load_model.
 struct LoadOptions {
   /// Called once before the first tensor and after every tensor; returning false cancels the
@@ -172,6 +183,8 @@ struct LoadOptions {
   /// table and head, which also exist in f32 while lm_head / embeddings are quantized). An int8
   /// checkpoint with this set is an Error.
   std::optional<QuantConfig> quantize;
+  /// Storage of float weight matrices. Embedding tables, norms and biases are f32 either way.
+  WeightStorage weights = WeightStorage::as_stored;
 };
 
 /// Loads a Hugging Face checkpoint directory (config.json plus model.safetensors or a sharded
