@@ -307,24 +307,25 @@ struct ScratchCheckpoint {
     shapes.erase(shapes.begin() + i);
     data.erase(data.begin() + i);
   }
-  /// Rounds every F32 tensor to bf16; as_bf16 stores BF16, else the rounded values as F32.
-  void round_to_bf16(bool as_bf16) {
+  /// Rounds every F32 tensor to bf16 (or f16); store16 stores BF16 (F16), else the rounded
+  /// values as F32.
+  void round_to_bf16(bool store16, DType half = DType::bf16) {
     for (std::size_t i = 0; i < names.size(); ++i) {
       const std::size_t n = data[i].size() / 4;
-      std::vector<std::byte> out(as_bf16 ? n * 2 : n * 4);
+      std::vector<std::byte> out(store16 ? n * 2 : n * 4);
       for (std::size_t j = 0; j < n; ++j) {
         float f;
         std::memcpy(&f, data[i].data() + 4 * j, 4);
-        const std::uint16_t h = float_to_bf16(f);
-        if (as_bf16) {
+        const std::uint16_t h = half == DType::bf16 ? float_to_bf16(f) : float_to_f16(f);
+        if (store16) {
           std::memcpy(out.data() + 2 * j, &h, 2);
         } else {
-          const float r = bf16_to_float(h);
+          const float r = half == DType::bf16 ? bf16_to_float(h) : f16_to_float(h);
           std::memcpy(out.data() + 4 * j, &r, 4);
         }
       }
       data[i] = std::move(out);
-      dtypes[i] = as_bf16 ? "BF16" : "F32";
+      dtypes[i] = store16 ? (half == DType::bf16 ? "BF16" : "F16") : "F32";
     }
   }
   void write() const {
@@ -434,18 +435,42 @@ TEST_CASE("load_model: progress reports every tensor and can cancel", "[models][
   CHECK_ERROR(load_model(backend, dir, lo), cancelled, "load_model", "cancelled", "4 of");
 }
 
-TEST_CASE("load_model: BF16 checkpoints compute like their F32 values", "[models][loader]") {
+TEST_CASE("load_model: BF16 / F16 checkpoints stay 16-bit and compute like their F32 values",
+          "[models][loader][half]") {
   CpuBackend backend(CpuBackendOptions{.threads = 2});
-  const Expected ex = read_expected(fixtures_dir() / "glm4_moe_qknorm");
-  ScratchCheckpoint a("glm4_moe_qknorm", "bf16"), b("glm4_moe_qknorm", "bf16f32");
-  a.round_to_bf16(true);
-  b.round_to_bf16(false);
-  a.write();
-  b.write();
-  const Model ma = load_model(backend, a.dir), mb = load_model(backend, b.dir);
-  const std::vector<float> la = host_f32(backend, ma.forward(ex.prompt));
-  CHECK(la == host_f32(backend, mb.forward(ex.prompt)));
-  CHECK(std::all_of(la.begin(), la.end(), [](float v) { return std::isfinite(v); }));
+  // Per-expert and fused experts, tied and untied heads, GQA and MLA, dense first layers.
+  for (const char* fixture :
+       {"glm4_moe_qknorm", "glm4_moe_hub_tied", "mixtral_fused_tied", "qwen2_moe", "deepseek_v3"}) {
+    for (DType half : {DType::bf16, DType::f16}) {
+      DYNAMIC_SECTION(fixture << " " << dtype_name(half)) {
+        const Expected ex = read_expected(fixtures_dir() / fixture);
+        ScratchCheckpoint a(fixture, "half16"), b(fixture, "half32");
+        a.round_to_bf16(true, half);
+        b.round_to_bf16(false, half);
+        a.write();
+        b.write();
+        const Model m16 = load_model(backend, a.dir);
+        const Model m32 = load_model(backend, b.dir);
+        const Model wide = load_model(backend, a.dir, LoadOptions{.weights = WeightStorage::f32});
+        // Kept 16-bit where the kernels read it (AVX-512 builds), f32 otherwise.
+        const DType kept = backend.supports_weight_dtype(half) ? half : DType::f32;
+        CHECK(m16.head().head().tensor().dtype() == kept);
+        CHECK(m16.head().head().tensor().nbytes() * dtype_size(DType::f32) ==
+              m32.head().head().tensor().nbytes() * dtype_size(kept));
+        CHECK(wide.head().head().tensor().dtype() == DType::f32);
+        // Exact widening: the logits are those of the rounded f32 checkpoint, bit for bit.
+        const std::vector<float> l16 = host_f32(backend, m16.forward(ex.prompt));
+        CHECK(std::all_of(l16.begin(), l16.end(), [](float v) { return std::isfinite(v); }));
+        check_bitwise(l16, host_f32(backend, m32.forward(ex.prompt)), "16-bit vs f32 file");
+        check_bitwise(l16, host_f32(backend, wide.forward(ex.prompt)), "16-bit vs widened");
+        // Quantizing a 16-bit model gives the codes of its f32 values.
+        const QuantConfig qc{};
+        check_bitwise(host_f32(backend, quantize_model(m16, qc).forward(ex.prompt)),
+                      host_f32(backend, quantize_model(m32, qc).forward(ex.prompt)),
+                      "int8 from 16-bit vs from f32");
+      }
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------ primitives
