@@ -36,6 +36,7 @@ struct Args {
   std::string save_quantized;                     // write the int8 checkpoint here, then run it
   std::string parts = "experts,attention,dense";  // what --quantize converts
   std::string equalize = "on";                    // column equalisation of int8 weights
+  std::string weights = "stored";                 // float matrices: as stored, or f32
 };
 
 void usage() {
@@ -46,6 +47,7 @@ void usage() {
       "                 [--quantize int8|int8_g32|int8_g64|int8_g128] [--activations "
       "weight_only|w8a8]\n"
       "                 [--save-quantized OUT_DIR] [--quantize-parts LIST] [--equalize on|off]\n"
+      "                 [--weights stored|f32]\n"
       "DIR holds config.json and model.safetensors (or a sharded index). Greedy by default.\n"
       "--group-mask: value of discarded expert groups (DeepSeek-V3 / GLM group-limited routing):\n"
       "  neg_inf (default: transformers 5.x, DeepSeek reference, llama.cpp, vLLM), zero\n"
@@ -59,6 +61,8 @@ void usage() {
       "  (default experts,attention,dense).\n"
       "--equalize off: no column scales for weight-only int8 (on: where a few large input\n"
       "  columns dominate, see docs/quantization.md).\n"
+      "--weights: float weight matrices as stored (default: a BF16 / F16 checkpoint stays 16-bit,\n"
+      "  half the memory of f32, same logits) or f32 (widened at load).\n"
       "--save-quantized OUT_DIR: writes the int8 checkpoint (quantize_checkpoint) and runs it;\n"
       "  an int8 directory loads directly with --model, without re-quantizing.");
 }
@@ -137,6 +141,8 @@ Args parse(int argc, char** argv) {
       a.parts = v;
     else if (f == "--equalize")
       a.equalize = v;
+    else if (f == "--weights")
+      a.weights = v;
     else
       bad(fmt::format("unknown flag {}; see --help", f));
   }
@@ -148,6 +154,8 @@ Args parse(int argc, char** argv) {
     bad(fmt::format("--group-mask {} must be neg_inf, zero or config", a.group_mask));
   if (a.equalize != "on" && a.equalize != "off")
     bad(fmt::format("--equalize {} must be on or off", a.equalize));
+  if (a.weights != "stored" && a.weights != "f32")
+    bad(fmt::format("--weights {} must be stored or f32", a.weights));
   if (!a.save_quantized.empty() && a.quantize.empty()) a.quantize = "int8";
   if (!a.quantize.empty()) autoglm::QuantSpec::parse(a.quantize, a.activations);  // validates
   return a;
@@ -183,6 +191,7 @@ int main(int argc, char** argv) {
       draw_progress(p);
       return true;
     };
+    if (a.weights == "f32") lo.weights = autoglm::WeightStorage::f32;
     if (a.group_mask != "config") {
       autoglm::FidelityOptions f;
       f.group_mask =
@@ -246,6 +255,9 @@ int main(int argc, char** argv) {
                  qc.spec.mode_name());
     else if (!c.quantization.method.empty())
       fmt::print("weights: int8, as stored ({})\n", c.quantization.method);
+    else if (!model.head().head().is_quantized())
+      fmt::print("weights: {} matrices\n",
+                 autoglm::dtype_name(model.head().head().tensor().dtype()));
     autoglm::Session session(model);
     autoglm::GenerateOptions go;
     go.max_new_tokens = a.max_new;

@@ -135,14 +135,14 @@ def gib(kib_or_bytes: float, unit: str = "kib") -> float:
 # transformers
 
 
-def run_transformers(model_dir: Path, experts: str, prompt: list[int], args) -> dict:
+def run_transformers(model_dir: Path, experts: str, dtype: str, prompt: list[int], args) -> dict:
     import torch
     import transformers
     from transformers import DynamicCache
 
     t0 = time.monotonic()
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager",
+        model_dir, dtype=getattr(torch, dtype), attn_implementation="eager",
         experts_implementation=experts).eval()
     load_s = time.monotonic() - t0
     impl = (model.config._attn_implementation,
@@ -171,7 +171,7 @@ def run_transformers(model_dir: Path, experts: str, prompt: list[int], args) -> 
         greedy = [first] + decode(cache, first, args.decode)
         last_logits = logits.float().numpy().copy()
         del cache
-        with BenchLock(f"transformers {experts}"), NoiseMeter() as noise:
+        with BenchLock(f"transformers {experts} {dtype}"), NoiseMeter() as noise:
             for _ in range(args.repetitions):
                 t = time.perf_counter()
                 logits, cache = prefill()
@@ -182,11 +182,11 @@ def run_transformers(model_dir: Path, experts: str, prompt: list[int], args) -> 
                 decode_s.append(time.perf_counter() - t)
                 del cache
                 if [tok] + toks != greedy:
-                    print(f"  warning: transformers {experts}: a repetition's greedy tokens differ",
-                          flush=True)
+                    print(f"  warning: transformers {experts} {dtype}: a repetition's greedy "
+                          "tokens differ", flush=True)
     del model, logits
     gc.collect()
-    return {"experts": experts, "impl": impl, "load_s": load_s, "prefill_s": prefill_s,
+    return {"experts": experts, "dtype": dtype, "impl": impl, "load_s": load_s, "prefill_s": prefill_s,
             "decode_s": decode_s, "greedy": greedy, "last_logits": last_logits,
             "noise": noise.share, "rss_after_free_kib": status_kib("VmRSS")}
 
@@ -239,6 +239,11 @@ def main() -> None:
     p.add_argument("--model", choices=sorted(make_model.MODELS), default="qwen3",
                    help="shapes of the checkpoint to build when --model-dir does not exist")
     p.add_argument("--layers", type=int, help="layers of a checkpoint to build (make_model.py)")
+    p.add_argument("--dtype", choices=("f32", "bf16"), default="f32",
+                   help="stored dtype of the checkpoint to build / pick (make_model.py --dtype)")
+    p.add_argument("--torch-dtypes", default=None,
+                   help="dtype(s) transformers computes in, comma list of float32 / bfloat16 "
+                        "(default: float32 for an F32 checkpoint, bfloat16,float32 for BF16)")
     p.add_argument("--model-dir", type=Path,
                    help="checkpoint directory (default /tmp/autoglm_models/<model>_<layers>l)")
     p.add_argument("--build-dir", type=Path, default=REPO / "build-mbench")
@@ -264,7 +269,9 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
 
     layers = args.layers or make_model.MODELS[args.model]["layers"]
-    model_dir = args.model_dir or Path(f"/tmp/autoglm_models/{args.model}_{layers}l")
+    model_dir = args.model_dir or Path(make_model.default_dir(args.model, layers, args.dtype))
+    torch_dtypes = [d for d in (args.torch_dtypes or (
+        "bfloat16,float32" if args.dtype == "bf16" else "float32")).split(",") if d]
     binary = args.build_dir / "benchmarks" / "bench_model"
 
     print("command: " + shlex.join([sys.executable] + sys.argv))
@@ -276,7 +283,7 @@ def main() -> None:
         print(f"\n[0] building {model_dir} (tools/bench/make_model.py, a subprocess)", flush=True)
         cmd = [sys.executable, str(HERE / "make_model.py"), "--model", args.model,
                "--layers", str(layers), "--out", str(model_dir),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--dtype", args.dtype]
         subprocess.run(cmd, check=True)
     cfg = json.loads((model_dir / "config.json").read_text())
     ckpt_bytes = make_model.checkpoint_bytes(str(model_dir))
@@ -288,15 +295,17 @@ def main() -> None:
     print(f"checkpoint: {model_dir}: {cfg['model_type']}, {cfg['num_hidden_layers']} layers, "
           f"hidden {cfg['hidden_size']}, {n_experts} "
           f"experts top-{cfg['num_experts_per_tok']}, vocab {vocab}; "
-          f"{ckpt_bytes / 2**30:.2f} GiB of F32 safetensors")
+          f"{ckpt_bytes / 2**30:.2f} GiB of {args.dtype.upper()} safetensors")
     print(f"prompt: {args.prompt} random ids (seed {args.seed}); decode {args.decode} greedy "
           f"steps; {args.repetitions} repetitions, {args.stat} reported")
 
     results = {}
-    for i, experts in enumerate(e for e in args.experts.split(",") if e):
-        print(f"\n[{i + 1}] transformers, attn eager, experts {experts}", flush=True)
-        results[experts] = run_transformers(model_dir, experts, prompt, args)
-        r = results[experts]
+    runs = [(e, d) for d in torch_dtypes for e in args.experts.split(",") if e]
+    for i, (experts, dtype) in enumerate(runs):
+        key = f"{experts}, {dtype}"
+        print(f"\n[{i + 1}] transformers, attn eager, experts {experts}, {dtype}", flush=True)
+        results[key] = run_transformers(model_dir, experts, dtype, prompt, args)
+        r = results[key]
         print(f"  loaded in {r['load_s']:.1f} s ({r['impl']}); prefill "
               f"{[round(args.prompt / s, 1) for s in r['prefill_s']]} tok/s; decode "
               f"{[round(args.decode / s, 2) for s in r['decode_s']]} tok/s; "
@@ -314,11 +323,12 @@ def main() -> None:
     ag_dc = pick(ag["decode_tps"], args.stat, True)
     star = lambda share: "*" if share is not None and share >= 0.05 else ""  # noqa: E731
     print(f"\n== {cfg['model_type']} x{cfg['num_hidden_layers']} layers, {args.threads} threads, "
-          f"FP32: prompt {args.prompt} tokens, decode {args.decode} steps ==")
+          f"{args.dtype.upper()} checkpoint (autoglm computes in f32 on the stored weights): "
+          f"prompt {args.prompt} tokens, decode {args.decode} steps ==")
     print(f"{'':38} {'prefill tok/s':>14} {'decode tok/s':>13}")
     rows = [("autoglm", ag_pf, ag_dc, ag["noise"])]
     for experts, r in results.items():
-        rows.append((f"transformers (attn eager, experts {experts})",
+        rows.append((f"transformers ({experts})",
                      args.prompt / pick(r["prefill_s"], args.stat, False),
                      args.decode / pick(r["decode_s"], args.stat, False), r["noise"]))
     for name, pf, dc, noise in rows:
@@ -339,7 +349,7 @@ def main() -> None:
                      min(len(ag_greedy), len(r["greedy"])))
         tl = r["last_logits"]
         diff = float(np.abs(ag["last_logits"] - tl).max())
-        print(f"  transformers {experts:10} {r['greedy'][:16]}")
+        print(f"  transformers {experts:22} {r['greedy'][:16]}")
         print(f"    first {agree} of {len(r['greedy'])} greedy tokens agree; prefill last-position "
               f"logits: max |diff| {diff:.2e} (max |logit| {float(np.abs(tl).max()):.2f}, "
               f"rel {diff / max(1.0, float(np.abs(tl).max())):.1e})")

@@ -121,13 +121,15 @@ def draw(rule: str, shape, fan_in: int, gen, torch):
     return t.normal_(0.0, scale / math.sqrt(fan_in), generator=gen)
 
 
-def write_safetensors(path: str, tensors, gen, torch) -> int:
-    """Streams the tensors into one F32 safetensors file: the header first (every shape is
-    known), then each tensor drawn and written in turn, so at most one is in memory."""
+def write_safetensors(path: str, tensors, gen, torch, dtype: str = "f32") -> int:
+    """Streams the tensors into one F32 (or BF16) safetensors file: the header first (every
+    shape is known), then each tensor drawn and written in turn, so at most one is in memory.
+    BF16 values are the F32 draws rounded to nearest even (torch's conversion)."""
+    size, tag = (2, "BF16") if dtype == "bf16" else (4, "F32")
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, _, _ in tensors:
-        n = 4 * math.prod(shape)
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        n = size * math.prod(shape)
+        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)  # data section 8-byte aligned, as the writers do
@@ -136,12 +138,16 @@ def write_safetensors(path: str, tensors, gen, torch) -> int:
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
         for name, shape, rule, fan_in in tensors:  # data in header order: sorted by name
-            f.write(memoryview(draw(rule, shape, fan_in, gen, torch).numpy()).cast("B"))
+            t = draw(rule, shape, fan_in, gen, torch)
+            if dtype == "bf16":  # numpy has no bfloat16: write the bits
+                t = t.to(torch.bfloat16).view(torch.int16)
+            f.write(memoryview(t.numpy()).cast("B"))
     os.replace(tmp, path)
     return offset
 
 
-def build(name: str, layers: int, vocab: int, seed: int, out: str, threads: int) -> str:
+def build(name: str, layers: int, vocab: int, seed: int, out: str, threads: int,
+          dtype: str = "f32") -> str:
     import torch
     import transformers
     warnings.filterwarnings("ignore")
@@ -151,21 +157,22 @@ def build(name: str, layers: int, vocab: int, seed: int, out: str, threads: int)
     kw = dict(spec["config"], num_hidden_layers=layers, vocab_size=vocab, bos_token_id=None,
               eos_token_id=None, pad_token_id=None, use_cache=True)
     cfg = getattr(transformers, spec["config_class"])(**kw)
-    cfg.dtype = torch.float32
+    cfg.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     t0 = time.monotonic()
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     tensors = hub_tensors(model)
     del model
     n = sum(math.prod(s) for _, s, _, _ in tensors)
-    print(f"  {name}: {layers} layers, {n / 1e9:.3f} G parameters ({4 * n / 2**30:.2f} GiB F32), "
-          f"{len(tensors)} tensors", flush=True)
+    size = 2 if dtype == "bf16" else 4
+    print(f"  {name}: {layers} layers, {n / 1e9:.3f} G parameters ({size * n / 2**30:.2f} GiB "
+          f"{dtype.upper()}), {len(tensors)} tensors", flush=True)
     os.makedirs(out, exist_ok=True)
     cfg.save_pretrained(out)
     gen = torch.Generator().manual_seed(seed)
-    write_safetensors(os.path.join(out, "model.safetensors"), tensors, gen, torch)
+    write_safetensors(os.path.join(out, "model.safetensors"), tensors, gen, torch, dtype)
     with open(os.path.join(out, "make_model.json"), "w") as f:
-        json.dump({"model": name, "layers": layers, "vocab": vocab, "seed": seed,
+        json.dump({"model": name, "layers": layers, "vocab": vocab, "seed": seed, "dtype": dtype,
                    "transformers": transformers.__version__, "torch": torch.__version__,
                    "command": [sys.executable] + sys.argv}, f, indent=2)
     print(f"  wrote {out} in {time.monotonic() - t0:.0f} s", flush=True)
@@ -184,13 +191,19 @@ def main(argv=None) -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", help="default /tmp/autoglm_models/<model>_<layers>l")
+    ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32",
+                    help="stored dtype (bf16: the f32 draws rounded, as Hub checkpoints ship)")
+    ap.add_argument("--out", help="default /tmp/autoglm_models/<model>_<layers>l[_bf16]")
     a = ap.parse_args(argv)
     layers = a.layers or MODELS[a.model]["layers"]
     seed = a.seed if a.seed is not None else MODELS[a.model]["seed"]
-    out = a.out or f"/tmp/autoglm_models/{a.model}_{layers}l"
+    out = a.out or default_dir(a.model, layers, a.dtype)
     print("command: " + shlex.join([sys.executable] + sys.argv))
-    build(a.model, layers, a.vocab, seed, out, a.threads)
+    build(a.model, layers, a.vocab, seed, out, a.threads, a.dtype)
+
+
+def default_dir(model: str, layers: int, dtype: str = "f32") -> str:
+    return f"/tmp/autoglm_models/{model}_{layers}l" + ("_bf16" if dtype == "bf16" else "")
 
 
 if __name__ == "__main__":
