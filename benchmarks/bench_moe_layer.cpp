@@ -2,7 +2,9 @@
 // MoE layer forward at real model shapes (Mixtral-8x7B, Qwen3-30B-A3B, GLM-4.5-Air) and
 // 1 / 16 / 128 / 512 tokens, on the CPU backend: FP32 (MoELayer/...) and with int8 experts
 // (router f32), per-channel scales, in both activation modes (MoELayerInt8W8A8/... and
-// MoELayerInt8WOnly/...), quantized from the same FP32 layer.
+// MoELayerInt8WOnly/...), quantized from the same FP32 layer, and with BF16 expert weights
+// (MoELayerBF16/...: the FP32 layer's experts rounded to bf16, kept 16-bit and widened exactly in
+// the kernels; f32 compute, half the bytes).
 //
 //   bench_moe_layer [--threads=N] [--tiny] [Google Benchmark flags]
 //
@@ -97,13 +99,13 @@ class CacheFlusher {
 CacheFlusher* g_flush = nullptr;
 
 // How a benchmark runs the layer's experts.
-enum class Precision { fp32, int8_w8a8, int8_wonly };
+enum class Precision { fp32, int8_w8a8, int8_wonly, bf16 };
 
 // The one model alive at a time, and its int8 forms (built on first use).
 struct LiveModel {
   std::string name;
   std::optional<Layer> layer;
-  std::optional<Layer> w8a8, wonly;
+  std::optional<Layer> w8a8, wonly, bf16;
 };
 LiveModel g_live;
 
@@ -118,16 +120,45 @@ Layer build_layer(autoglm::CpuBackend& be, const ModelSpec& m) {
   return Layer(std::move(gate), std::move(experts), std::move(agg));
 }
 
+// A bank's weight [E, N, K] rounded to bf16 (nearest even), in the backend's weight layout;
+// one expert matrix at a time, so the copy costs half the bank and no more.
+autoglm::Weight to_bf16(autoglm::CpuBackend& be, const autoglm::Weight& w) {
+  const autoglm::Shape& s = w.shape();
+  autoglm::Tensor out(be, autoglm::DType::bf16, s, be.weight_layout());
+  std::vector<float> host(static_cast<std::size_t>(s[1] * s[2]));
+  std::vector<std::uint16_t> bits(host.size());
+  for (std::int64_t e = 0; e < s[0]; ++e) {
+    be.copy_to_host(host.data(), w.tensor().view()[e]);
+    for (std::size_t i = 0; i < host.size(); ++i) bits[i] = autoglm::float_to_bf16(host[i]);
+    be.copy_from_host(autoglm::TensorView(out)[e], bits.data());
+  }
+  return out;
+}
+autoglm::SwiGluExperts to_bf16(autoglm::CpuBackend& be, const autoglm::SwiGluExperts& x) {
+  return autoglm::SwiGluExperts(to_bf16(be, x.gate_up()), to_bf16(be, x.down()));
+}
+Layer bf16_layer(autoglm::CpuBackend& be, const Layer& l) {
+  autoglm::WeightedSumAggregator agg;
+  if (const auto& sh = l.aggregator().shared())
+    agg = autoglm::WeightedSumAggregator(autoglm::SharedExpert(to_bf16(be, sh->mlp()), sh->gate()));
+  return Layer(l.gate(), to_bf16(be, l.experts()), std::move(agg));
+}
+
 const Layer& acquire(const ModelSpec& m, Precision p = Precision::fp32) {
   if (g_live.name != m.name || !g_live.layer) {
     g_live.layer.reset();  // free the previous model before allocating the next
     g_live.w8a8.reset();
     g_live.wonly.reset();
+    g_live.bf16.reset();
     g_live.name.clear();
     g_live.layer.emplace(build_layer(*g_backend, m));
     g_live.name = m.name;
   }
   if (p == Precision::fp32) return *g_live.layer;
+  if (p == Precision::bf16) {
+    if (!g_live.bf16) g_live.bf16.emplace(bf16_layer(*g_backend, *g_live.layer));
+    return *g_live.bf16;
+  }
   std::optional<Layer>& q = p == Precision::int8_w8a8 ? g_live.w8a8 : g_live.wonly;
   if (!q) {
     const autoglm::QuantSpec spec{0, p == Precision::int8_w8a8
@@ -231,7 +262,8 @@ int main(int argc, char** argv) {
   const std::pair<const char*, Precision> precisions[] = {
       {"MoELayer/", Precision::fp32},
       {"MoELayerInt8W8A8/", Precision::int8_w8a8},
-      {"MoELayerInt8WOnly/", Precision::int8_wonly}};
+      {"MoELayerInt8WOnly/", Precision::int8_wonly},
+      {"MoELayerBF16/", Precision::bf16}};
   for (const ModelSpec& m : models)
     for (const auto& [prefix, p] : precisions)
       for (std::int64_t T : autoglm_bench::token_counts())
@@ -246,6 +278,7 @@ int main(int argc, char** argv) {
   benchmark::Shutdown();
   g_live.w8a8.reset();  // before the backend that owns the buffers
   g_live.wonly.reset();
+  g_live.bf16.reset();
   g_live.layer.reset();
   g_backend = nullptr;
   return 0;

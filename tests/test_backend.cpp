@@ -22,7 +22,9 @@ namespace {
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+std::vector<double> to_double(const std::vector<float>& v) {
+  return {v.begin(), v.end()};
+}
 
 /// Runs route_topk on host logits; returns ids, weights, stats on the host.
 struct TopkOut {
@@ -86,10 +88,15 @@ BACKEND_TEST("convert between f32, f16 and bf16 rounds like the reference", "") 
   // Random values over a wide range plus ties, subnormals, overflow and non-finite values;
   // more than one conversion block.
   std::vector<float> h = random_floats(40000, 2, -3.0f, 3.0f);
-  for (std::size_t i = 0; i < h.size(); i += 3) h[i] = std::ldexp(h[i], static_cast<int>(i % 60) - 40);
-  const std::vector<float> special{1.0f + 0x1p-11f, 1.0f + 3 * 0x1p-11f, 1.0f + 0x1p-8f,
-                                   0x1p-25f, 3 * 0x1p-26f, 65520.0f, 70000.0f, -1e30f, 1e-40f,
-                                   kInf, -kInf, kNaN, -0.0f, 3.4e38f};
+  for (std::size_t i = 0; i < h.size(); i += 3)
+    h[i] = std::ldexp(h[i], static_cast<int>(i % 60) - 40);
+  const std::vector<float> special{1.0f + 0x1p-11f, 1.0f + 3 * 0x1p-11f,
+                                   1.0f + 0x1p-8f,  0x1p-25f,
+                                   3 * 0x1p-26f,    65520.0f,
+                                   70000.0f,        -1e30f,
+                                   1e-40f,          kInf,
+                                   -kInf,           kNaN,
+                                   -0.0f,           3.4e38f};
   std::copy(special.begin(), special.end(), h.begin());
   const auto n = static_cast<std::int64_t>(h.size());
   Tensor src = tensor_f32(b, Shape{n}, h);
@@ -183,8 +190,8 @@ BACKEND_TEST("gemm: C = alpha A B^T + beta C", "") {
     std::int64_t M, N, K;
   };
   std::uint64_t seed = 10;
-  for (Case c : {Case{1, 1, 1}, Case{3, 5, 7}, Case{17, 33, 64}, Case{64, 48, 64},
-                 Case{300, 5, 8}, Case{2, 600, 16}}) {
+  for (Case c : {Case{1, 1, 1}, Case{3, 5, 7}, Case{17, 33, 64}, Case{64, 48, 64}, Case{300, 5, 8},
+                 Case{2, 600, 16}}) {
     for (GemmParams p : {GemmParams{1.0f, 0.0f}, GemmParams{0.5f, -2.0f}, GemmParams{-1.5f, 1.0f},
                          GemmParams{0.0f, 3.0f}}) {
       DYNAMIC_SECTION("M=" << c.M << " N=" << c.N << " K=" << c.K << " alpha=" << p.alpha
@@ -207,7 +214,8 @@ BACKEND_TEST("gemm: C = alpha A B^T + beta C", "") {
     check_close(host_f32(b, tc), ref::matmul_nt(A, B, 6, 5, 4), 1e-5, 1e-5, "gemm beta=0");
   }
   SECTION("empty extents") {
-    Tensor a0(b, DType::f32, Shape{0, 4}), b5 = uniform(b, Shape{5, 4}, 1), c0(b, DType::f32, Shape{0, 5});
+    Tensor a0(b, DType::f32, Shape{0, 4}), b5 = uniform(b, Shape{5, 4}, 1),
+                                           c0(b, DType::f32, Shape{0, 5});
     b.gemm(a0, b5, c0);  // M = 0: nothing to do
     Tensor a3(b, DType::f32, Shape{3, 0}), b2(b, DType::f32, Shape{2, 0});
     const auto C0 = random_floats(6, 3);
@@ -220,8 +228,10 @@ BACKEND_TEST("gemm: C = alpha A B^T + beta C", "") {
     CHECK(host_f32(b, c) == std::vector<float>(6, 0.0f));
   }
   SECTION("bad input") {
-    Tensor a(b, DType::f32, Shape{4, 7}), w(b, DType::f32, Shape{5, 6}), c(b, DType::f32, Shape{4, 5});
-    REQUIRE_ERROR(b.gemm(a, w, c), shape_mismatch, "gemm]", "b dimension 1 must be 7, got shape [5, 6]");
+    Tensor a(b, DType::f32, Shape{4, 7}), w(b, DType::f32, Shape{5, 6}),
+        c(b, DType::f32, Shape{4, 5});
+    REQUIRE_ERROR(b.gemm(a, w, c), shape_mismatch, "gemm]",
+                  "b dimension 1 must be 7, got shape [5, 6]");
     Tensor w7(b, DType::f32, Shape{5, 7}), c6(b, DType::f32, Shape{4, 6});
     REQUIRE_ERROR(b.gemm(a, w7, c6), shape_mismatch, "gemm]", "c dimension 1 must be 5");
     Tensor ai(b, DType::i32, Shape{4, 7});
@@ -239,7 +249,8 @@ BACKEND_TEST("grouped_gemm: per-expert row blocks, empty experts, untouched tail
   Backend& b = TestType::get();
   const std::int64_t E = 5, N = 6, K = 8, R = 14;
   const auto X = random_floats(R * K, 20), W = random_floats(E * N * K, 21);
-  const std::vector<std::int32_t> off{0, 0, 4, 4, 9, 12};  // experts 0 and 2 empty; rows 12, 13 unused
+  const std::vector<std::int32_t> off{0, 0, 4,
+                                      4, 9, 12};  // experts 0 and 2 empty; rows 12, 13 unused
   Tensor x = tensor_f32(b, Shape{R, K}, X), w = tensor_f32(b, Shape{E, N, K}, W);
   Tensor o = tensor_i32(b, Shape{E + 1}, off);
   Tensor out = tensor_f32(b, Shape{R, N}, std::vector<float>(R * N, 7.0f));
@@ -249,7 +260,8 @@ BACKEND_TEST("grouped_gemm: per-expert row blocks, empty experts, untouched tail
     for (std::int64_t r = off[e]; r < off[e + 1]; ++r)
       for (std::int64_t n = 0; n < N; ++n) {
         double s = 0.0;
-        for (std::int64_t k = 0; k < K; ++k) s += static_cast<double>(X[r * K + k]) * W[(e * N + n) * K + k];
+        for (std::int64_t k = 0; k < K; ++k)
+          s += static_cast<double>(X[r * K + k]) * W[(e * N + n) * K + k];
         want[r * N + n] = s;
       }
   check_close(host_f32(b, out), want, 1e-5, 1e-5, "grouped_gemm");
@@ -267,7 +279,8 @@ BACKEND_TEST("grouped_gemm: per-expert row blocks, empty experts, untouched tail
     b.grouped_gemm(tensor_f32(b, Shape{R2, K}, X2), tensor_f32(b, Shape{2, N, K}, W2),
                    tensor_i32(b, Shape{3}, {0, 0, 300}), out2);
     std::vector<float> W2e(W2.begin() + N * K, W2.end());
-    check_close(host_f32(b, out2), ref::matmul_nt(X2, W2e, R2, N, K), 1e-5, 1e-5, "grouped_gemm big");
+    check_close(host_f32(b, out2), ref::matmul_nt(X2, W2e, R2, N, K), 1e-5, 1e-5,
+                "grouped_gemm big");
   }
   SECTION("bad input") {
     REQUIRE_ERROR(b.grouped_gemm(x, w, tensor_i32(b, Shape{6}, {0, 5, 3, 4, 9, 12}), out),
@@ -298,9 +311,11 @@ BACKEND_TEST("route_topk softmax: top-k, renormalisation, scaling, stats", "[rou
     bool renorm;
     float scale, eps;
   };
-  for (Case c : {Case{2, true, 1.0f, 0.0f}, Case{1, true, 1.0f, 0.0f}, Case{3, false, 1.0f, 0.0f},
-                 Case{8, true, 1.0f, 0.0f}, Case{2, true, 2.5f, 0.1f}, Case{4, false, 0.5f, 0.0f}}) {
-    DYNAMIC_SECTION("k=" << c.k << " renorm=" << c.renorm << " scale=" << c.scale << " eps=" << c.eps) {
+  for (Case c :
+       {Case{2, true, 1.0f, 0.0f}, Case{1, true, 1.0f, 0.0f}, Case{3, false, 1.0f, 0.0f},
+        Case{8, true, 1.0f, 0.0f}, Case{2, true, 2.5f, 0.1f}, Case{4, false, 0.5f, 0.0f}}) {
+    DYNAMIC_SECTION("k=" << c.k << " renorm=" << c.renorm << " scale=" << c.scale
+                         << " eps=" << c.eps) {
       RouteParams p;
       p.top_k = c.k;
       p.renormalize = c.renorm;
@@ -397,11 +412,13 @@ BACKEND_TEST("route_topk group-limited: top-2 group score and both group masks",
     float bias_lo, bias_hi;
   };
   for (GroupMask mask : {GroupMask::zero, GroupMask::neg_inf}) {
-    for (Case c : {Case{4, 2, 4, -0.2f, 0.2f}, Case{8, 3, 5, -0.2f, 0.2f}, Case{16, 5, 5, -0.1f, 0.1f},
-                   Case{4, 2, 4, -1.5f, -0.8f}, Case{4, 1, 3, -1.2f, 0.2f}}) {
-      DYNAMIC_SECTION("random mask=" << (mask == GroupMask::zero ? "zero" : "neg_inf") << " n_group="
-                                     << c.n_group << " topk_group=" << c.topk_group << " k=" << c.k
-                                     << " bias in [" << c.bias_lo << ", " << c.bias_hi << "]") {
+    for (Case c :
+         {Case{4, 2, 4, -0.2f, 0.2f}, Case{8, 3, 5, -0.2f, 0.2f}, Case{16, 5, 5, -0.1f, 0.1f},
+          Case{4, 2, 4, -1.5f, -0.8f}, Case{4, 1, 3, -1.2f, 0.2f}}) {
+      DYNAMIC_SECTION("random mask=" << (mask == GroupMask::zero ? "zero" : "neg_inf")
+                                     << " n_group=" << c.n_group << " topk_group=" << c.topk_group
+                                     << " k=" << c.k << " bias in [" << c.bias_lo << ", "
+                                     << c.bias_hi << "]") {
         const std::int64_t T = 37, E = 16;
         const auto L = random_floats(T * E, 40 + c.n_group, -3.0f, 3.0f);
         const auto bias = random_floats(E, 50 + c.k, c.bias_lo, c.bias_hi);
@@ -434,7 +451,8 @@ BACKEND_TEST("route_topk group-limited: top-2 group score and both group masks",
   }
 }
 
-BACKEND_TEST("route_topk noise: seeded, per (token, expert), Gaussian with noise_std", "[routing]") {
+BACKEND_TEST("route_topk noise: seeded, per (token, expert), Gaussian with noise_std",
+             "[routing]") {
   Backend& b = TestType::get();
   const std::int64_t T = 37, E = 8;
   const auto L = random_floats(T * E, 70, -2.0f, 2.0f);
@@ -446,7 +464,8 @@ BACKEND_TEST("route_topk noise: seeded, per (token, expert), Gaussian with noise
 
   SECTION("matches the reference with the counter-based normal draws") {
     std::vector<double> noise(static_cast<std::size_t>(T * E));
-    for (std::int64_t i = 0; i < T * E; ++i) noise[i] = detail::normal(p.seed, static_cast<std::uint64_t>(i));
+    for (std::int64_t i = 0; i < T * E; ++i)
+      noise[i] = detail::normal(p.seed, static_cast<std::uint64_t>(i));
     const ref::Route r = ref::route_topk(to_double(L), T, E, {}, p, noise);
     ref::check_topk(r, out.ids, out.weights, p);
     check_stats(out.stats, r);
@@ -464,8 +483,10 @@ BACKEND_TEST("route_topk noise: seeded, per (token, expert), Gaussian with noise
   SECTION("a token's noise does not depend on the batch size") {
     const std::vector<float> head(L.begin(), L.begin() + 20 * E);
     const TopkOut part = run_topk(b, head, 20, E, {}, p);
-    check_bitwise(part.ids, std::vector<std::int32_t>(out.ids.begin(), out.ids.begin() + 40), "ids");
-    check_bitwise(part.weights, std::vector<float>(out.weights.begin(), out.weights.begin() + 40), "weights");
+    check_bitwise(part.ids, std::vector<std::int32_t>(out.ids.begin(), out.ids.begin() + 40),
+                  "ids");
+    check_bitwise(part.weights, std::vector<float>(out.weights.begin(), out.weights.begin() + 40),
+                  "weights");
   }
   SECTION("noise statistics") {
     // Two experts, zero logits, top-1 without renormalisation: the weight is
@@ -499,7 +520,8 @@ BACKEND_TEST("route_topk rejects bad parameters and non-finite logits", "[routin
   Backend& b = TestType::get();
   const std::int64_t T = 3, E = 8;
   Tensor L = uniform(b, Shape{T, E}, 80);
-  Tensor ids(b, DType::i32, Shape{T, 2}), w(b, DType::f32, Shape{T, 2}), s(b, DType::f32, Shape{E + 1});
+  Tensor ids(b, DType::i32, Shape{T, 2}), w(b, DType::f32, Shape{T, 2}),
+      s(b, DType::f32, Shape{E + 1});
   auto with = [](auto f) {
     RouteParams p;
     f(p);
@@ -515,11 +537,21 @@ BACKEND_TEST("route_topk rejects bad parameters and non-finite logits", "[routin
                 "top_k=9 outside [1, num_experts=8]");
   REQUIRE_ERROR(route(with([](RouteParams& p) { p.n_group = 3; })), invalid_argument, "route_topk]",
                 "n_group=3 does not divide num_experts=8");
-  REQUIRE_ERROR(route(with([](RouteParams& p) { p.n_group = 4; p.topk_group = 5; })),
+  REQUIRE_ERROR(route(with([](RouteParams& p) {
+                  p.n_group = 4;
+                  p.topk_group = 5;
+                })),
                 invalid_argument, "route_topk]", "topk_group=5 outside [1, n_group=4]");
-  REQUIRE_ERROR(route(with([](RouteParams& p) { p.n_group = 4; p.topk_group = 0; })),
+  REQUIRE_ERROR(route(with([](RouteParams& p) {
+                  p.n_group = 4;
+                  p.topk_group = 0;
+                })),
                 invalid_argument, "route_topk]", "topk_group=0");
-  REQUIRE_ERROR(route(with([](RouteParams& p) { p.n_group = 4; p.topk_group = 1; p.top_k = 3; })),
+  REQUIRE_ERROR(route(with([](RouteParams& p) {
+                  p.n_group = 4;
+                  p.topk_group = 1;
+                  p.top_k = 3;
+                })),
                 invalid_argument, "route_topk]", "top_k=3 exceeds the 2 experts");
   REQUIRE_ERROR(route(with([](RouteParams& p) { p.noise_std = -1.0f; })), invalid_argument,
                 "route_topk]", "noise_std=-1");
@@ -563,7 +595,8 @@ BACKEND_TEST("route_topk and route_expert_choice on an empty batch", "[routing]"
                Tensor(b, DType::f32, Shape{0, 2}), s);
   CHECK(host_f32(b, s) == std::vector<float>(E + 1, 0.0f));
   b.fill(s, 9.0f);
-  b.route_expert_choice(L, 3, Tensor(b, DType::i32, Shape{0, E}), Tensor(b, DType::f32, Shape{0, E}), s);
+  b.route_expert_choice(L, 3, Tensor(b, DType::i32, Shape{0, E}),
+                        Tensor(b, DType::f32, Shape{0, E}), s);
   CHECK(host_f32(b, s) == std::vector<float>(E + 1, 0.0f));
 }
 
@@ -574,7 +607,8 @@ BACKEND_TEST("route_expert_choice: each expert takes its top-C tokens", "[routin
   Tensor tl = tensor_f32(b, Shape{T, E}, L);
   for (std::int64_t C : {1, 5, 37, 100}) {
     DYNAMIC_SECTION("capacity " << C) {
-      Tensor ids(b, DType::i32, Shape{T, E}), w(b, DType::f32, Shape{T, E}), s(b, DType::f32, Shape{E + 1});
+      Tensor ids(b, DType::i32, Shape{T, E}), w(b, DType::f32, Shape{T, E}),
+          s(b, DType::f32, Shape{E + 1});
       b.route_expert_choice(tl, C, ids, w, s);
       const ref::Route r = ref::expert_choice(to_double(L), T, E, C);
       const auto hid = host_i32(b, ids);
@@ -586,7 +620,8 @@ BACKEND_TEST("route_expert_choice: each expert takes its top-C tokens", "[routin
     }
   }
   SECTION("bad input") {
-    Tensor ids(b, DType::i32, Shape{T, E}), w(b, DType::f32, Shape{T, E}), s(b, DType::f32, Shape{E + 1});
+    Tensor ids(b, DType::i32, Shape{T, E}), w(b, DType::f32, Shape{T, E}),
+        s(b, DType::f32, Shape{E + 1});
     REQUIRE_ERROR(b.route_expert_choice(tl, 0, ids, w, s), invalid_argument, "route_expert_choice]",
                   "capacity=0 must be >= 1");
     REQUIRE_ERROR(b.route_expert_choice(tl, 2, Tensor(b, DType::i32, Shape{T, E - 1}), w, s),
@@ -685,12 +720,12 @@ BACKEND_TEST("plan_dispatch: counting sort with slot-major capacity priority", "
     REQUIRE_ERROR(b.plan_dispatch(tensor_i32(b, Shape{3, 2}, {0, -2, 2, 3, 1, 0}), 0, c, o, rt, sr),
                   out_of_range, "plan_dispatch]", "expert id -2 at token 0");
     Tensor ids = tensor_i32(b, Shape{3, 2}, {0, 1, 2, 3, 4, 5});
-    REQUIRE_ERROR(b.plan_dispatch(ids, 0, c, Tensor(b, DType::i32, Shape{7}), rt, sr), shape_mismatch,
-                  "plan_dispatch]", "offsets must hold 8 values, got 7");
-    REQUIRE_ERROR(b.plan_dispatch(ids, 0, c, o, rt, Tensor(b, DType::i32, Shape{5})), shape_mismatch,
-                  "plan_dispatch]", "must hold 6 values");
-    REQUIRE_ERROR(b.plan_dispatch(ids, 0, Tensor(b, DType::f32, Shape{7}), o, rt, sr), dtype_mismatch,
-                  "plan_dispatch]", "counts must be i32, got f32");
+    REQUIRE_ERROR(b.plan_dispatch(ids, 0, c, Tensor(b, DType::i32, Shape{7}), rt, sr),
+                  shape_mismatch, "plan_dispatch]", "offsets must hold 8 values, got 7");
+    REQUIRE_ERROR(b.plan_dispatch(ids, 0, c, o, rt, Tensor(b, DType::i32, Shape{5})),
+                  shape_mismatch, "plan_dispatch]", "must hold 6 values");
+    REQUIRE_ERROR(b.plan_dispatch(ids, 0, Tensor(b, DType::f32, Shape{7}), o, rt, sr),
+                  dtype_mismatch, "plan_dispatch]", "counts must be i32, got f32");
   }
 }
 
@@ -702,15 +737,17 @@ BACKEND_TEST("gather_rows", "") {
   Tensor out(b, DType::f32, Shape{7, 6});
   b.gather_rows(x, tensor_i32(b, Shape{8}, rt), out);
   std::vector<float> want;
-  for (int r = 0; r < 7; ++r) want.insert(want.end(), X.begin() + rt[r] * 6, X.begin() + rt[r] * 6 + 6);
+  for (int r = 0; r < 7; ++r)
+    want.insert(want.end(), X.begin() + rt[r] * 6, X.begin() + rt[r] * 6 + 6);
   CHECK(host_f32(b, out) == want);
-  REQUIRE_ERROR(b.gather_rows(x, tensor_i32(b, Shape{7}, {0, 1, 2, 10, 0, 0, 0}), out), out_of_range,
-                "gather_rows]", "row 3 names token 10 of 10");
-  REQUIRE_ERROR(b.gather_rows(x, tensor_i32(b, Shape{7}, {0, -1, 2, 1, 0, 0, 0}), out), out_of_range,
-                "gather_rows]", "row 1 names token -1");
+  REQUIRE_ERROR(b.gather_rows(x, tensor_i32(b, Shape{7}, {0, 1, 2, 10, 0, 0, 0}), out),
+                out_of_range, "gather_rows]", "row 3 names token 10 of 10");
+  REQUIRE_ERROR(b.gather_rows(x, tensor_i32(b, Shape{7}, {0, -1, 2, 1, 0, 0, 0}), out),
+                out_of_range, "gather_rows]", "row 1 names token -1");
   REQUIRE_ERROR(b.gather_rows(x, tensor_i32(b, Shape{6}, {0, 1, 2, 1, 0, 0}), out), shape_mismatch,
                 "gather_rows]", "row_token holds 6 rows, out needs 7");
-  REQUIRE_ERROR(b.gather_rows(x, tensor_i32(b, Shape{7}, {9, 0, 3, 3, 7, 0, 1}), Tensor(b, DType::f32, Shape{7, 5})),
+  REQUIRE_ERROR(b.gather_rows(x, tensor_i32(b, Shape{7}, {9, 0, 3, 3, 7, 0, 1}),
+                              Tensor(b, DType::f32, Shape{7, 5})),
                 shape_mismatch, "gather_rows]", "out dimension 1 must be 6");
 }
 
@@ -731,14 +768,16 @@ BACKEND_TEST("combine: weighted sum of expert rows per token, dropped slots skip
         for (std::int64_t c = 0; c < d; ++c) {
           double s = acc ? prev[t * d + c] : 0.0;
           for (std::int64_t j = 0; j < k; ++j)
-            if (sr[t * k + j] >= 0) s += static_cast<double>(W[t * k + j]) * Y[sr[t * k + j] * d + c];
+            if (sr[t * k + j] >= 0)
+              s += static_cast<double>(W[t * k + j]) * Y[sr[t * k + j] * d + c];
           want[t * d + c] = s;
         }
       check_close(host_f32(b, out), want, 1e-6, 1e-6, "combine");
     }
   }
   SECTION("bad input") {
-    Tensor y = tensor_f32(b, Shape{R, d}, Y), w = tensor_f32(b, Shape{T, k}, W), out(b, DType::f32, Shape{T, d});
+    Tensor y = tensor_f32(b, Shape{R, d}, Y), w = tensor_f32(b, Shape{T, k}, W),
+           out(b, DType::f32, Shape{T, d});
     auto bad = sr;
     bad[4] = 9;
     REQUIRE_ERROR(b.combine(y, tensor_i32(b, Shape{T, k}, bad), w, out, false), out_of_range,
@@ -746,14 +785,15 @@ BACKEND_TEST("combine: weighted sum of expert rows per token, dropped slots skip
     bad[4] = -3;
     REQUIRE_ERROR(b.combine(y, tensor_i32(b, Shape{T, k}, bad), w, out, false), out_of_range,
                   "combine]", "slot 4 names row -3");
-    REQUIRE_ERROR(b.combine(y, tensor_i32(b, Shape{T * k - 1}, std::vector<std::int32_t>(T * k - 1, 0)),
-                            w, out, false),
-                  shape_mismatch, "combine]", "slot_row must hold 18 values");
-    REQUIRE_ERROR(b.combine(y, tensor_i32(b, Shape{T, k}, sr), Tensor(b, DType::f32, Shape{T - 1, k}), out,
-                            false),
+    REQUIRE_ERROR(
+        b.combine(y, tensor_i32(b, Shape{T * k - 1}, std::vector<std::int32_t>(T * k - 1, 0)), w,
+                  out, false),
+        shape_mismatch, "combine]", "slot_row must hold 18 values");
+    REQUIRE_ERROR(b.combine(y, tensor_i32(b, Shape{T, k}, sr),
+                            Tensor(b, DType::f32, Shape{T - 1, k}), out, false),
                   shape_mismatch, "combine]", "weights dimension 0 must be 6");
-    REQUIRE_ERROR(b.combine(Tensor(b, DType::f32, Shape{R, d + 1}), tensor_i32(b, Shape{T, k}, sr), w, out,
-                            false),
+    REQUIRE_ERROR(b.combine(Tensor(b, DType::f32, Shape{R, d + 1}), tensor_i32(b, Shape{T, k}, sr),
+                            w, out, false),
                   shape_mismatch, "combine]", "y dimension 1 must be 5");
   }
 }
@@ -797,7 +837,8 @@ BACKEND_TEST("gelu: erf form, in place allowed", "") {
   Tensor one = tensor_f32(b, Shape{1}, {1.0f});
   b.gelu(one, one);
   CHECK(host_f32(b, one)[0] == Approx(0.8413447460685429).epsilon(1e-6));
-  REQUIRE_ERROR(b.gelu(x, Tensor(b, DType::f32, Shape{3, 200})), shape_mismatch, "gelu]", "must match");
+  REQUIRE_ERROR(b.gelu(x, Tensor(b, DType::f32, Shape{3, 200})), shape_mismatch, "gelu]",
+                "must match");
 }
 
 BACKEND_TEST("softmax: rows of the last dimension, stable, in place", "") {
@@ -821,7 +862,8 @@ BACKEND_TEST("softmax: rows of the last dimension, stable, in place", "") {
       check_close(host_f32(b, x), want, 1e-7, 1e-5, "softmax");
     }
   }
-  REQUIRE_ERROR(b.softmax(Tensor(b, DType::i32, Shape{2, 2})), dtype_mismatch, "softmax]", "got i32");
+  REQUIRE_ERROR(b.softmax(Tensor(b, DType::i32, Shape{2, 2})), dtype_mismatch, "softmax]",
+                "got i32");
 }
 
 BACKEND_TEST("rms_norm: x * rsqrt(mean(x^2) + eps) * weight", "") {
@@ -836,7 +878,8 @@ BACKEND_TEST("rms_norm: x * rsqrt(mean(x^2) + eps) * weight", "") {
     const auto r = ref::rms_norm_row(X.data() + t * d, d, Wt.data(), eps);
     want.insert(want.end(), r.begin(), r.end());
   }
-  Tensor x = tensor_f32(b, Shape{T, d}, X), w = tensor_f32(b, Shape{d}, Wt), out(b, DType::f32, Shape{T, d});
+  Tensor x = tensor_f32(b, Shape{T, d}, X), w = tensor_f32(b, Shape{d}, Wt),
+         out(b, DType::f32, Shape{T, d});
   b.rms_norm(x, w, eps, out);
   check_close(host_f32(b, out), want, 1e-6, 1e-5, "rms_norm");
   b.rms_norm(x, w, eps, x);  // in place
@@ -851,16 +894,20 @@ BACKEND_TEST("rms_norm: x * rsqrt(mean(x^2) + eps) * weight", "") {
 BACKEND_TEST("add and add_scaled_rows", "") {
   Backend& b = TestType::get();
   const std::int64_t T = 6, d = 7;
-  const auto A = random_floats(T * d, 160), B = random_floats(T * d, 161), S = random_floats(T, 162, -4.0f, 4.0f);
-  Tensor a = tensor_f32(b, Shape{T, d}, A), bb = tensor_f32(b, Shape{T, d}, B), out(b, DType::f32, Shape{T, d});
+  const auto A = random_floats(T * d, 160), B = random_floats(T * d, 161),
+             S = random_floats(T, 162, -4.0f, 4.0f);
+  Tensor a = tensor_f32(b, Shape{T, d}, A), bb = tensor_f32(b, Shape{T, d}, B),
+         out(b, DType::f32, Shape{T, d});
   b.add(a, bb, out);
   std::vector<double> want(A.size());
   for (std::size_t i = 0; i < A.size(); ++i) want[i] = static_cast<double>(A[i]) + B[i];
   check_close(host_f32(b, out), want, 0.0, 1e-7, "add");
   b.add(a, bb, a);  // in place
   check_close(host_f32(b, a), want, 0.0, 1e-7, "add in place");
-  REQUIRE_ERROR(b.add(a, Tensor(b, DType::f32, Shape{d, T}), out), shape_mismatch, "add]", "[6, 7]", "[7, 6]");
-  REQUIRE_ERROR(b.add(a, Tensor(b, DType::i32, Shape{T, d}), out), dtype_mismatch, "add]", "b must be f32");
+  REQUIRE_ERROR(b.add(a, Tensor(b, DType::f32, Shape{d, T}), out), shape_mismatch, "add]", "[6, 7]",
+                "[7, 6]");
+  REQUIRE_ERROR(b.add(a, Tensor(b, DType::i32, Shape{T, d}), out), dtype_mismatch, "add]",
+                "b must be f32");
 
   for (RowScale f : {RowScale::identity, RowScale::sigmoid}) {
     for (Shape ss : {Shape{T}, Shape{T, 1}}) {
@@ -929,7 +976,9 @@ Tensor weights_in(Backend& b, Shape s, const std::vector<float>& h, Layout l) {
   return t;
 }
 
-const char* layout_name(Layout l) { return l == Layout::row_major ? "row_major" : "panel32"; }
+const char* layout_name(Layout l) {
+  return l == Layout::row_major ? "row_major" : "panel32";
+}
 
 }  // namespace
 
@@ -964,7 +1013,8 @@ BACKEND_TEST("weight layouts: logical host copies, relayout and prepare_weights"
 
   REQUIRE_ERROR(b.relayout(w, Tensor(b, DType::f32, Shape{3, 5, 37})), shape_mismatch, "relayout]",
                 "[3, 37, 5]", "[3, 5, 37]");
-  REQUIRE_ERROR(b.relayout(vec, Tensor(b, DType::f32, Shape{5})), shape_mismatch, "relayout]", "rank >= 2");
+  REQUIRE_ERROR(b.relayout(vec, Tensor(b, DType::f32, Shape{5})), shape_mismatch, "relayout]",
+                "rank >= 2");
 }
 
 BACKEND_TEST("gemm and grouped_gemm take weights in every layout", "[layout]") {
@@ -983,14 +1033,15 @@ BACKEND_TEST("gemm and grouped_gemm take weights in every layout", "[layout]") {
           Tensor tc = tensor_f32(b, Shape{c.M, c.N}, C0);
           b.gemm(tensor_f32(b, Shape{c.M, c.K}, A), weights_in(b, Shape{c.N, c.K}, B, l), tc, p);
           auto want = ref::matmul_nt(A, B, c.M, c.N, c.K);
-          for (std::size_t i = 0; i < want.size(); ++i) want[i] = p.alpha * want[i] + p.beta * C0[i];
+          for (std::size_t i = 0; i < want.size(); ++i)
+            want[i] = p.alpha * want[i] + p.beta * C0[i];
           check_close(host_f32(b, tc), want, 1e-5, 1e-5, "gemm");
         }
       }
     }
-    for (std::vector<std::int32_t> off : {std::vector<std::int32_t>{0, 0, 7, 20, 40},
-                                          std::vector<std::int32_t>{0, 1, 2, 3, 300},
-                                          std::vector<std::int32_t>{0, 0, 0, 0, 0}}) {
+    for (std::vector<std::int32_t> off :
+         {std::vector<std::int32_t>{0, 0, 7, 20, 40}, std::vector<std::int32_t>{0, 1, 2, 3, 300},
+          std::vector<std::int32_t>{0, 0, 0, 0, 0}}) {
       DYNAMIC_SECTION("grouped_gemm " << layout_name(l) << " rows " << off.back()) {
         const std::int64_t E = 4, N = 37, K = 16, R = std::max<std::int64_t>(off.back(), 1);
         const auto X = random_floats(R * K, ++seed), W = random_floats(E * N * K, ++seed);
@@ -1002,7 +1053,8 @@ BACKEND_TEST("gemm and grouped_gemm take weights in every layout", "[layout]") {
           for (std::int64_t r = off[e]; r < off[e + 1]; ++r)
             for (std::int64_t n = 0; n < N; ++n) {
               double s = 0.0;
-              for (std::int64_t k = 0; k < K; ++k) s += static_cast<double>(X[r * K + k]) * W[(e * N + n) * K + k];
+              for (std::int64_t k = 0; k < K; ++k)
+                s += static_cast<double>(X[r * K + k]) * W[(e * N + n) * K + k];
               want[r * N + n] = s;
             }
         check_close(host_f32(b, out), want, 1e-5, 1e-5, "grouped_gemm");
@@ -1013,12 +1065,15 @@ BACKEND_TEST("gemm and grouped_gemm take weights in every layout", "[layout]") {
     const auto ls = weight_layouts(b);
     if (ls.size() > 1) {
       const Layout other = ls[1];
-      Tensor a(b, DType::f32, Shape{4, 8}, other), w = uniform(b, Shape{6, 8}, 1), c(b, DType::f32, Shape{4, 6});
+      Tensor a(b, DType::f32, Shape{4, 8}, other), w = uniform(b, Shape{6, 8}, 1),
+                                                   c(b, DType::f32, Shape{4, 6});
       REQUIRE_ERROR(b.gemm(a, w, c), invalid_argument, "gemm]", "a must be row-major");
       Tensor c2(b, DType::f32, Shape{4, 6}, other);
-      REQUIRE_ERROR(b.gemm(uniform(b, Shape{4, 8}, 2), w, c2), invalid_argument, "gemm]", "c must be row-major");
-      REQUIRE_ERROR(b.grouped_gemm(a, uniform(b, Shape{1, 6, 8}, 3), tensor_i32(b, Shape{2}, {0, 4}), c),
-                    invalid_argument, "grouped_gemm]", "x must be row-major");
+      REQUIRE_ERROR(b.gemm(uniform(b, Shape{4, 8}, 2), w, c2), invalid_argument, "gemm]",
+                    "c must be row-major");
+      REQUIRE_ERROR(
+          b.grouped_gemm(a, uniform(b, Shape{1, 6, 8}, 3), tensor_i32(b, Shape{2}, {0, 4}), c),
+          invalid_argument, "grouped_gemm]", "x must be row-major");
       REQUIRE_ERROR(b.convert(a, Tensor(b, DType::f16, Shape{4, 8})), invalid_argument, "convert]",
                     "src must be row-major");
     }
@@ -1113,8 +1168,8 @@ BACKEND_TEST("16-bit weights: gemm and grouped_gemm read bf16 / f16 exactly as t
     Tensor a = uniform(b, Shape{2, 8}, 1), c(b, DType::f32, Shape{2, 4});
     REQUIRE_ERROR(b.gemm(a, Tensor(b, DType::i32, Shape{4, 8}), c), dtype_mismatch, "gemm]",
                   "b must be f32", "got i32");
-    REQUIRE_ERROR(b.grouped_gemm(a, Tensor(b, DType::i8, Shape{1, 4, 8}),
-                                 tensor_i32(b, Shape{2}, {0, 2}), c),
-                  dtype_mismatch, "grouped_gemm]", "w must be f32", "got i8");
+    REQUIRE_ERROR(
+        b.grouped_gemm(a, Tensor(b, DType::i8, Shape{1, 4, 8}), tensor_i32(b, Shape{2}, {0, 2}), c),
+        dtype_mismatch, "grouped_gemm]", "w must be f32", "got i8");
   }
 }

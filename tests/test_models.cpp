@@ -28,7 +28,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-fs::path fixtures_dir() { return fs::path(AUTOGLM_FIXTURES_DIR); }
+fs::path fixtures_dir() {
+  return fs::path(AUTOGLM_FIXTURES_DIR);
+}
 
 /// transformers 5.x numerics: -inf group mask (4.x used 0.0), 1e-20 renormalisation epsilon.
 FidelityOptions transformers5() {
@@ -179,17 +181,33 @@ void check_fixture(const std::string& name) {
 
 }  // namespace
 
-TEST_CASE("fixture mixtral_hub_sharded", "[models][fixtures]") { check_fixture("mixtral_hub_sharded"); }
-TEST_CASE("fixture mixtral_fused_tied", "[models][fixtures]") { check_fixture("mixtral_fused_tied"); }
-TEST_CASE("fixture qwen2_moe", "[models][fixtures]") { check_fixture("qwen2_moe"); }
-TEST_CASE("fixture qwen3_moe", "[models][fixtures]") { check_fixture("qwen3_moe"); }
-TEST_CASE("fixture olmoe", "[models][fixtures]") { check_fixture("olmoe"); }
-TEST_CASE("fixture deepseek_v3", "[models][fixtures]") { check_fixture("deepseek_v3"); }
+TEST_CASE("fixture mixtral_hub_sharded", "[models][fixtures]") {
+  check_fixture("mixtral_hub_sharded");
+}
+TEST_CASE("fixture mixtral_fused_tied", "[models][fixtures]") {
+  check_fixture("mixtral_fused_tied");
+}
+TEST_CASE("fixture qwen2_moe", "[models][fixtures]") {
+  check_fixture("qwen2_moe");
+}
+TEST_CASE("fixture qwen3_moe", "[models][fixtures]") {
+  check_fixture("qwen3_moe");
+}
+TEST_CASE("fixture olmoe", "[models][fixtures]") {
+  check_fixture("olmoe");
+}
+TEST_CASE("fixture deepseek_v3", "[models][fixtures]") {
+  check_fixture("deepseek_v3");
+}
 TEST_CASE("fixture deepseek_v3_fused_noqlora", "[models][fixtures]") {
   check_fixture("deepseek_v3_fused_noqlora");
 }
-TEST_CASE("fixture glm4_moe_qknorm", "[models][fixtures]") { check_fixture("glm4_moe_qknorm"); }
-TEST_CASE("fixture glm4_moe_hub_tied", "[models][fixtures]") { check_fixture("glm4_moe_hub_tied"); }
+TEST_CASE("fixture glm4_moe_qknorm", "[models][fixtures]") {
+  check_fixture("glm4_moe_qknorm");
+}
+TEST_CASE("fixture glm4_moe_hub_tied", "[models][fixtures]") {
+  check_fixture("glm4_moe_hub_tied");
+}
 
 // ------------------------------------------------------------------------------ fidelity
 
@@ -276,8 +294,7 @@ struct ScratchCheckpoint {
 
   ScratchCheckpoint(const std::string& fixture, const std::string& tag) {
     const fs::path src = fixtures_dir() / fixture;
-    dir = fs::temp_directory_path() /
-          ("autoglm_models_" + tag + "_" + std::to_string(::getpid()));
+    dir = fs::temp_directory_path() / ("autoglm_models_" + tag + "_" + std::to_string(::getpid()));
     fs::remove_all(dir);
     fs::create_directories(dir);
     std::ifstream cf(src / "config.json");
@@ -400,8 +417,8 @@ TEST_CASE("load_model: missing, misshapen or unsupported tensors name the tensor
   }
   SECTION("quantised checkpoint") {
     ScratchCheckpoint ck("olmoe", "quant");
-    ck.config["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"},
-                                        {"weight_block_size", {128, 128}}};
+    ck.config["quantization_config"] = {
+        {"quant_method", "fp8"}, {"fmt", "e4m3"}, {"weight_block_size", {128, 128}}};
     ck.write();
     CHECK_THROWS_AS(load_model(backend, ck.dir), Error);
   }
@@ -478,9 +495,9 @@ TEST_CASE("load_model: BF16 / F16 checkpoints stay 16-bit and compute like their
 namespace {
 
 /// Naive RoPE on host data [T, H, D] (double), as transformers writes it.
-std::vector<float> naive_rope(std::vector<float> x, std::int64_t T, std::int64_t H,
-                              std::int64_t D, const std::vector<std::int32_t>& pos,
-                              const std::vector<float>& inv, const RopeParams& p) {
+std::vector<float> naive_rope(std::vector<float> x, std::int64_t T, std::int64_t H, std::int64_t D,
+                              const std::vector<std::int32_t>& pos, const std::vector<float>& inv,
+                              const RopeParams& p) {
   const std::int64_t r = p.rotary_dim, half = r / 2;
   for (std::int64_t t = 0; t < T; ++t)
     for (std::int64_t h = 0; h < H; ++h) {
@@ -520,9 +537,10 @@ TEST_CASE("CpuBackend::rope matches the transformers layouts", "[models][primiti
   Tensor x = tensor_f32(b, Shape{T, H, D}, xh);
   const Tensor inv4 = tensor_f32(b, Shape{4}, {1.0f, 0.5f, 0.25f, 0.125f});
   b.rope(x, positions, inv4, RopeParams{4, 0, false, 1.0f});
-  check_close(host_f32(b, x),
-              naive_rope(xh, T, H, D, pos, {1.0f, 0.5f, 0.25f, 0.125f}, RopeParams{4, 8, false, 1.0f}),
-              1e-5, 1e-5, "rotary_dim 0");
+  check_close(
+      host_f32(b, x),
+      naive_rope(xh, T, H, D, pos, {1.0f, 0.5f, 0.25f, 0.125f}, RopeParams{4, 8, false, 1.0f}),
+      1e-5, 1e-5, "rotary_dim 0");
   CHECK_ERROR(b.rope(x, positions, inv_freq, RopeParams{8, 6, false, 1.0f}), invalid_argument,
               "CpuBackend::rope", "rotary_dim=6");
   CHECK_ERROR(b.rope(x, positions, inv_freq, RopeParams{0, 5, false, 1.0f}), invalid_argument,
@@ -531,9 +549,9 @@ TEST_CASE("CpuBackend::rope matches the transformers layouts", "[models][primiti
               "CpuBackend::rope", "inv_freq");
   CHECK_ERROR(b.rope(x, tensor_i32(b, Shape{2}, {0, 1}), inv_freq, RopeParams{0, 6, false, 1.0f}),
               shape_mismatch, "CpuBackend::rope", "positions");
-  CHECK_ERROR(b.rope(x, tensor_i32(b, Shape{3}, {0, -1, 2}), inv_freq,
-                     RopeParams{0, 6, false, 1.0f}),
-              out_of_range, "CpuBackend::rope", "-1");
+  CHECK_ERROR(
+      b.rope(x, tensor_i32(b, Shape{3}, {0, -1, 2}), inv_freq, RopeParams{0, 6, false, 1.0f}),
+      out_of_range, "CpuBackend::rope", "-1");
 }
 
 TEST_CASE("CpuBackend::attention: GQA, causal, window, non-causal", "[models][primitives]") {
@@ -580,10 +598,10 @@ TEST_CASE("CpuBackend::attention: GQA, causal, window, non-causal", "[models][pr
   b.attention(q, k, v, tensor_i32(b, Shape{T}, {9, 9, 9, 9}), AttentionParams{1.0f, true, 1}, out);
   const std::vector<float> zeros = host_f32(b, out);
   CHECK(std::all_of(zeros.begin(), zeros.end(), [](float x) { return x == 0.0f; }));
-  CHECK_ERROR(b.attention(q, tensor_f32(b, Shape{S, 3, D}, random_floats(S * 3 * D, 5)),
-                          tensor_f32(b, Shape{S, 3, Dv}, random_floats(S * 3 * Dv, 6)), positions,
-                          {}, out),
-              shape_mismatch, "CpuBackend::attention", "multiple");
+  CHECK_ERROR(
+      b.attention(q, tensor_f32(b, Shape{S, 3, D}, random_floats(S * 3 * D, 5)),
+                  tensor_f32(b, Shape{S, 3, Dv}, random_floats(S * 3 * Dv, 6)), positions, {}, out),
+      shape_mismatch, "CpuBackend::attention", "multiple");
   CHECK_ERROR(b.attention(q, k, v, tensor_i32(b, Shape{2}, {0, 1}), {}, out), shape_mismatch,
               "CpuBackend::attention", "positions");
   CHECK_ERROR(b.attention(q, k, k, positions, {}, out), shape_mismatch, "CpuBackend::attention",
@@ -618,8 +636,7 @@ TEST_CASE("rope_inv_freq: default, partial, linear, yarn, llama3", "[models]") {
   c.max_position_embeddings = 256;
   std::vector<float> f = rope_inv_freq(c);
   REQUIRE(f.size() == 4);
-  for (int i = 0; i < 4; ++i)
-    CHECK(f[i] == Approx(std::pow(10000.0, -2.0 * i / 8)).epsilon(1e-6));
+  for (int i = 0; i < 4; ++i) CHECK(f[i] == Approx(std::pow(10000.0, -2.0 * i / 8)).epsilon(1e-6));
   c.partial_rotary_factor = 0.5;
   CHECK(rope_inv_freq(c).size() == 2);
   c.partial_rotary_factor = 1.0;

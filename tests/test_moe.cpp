@@ -258,7 +258,8 @@ TEST_CASE("GateNetwork rejects bad options and inputs", "[moe][errors]") {
   REQUIRE_ERROR(GateNetwork(w, uniform(b, Shape{7}, 2), GateOptions{}), shape_mismatch,
                 "[GateNetwork]", "selection bias must hold 8 values, got 7");
   REQUIRE_ERROR(GateNetwork(uniform(b, Shape{8 * kD}, 1), Tensor(), GateOptions{}), shape_mismatch,
-                "[GateNetwork]", "router weight must be float (f32, bf16, f16) or int8 [E, d]", "[256]");
+                "[GateNetwork]", "router weight must be float (f32, bf16, f16) or int8 [E, d]",
+                "[256]");
   REQUIRE_ERROR(GateNetwork(Tensor(b, DType::f32, Shape{0, kD}), Tensor(), GateOptions{}),
                 invalid_argument, "[GateNetwork]", "num_experts=0");
   REQUIRE_ERROR(GateNetwork::random(b, 0, kD, GateOptions{}, 1), invalid_argument,

@@ -113,7 +113,8 @@ TEST_CASE("LmHeadDecoder: logits = head(norm(h))", "[pipeline]") {
                 "norm must hold 16 values, got 17");
   REQUIRE_ERROR(LmHeadDecoder(norm, head, -1.0f), invalid_argument, "[LmHeadDecoder]", "eps=-1");
   REQUIRE_ERROR(LmHeadDecoder(norm, Tensor(b, DType::f32, Shape{0, d})), shape_mismatch,
-                "[LmHeadDecoder]", "head must be float (f32, bf16, f16) or int8 [V >= 1, d], got [0, 16]");
+                "[LmHeadDecoder]",
+                "head must be float (f32, bf16, f16) or int8 [V >= 1, d], got [0, 16]");
 }
 
 TEST_CASE("Sampler: greedy, seeded sampling, temperature, top-k, top-p", "[pipeline][sampler]") {

@@ -341,8 +341,8 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
     const Tile& t = tiles[static_cast<std::size_t>(i)];
     if (panels) {
       detail::gemm_panel_tile(packed.data<float>() + t.row0 * k, t.rows,
-                              advance(B, t.col0 / kPanelRows * kPanelRows * k, b.dtype), b.dtype,
-                              k, (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
+                              advance(B, t.col0 / kPanelRows * kPanelRows * k, b.dtype), b.dtype, k,
+                              (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
                               C + t.row0 * n + t.col0, n, p.alpha, p.beta);
     } else {
       detail::gemm_nt_tile(A + t.row0 * k, k, static_cast<const float*>(B) + t.col0 * k, k,

@@ -35,8 +35,8 @@ void eigen_tile(const float* x, std::int64_t ldx, const float* w, std::int64_t l
   }
 }
 
-constexpr std::int64_t kSmallRows = 6;   // up to this many rows pack as one block
-constexpr std::int64_t kBlockRows = 12;  // rows per packed block above that
+constexpr std::int64_t kSmallRows = 6;     // up to this many rows pack as one block
+constexpr std::int64_t kBlockRows = 12;    // rows per packed block above that
 constexpr std::int64_t kStreamAhead = 48;  // k steps of software prefetch when streaming
 
 inline float finish(float acc, float alpha, float beta, const float* old) {
@@ -92,12 +92,20 @@ void dot_tile(const float* x, std::int64_t ldx, const float* w, std::int64_t ldw
               std::int64_t ldo, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
               float beta) {
   std::int64_t i = 0;
-  for (; i + 4 <= m; i += 4) dot_rows<4>(x + i * ldx, ldx, w, ldw, out + i * ldo, ldo, n, k, alpha, beta);
+  for (; i + 4 <= m; i += 4)
+    dot_rows<4>(x + i * ldx, ldx, w, ldw, out + i * ldo, ldo, n, k, alpha, beta);
   switch (m - i) {
-    case 3: dot_rows<3>(x + i * ldx, ldx, w, ldw, out + i * ldo, ldo, n, k, alpha, beta); break;
-    case 2: dot_rows<2>(x + i * ldx, ldx, w, ldw, out + i * ldo, ldo, n, k, alpha, beta); break;
-    case 1: dot_rows<1>(x + i * ldx, ldx, w, ldw, out + i * ldo, ldo, n, k, alpha, beta); break;
-    default: break;
+    case 3:
+      dot_rows<3>(x + i * ldx, ldx, w, ldw, out + i * ldo, ldo, n, k, alpha, beta);
+      break;
+    case 2:
+      dot_rows<2>(x + i * ldx, ldx, w, ldw, out + i * ldo, ldo, n, k, alpha, beta);
+      break;
+    case 1:
+      dot_rows<1>(x + i * ldx, ldx, w, ldw, out + i * ldo, ldo, n, k, alpha, beta);
+      break;
+    default:
+      break;
   }
 }
 
@@ -149,12 +157,14 @@ void panel_kernel(const float* xp, std::int64_t xs, const typename P::Elem* wp,
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
   for (std::int64_t p = 0; p < kc; ++p) {
     __m512 wv[NV];
-    for (int q = 0; q < NP; ++q) P::load(wp + q * pstride + p * kPanelRows, wv[2 * q], wv[2 * q + 1]);
+    for (int q = 0; q < NP; ++q)
+      P::load(wp + q * pstride + p * kPanelRows, wv[2 * q], wv[2 * q + 1]);
     for (std::int64_t q = 0; q < pf_step && pf_done < pf_lines; ++q, ++pf_done)
       _mm_prefetch(pf + 64 * pf_done, _MM_HINT_T1);
     if (pf_lines < 0)  // streaming: fetch each panel kStreamAhead steps ahead
       for (int q = 0; q < NP; ++q) {
-        const char* a = reinterpret_cast<const char*>(wp + q * pstride + (p + kStreamAhead) * kPanelRows);
+        const char* a =
+            reinterpret_cast<const char*>(wp + q * pstride + (p + kStreamAhead) * kPanelRows);
         for (std::int64_t b = 0; b < step_bytes; b += 64) _mm_prefetch(a + b, _MM_HINT_T0);
       }
     for (int i = 0; i < MR; ++i) {
@@ -250,7 +260,9 @@ void panel_tile(const float* xp, std::int64_t m, const typename P::Elem* wp, std
 
 }  // namespace
 
-std::int64_t pack_block_rows(std::int64_t m) { return m <= kSmallRows ? std::max<std::int64_t>(m, 1) : kBlockRows; }
+std::int64_t pack_block_rows(std::int64_t m) {
+  return m <= kSmallRows ? std::max<std::int64_t>(m, 1) : kBlockRows;
+}
 
 std::int64_t packed_x_size(std::int64_t m, std::int64_t k) {
   const std::int64_t mr = pack_block_rows(m);
@@ -329,7 +341,9 @@ float widen(T v, DType dt) {
 }
 
 // Slot of panel row r within one step of a panel of dtype dt.
-int panel_slot(int r, DType dt) { return dt == DType::bf16 ? bf16_panel_slot(r) : r; }
+int panel_slot(int r, DType dt) {
+  return dt == DType::bf16 ? bf16_panel_slot(r) : r;
+}
 
 template <typename T>
 void to_panels_t(const T* src, DType dt, std::int64_t n, std::int64_t k, T* dst) {

@@ -60,7 +60,7 @@ def main() -> None:
     bdir = Path(args.build) / "benchmarks"
     take_lock()
     pattern = f"/{args.models}" if args.models else ""
-    layer = compare.run_benchmark(bdir / "bench_moe_layer", args, f"^MoELayer[A-Za-z0-9]*{pattern}")
+    layer = compare.run_benchmark(bdir / "bench_moe_layer", args, "^MoELayer(Int8W8A8|Int8WOnly)?/" + (args.models or ""))
     dnnl = compare.run_benchmark(bdir / "bench_dnnl_moe", args, f"^DnnlMoE{pattern}")
     fp32 = compare.results_by_label(layer, "MoELayer/", args.stat)
     w8a8 = compare.results_by_label(layer, "MoELayerInt8W8A8/", args.stat)

@@ -30,10 +30,9 @@ class LmHeadDecoder {
   /// Validates shapes.
   LmHeadDecoder(Tensor norm, Weight head, float eps = 1e-6f)
       : norm_(std::move(norm)), head_(std::move(head)), eps_(eps) {
-    AUTOGLM_CHECK(head_.shape().rank() == 2 &&
-                      detail::is_float_or_int8(head_) &&
-                      head_.dim(0) >= 1,
-                  shape_mismatch, "LmHeadDecoder", "head must be float (f32, bf16, f16) or int8 [V >= 1, d], got {}",
+    AUTOGLM_CHECK(head_.shape().rank() == 2 && detail::is_float_or_int8(head_) && head_.dim(0) >= 1,
+                  shape_mismatch, "LmHeadDecoder",
+                  "head must be float (f32, bf16, f16) or int8 [V >= 1, d], got {}",
                   head_.shape().str());
     AUTOGLM_CHECK(norm_.numel() == 0 || norm_.numel() == head_.dim(1), shape_mismatch,
                   "LmHeadDecoder", "norm must hold {} values, got {}", head_.dim(1), norm_.numel());

@@ -22,7 +22,6 @@ concept ExpertBank = BackendLike<B> && requires(const X& bank, B& b, TensorView 
 
 namespace detail {
 
-
 inline void check_bank_io(std::string_view fn, std::int64_t E, std::int64_t d, const TensorView& x,
                           const TensorView& offsets, const TensorView& out) {
   AUTOGLM_CHECK(x.rank() == 2 && x.dim(1) == d, shape_mismatch, fn, "x must be [rows, {}], got {}",
@@ -50,7 +49,8 @@ class SwiGluExperts {
     constexpr std::string_view fn = "SwiGluExperts";
     AUTOGLM_CHECK(gate_up_.shape().rank() == 3 && down_.shape().rank() == 3 &&
                       detail::is_float_or_int8(gate_up_) && detail::is_float_or_int8(down_),
-                  shape_mismatch, fn, "gate_up and down must be float (f32, bf16, f16) or int8 rank 3, got {} and {}",
+                  shape_mismatch, fn,
+                  "gate_up and down must be float (f32, bf16, f16) or int8 rank 3, got {} and {}",
                   gate_up_.shape().str(), down_.shape().str());
     const std::int64_t E = gate_up_.dim(0), F2 = gate_up_.dim(1), d = gate_up_.dim(2);
     AUTOGLM_CHECK(E >= 1 && F2 >= 2 && F2 % 2 == 0 && d >= 1, shape_mismatch, fn,
@@ -118,7 +118,8 @@ class GeluExperts {
     constexpr std::string_view fn = "GeluExperts";
     AUTOGLM_CHECK(w1_.shape().rank() == 3 && w2_.shape().rank() == 3 &&
                       detail::is_float_or_int8(w1_) && detail::is_float_or_int8(w2_),
-                  shape_mismatch, fn, "w1 and w2 must be float (f32, bf16, f16) or int8 rank 3, got {} and {}",
+                  shape_mismatch, fn,
+                  "w1 and w2 must be float (f32, bf16, f16) or int8 rank 3, got {} and {}",
                   w1_.shape().str(), w2_.shape().str());
     const std::int64_t E = w1_.dim(0), F = w1_.dim(1), d = w1_.dim(2);
     AUTOGLM_CHECK(E >= 1 && F >= 1 && d >= 1, shape_mismatch, fn, "w1 {} has an empty extent",

@@ -79,9 +79,8 @@ class GateNetwork {
   GateNetwork(Weight weight, Tensor bias, GateOptions options)
       : weight_(std::move(weight)), bias_(std::move(bias)), options_(options) {
     constexpr std::string_view fn = "GateNetwork";
-    AUTOGLM_CHECK(weight_.shape().rank() == 2 &&
-                      detail::is_float_or_int8(weight_),
-                  shape_mismatch, fn, "router weight must be float (f32, bf16, f16) or int8 [E, d], got {}",
+    AUTOGLM_CHECK(weight_.shape().rank() == 2 && detail::is_float_or_int8(weight_), shape_mismatch,
+                  fn, "router weight must be float (f32, bf16, f16) or int8 [E, d], got {}",
                   weight_.shape().str());
     const std::int64_t E = weight_.dim(0);
     AUTOGLM_CHECK(E >= 1, invalid_argument, fn, "num_experts={} must be >= 1", E);
