@@ -106,7 +106,7 @@ void check_token_ids(Impl& m, std::string_view fn, const TensorView& ids, std::i
 
 void CudaBackend::embedding(TensorView table, TensorView ids, TensorView out) {
   constexpr std::string_view fn = "CudaBackend::embedding";
-  detail::expect_embedding_io(fn, table, ids, out, device());
+  detail::expect_embedding_io(fn, table, ids, out, *this);
   const std::int64_t V = table.dim(0), d = table.dim(1), T = ids.numel();
   Impl& m = *impl_;
   m.activate();

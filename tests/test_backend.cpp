@@ -1164,6 +1164,32 @@ BACKEND_TEST("16-bit weights: gemm and grouped_gemm read bf16 / f16 exactly as t
       check_close(host_f32(b, o16), want, 1e-5, 1e-5, "grouped_gemm");
     }
   }
+  SECTION("16-bit embedding tables: rows widened exactly") {
+    for (DType dt : {DType::bf16, DType::f16}) {
+      const std::int64_t V = 9, d = 37;
+      const auto vals = random_floats(static_cast<std::size_t>(V * d), ++seed);
+      std::vector<std::uint16_t> bits(vals.size());
+      std::vector<float> wide(vals.size());
+      for (std::size_t i = 0; i < vals.size(); ++i) {
+        bits[i] = dt == DType::bf16 ? float_to_bf16(vals[i]) : float_to_f16(vals[i]);
+        wide[i] = dt == DType::bf16 ? bf16_to_float(bits[i]) : f16_to_float(bits[i]);
+      }
+      Tensor table(b, dt, Shape{V, d});
+      b.copy_from_host(table, bits.data());
+      const std::vector<std::int32_t> ids{3, 0, 8, 3};
+      Tensor out(b, DType::f32, Shape{4, d});
+      if (!b.supports_weight_dtype(dt)) {
+        REQUIRE_ERROR(b.embedding(table, tensor_i32(b, Shape{4}, ids), out), dtype_mismatch,
+                      "embedding]", "table must be f32");
+        continue;
+      }
+      b.embedding(table, tensor_i32(b, Shape{4}, ids), out);
+      std::vector<float> want;
+      for (std::int32_t id : ids)
+        want.insert(want.end(), wide.begin() + id * d, wide.begin() + (id + 1) * d);
+      CHECK(host_f32(b, out) == want);
+    }
+  }
   SECTION("other weight dtypes are rejected, naming the accepted ones") {
     Tensor a = uniform(b, Shape{2, 8}, 1), c(b, DType::f32, Shape{2, 4});
     REQUIRE_ERROR(b.gemm(a, Tensor(b, DType::i32, Shape{4, 8}), c), dtype_mismatch, "gemm]",

@@ -475,6 +475,8 @@ TEST_CASE("load_model: BF16 / F16 checkpoints stay 16-bit and compute like their
         CHECK(m16.head().head().tensor().nbytes() * dtype_size(DType::f32) ==
               m32.head().head().tensor().nbytes() * dtype_size(kept));
         CHECK(wide.head().head().tensor().dtype() == DType::f32);
+        CHECK(m16.embeddings().table().tensor().dtype() == kept);
+        CHECK(wide.embeddings().table().tensor().dtype() == DType::f32);
         // Exact widening: the logits are those of the rounded f32 checkpoint, bit for bit.
         const std::vector<float> l16 = host_f32(backend, m16.forward(ex.prompt));
         CHECK(std::all_of(l16.begin(), l16.end(), [](float v) { return std::isfinite(v); }));

@@ -82,7 +82,7 @@ TEST_CASE("EmbeddingEncoder: lookup, optional RMSNorm, ids outside the vocabular
   REQUIRE_ERROR(plain.encode(b, tensor_i32(b, Shape{5}, {0, 1, 2, 3, -4}), out), out_of_range,
                 "embedding]", "token id -4 at position 4");
   REQUIRE_ERROR(EmbeddingEncoder(uniform(b, Shape{V}, 1)), shape_mismatch, "[EmbeddingEncoder]",
-                "table must be f32 or row-major int8 [V >= 1, d], got [50]");
+                "table must be float (f32, bf16, f16) or int8, row-major [V >= 1, d], got [50]");
   REQUIRE_ERROR(EmbeddingEncoder(table, uniform(b, Shape{d - 1}, 1)), shape_mismatch,
                 "[EmbeddingEncoder]", "norm must hold 16 values, got 15");
   REQUIRE_ERROR(EmbeddingEncoder(table, norm, 0.0f), invalid_argument, "[EmbeddingEncoder]",

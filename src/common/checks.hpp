@@ -96,11 +96,15 @@ inline void check_offsets(std::string_view fn, const std::int32_t* off, std::int
                   "offsets decrease at expert {}: {} > {}", e, off[e], off[e + 1]);
 }
 
-/// The operands of Backend::embedding on device d: table f32 [V, d], ids i32 [T], out f32
-/// [T, d]. (The ids' values are checked by check_token_ids, or on the device.)
+/// The operands of Backend::embedding on `backend`: table [V, d] f32 (or a 16-bit dtype the
+/// backend supports as weights), ids i32 [T], out f32 [T, d]. (The ids' values are checked by
+/// check_token_ids, or on the device.)
 inline void expect_embedding_io(std::string_view fn, const TensorView& table, const TensorView& ids,
-                                const TensorView& out, Device d) {
-  expect_matrix(fn, "table", table, d);
+                                const TensorView& out, const Backend& backend) {
+  const Device d = backend.device();
+  expect_device(fn, "table", table, d);
+  expect_rank(fn, "table", table, 2);
+  expect_weight_dtype(fn, "table", table, backend);
   expect_matrix(fn, "out", out, d);
   expect_device(fn, "ids", ids, d);
   expect_dtype(fn, "ids", ids, DType::i32);

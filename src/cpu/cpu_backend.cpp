@@ -718,12 +718,19 @@ void CpuBackend::add_scaled_rows(TensorView x, TensorView scale, RowScale f, Ten
 
 void CpuBackend::embedding(TensorView table, TensorView ids, TensorView out) {
   constexpr std::string_view fn = "CpuBackend::embedding";
-  detail::expect_embedding_io(fn, table, ids, out, device());
+  detail::expect_embedding_io(fn, table, ids, out, *this);
   const std::int64_t V = table.dim(0), d = table.dim(1), T = ids.numel();
   const std::int32_t* I = ids.as<std::int32_t>();
   detail::check_token_ids(fn, I, T, V);
   impl_->parallel(T, 16, [&](std::int64_t t) {
-    std::memcpy(out.as<float>() + t * d, table.as<float>() + I[t] * d, sizeof(float) * d);
+    float* o = out.as<float>() + t * d;
+    if (table.dtype == DType::f32) {
+      std::memcpy(o, table.as<float>() + I[t] * d, sizeof(float) * d);
+      return;
+    }
+    const std::uint16_t* row = table.as<std::uint16_t>() + I[t] * d;
+    for (std::int64_t i = 0; i < d; ++i)
+      o[i] = table.dtype == DType::bf16 ? bf16_to_float(row[i]) : f16_to_float(row[i]);
   });
 }
 

@@ -245,6 +245,14 @@ class Checkpoint {
     return t;
   }
 
+  /// A planned embedding table, row-major, in matrix_dtype (aliasing the mapped file when
+  /// stored so): looked up row by row, never copied whole.
+  Tensor take_table(const std::string& name) {
+    Tensor t = st_.load(backend_, name, matrix_dtype({&name}));
+    report(name);
+    return t;
+  }
+
   /// Layout of the weight matrices the consumers would otherwise re-lay out (prepare_weights).
   Layout weight_layout() const noexcept { return backend_.weight_layout(); }
 
@@ -790,7 +798,7 @@ Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadO
                  "{}: the embedding table '{}' has column scales ('{}'); a looked-up table must "
                  "have none",
                  dir.string(), embed, col_scale_name(embed));
-  const Weight table = ck.is_int8(embed) ? Weight(ck.take_q(embed)) : Weight(ck.take(embed));
+  const Weight table = ck.is_int8(embed) ? Weight(ck.take_q(embed)) : Weight(ck.take_table(embed));
   std::vector<DecoderLayer> layers;
   layers.reserve(names.size());
   for (const LayerNames& n : names) {

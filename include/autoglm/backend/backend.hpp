@@ -202,8 +202,9 @@ class Backend {
   // out, x: [T, d]; scale: [T] or [T, 1].
   /// out[t] += f(scale[t]) * x[t] with f identity or sigmoid.
   virtual void add_scaled_rows(TensorView x, TensorView scale, RowScale f, TensorView out) = 0;
-  // table: [V, d]; ids: [T] i32; out: [T, d].
-  /// Embedding lookup; an id outside [0, V) is an Error naming it.
+  // table: [V, d] f32 (or a 16-bit dtype supports_weight_dtype accepts); ids: [T] i32;
+  // out: [T, d] f32.
+  /// Embedding lookup (16-bit rows widened exactly); an id outside [0, V) is an Error naming it.
   virtual void embedding(TensorView table, TensorView ids, TensorView out) = 0;
 
   // x, out: [R, N]; bias: [N].

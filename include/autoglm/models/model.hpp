@@ -158,7 +158,8 @@ struct LoadProgress {
   std::string_view tensor;        ///< the tensor just loaded (empty in the first report)
 };
 
-/// How load_model keeps float weight matrices (attention, experts, dense MLPs, router, head).
+/// How load_model keeps float weight matrices (attention, experts, dense MLPs, router, head) and
+/// the embedding table.
 enum class WeightStorage : std::uint8_t {
   /// bf16 / f16 matrices stay 16-bit where the backend computes with them
   /// (Backend::supports_weight_dtype; the CPU backend's AVX-512 kernels do): half the memory and
@@ -183,7 +184,8 @@ struct LoadOptions {
   /// table and head, which also exist in f32 while lm_head / embeddings are quantized). An int8
   /// checkpoint with this set is an Error.
   std::optional<QuantConfig> quantize;
-  /// Storage of float weight matrices. Embedding tables, norms and biases are f32 either way.
+  /// Storage of float weight matrices and the embedding table. Norms and biases are f32
+  /// either way.
   WeightStorage weights = WeightStorage::as_stored;
 };
 

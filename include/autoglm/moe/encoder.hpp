@@ -23,16 +23,27 @@ concept Encoder = BackendLike<B> && requires(const Enc& e, B& b, TensorView v) {
 /// Embedding lookup with an optional RMSNorm of the result.
 class EmbeddingEncoder {
  public:
-  // table: [V, d] f32 or int8 (row-major, not packed); norm: [d] f32 or empty.
-  /// Validates shapes; eps must be > 0 when a norm is given.
+  // table: [V, d] float (f32, bf16, f16) or int8, row-major (int8 not packed); norm: [d] f32
+  // or empty.
+  /// Validates shapes; eps must be > 0 when a norm is given. A 16-bit table whose backend
+  /// cannot look it up (Backend::supports_weight_dtype) is widened to f32.
   EmbeddingEncoder(Weight table, Tensor norm = {}, float eps = 1e-6f)
       : table_(std::move(table)), norm_(std::move(norm)), eps_(eps) {
-    AUTOGLM_CHECK(table_.shape().rank() == 2 &&
+    AUTOGLM_CHECK(table_.shape().rank() == 2 && detail::is_float_or_int8(table_) &&
                       (table_.is_quantized() ? !table_.quantized().is_packed()
-                                             : table_.tensor().dtype() == DType::f32) &&
+                                             : table_.tensor().layout() == Layout::row_major) &&
                       table_.dim(0) >= 1,
                   shape_mismatch, "EmbeddingEncoder",
-                  "table must be f32 or row-major int8 [V >= 1, d], got {}", table_.shape().str());
+                  "table must be float (f32, bf16, f16) or int8, row-major [V >= 1, d], got {}",
+                  table_.shape().str());
+    if (!table_.is_quantized() && table_.tensor().dtype() != DType::f32) {
+      const Tensor& t = table_.tensor();
+      if (Backend* b = t.backend(); b && !b->supports_weight_dtype(t.dtype())) {
+        Tensor wide(*b, DType::f32, t.shape());
+        b->convert(t, wide);
+        table_ = std::move(wide);
+      }
+    }
     AUTOGLM_CHECK(norm_.numel() == 0 || norm_.numel() == table_.dim(1), shape_mismatch,
                   "EmbeddingEncoder", "norm must hold {} values, got {}", table_.dim(1),
                   norm_.numel());
