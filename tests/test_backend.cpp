@@ -1095,50 +1095,56 @@ BACKEND_TEST("16-bit weights: gemm and grouped_gemm read bf16 / f16 exactly as t
       }
       return wide;
     };
-    // 70 rows: two full panels and a partial one; K = 300: more than one 256-deep block, and
+    // N = 70: two full panels and a partial one; K = 300: more than one 256-deep block, and
     // not a multiple of 16. M spans the few-rows path (<= 6), whole and partial 12-row blocks.
-    const std::int64_t N = 70, K = 300;
-    std::vector<std::uint16_t> bits;
-    const auto W = round(random_floats(static_cast<std::size_t>(N * K), ++seed), bits);
-    Tensor w16(b, dt, Shape{N, K});
-    b.copy_from_host(w16, bits.data());
-    const Tensor p16 = prepare_weights(b, w16);
-    const Tensor p32 = prepare_weights(b, tensor_f32(b, Shape{N, K}, W));
-    DYNAMIC_SECTION(dtype_name(dt) << " storage") {
-      CHECK(p16.layout() == b.weight_layout());
-      CHECK(p16.dtype() == (kept ? dt : DType::f32));
-      CHECK(host_f32(b, p32) == W);
-      if (kept) {
-        CHECK(host_u16(b, p16) == bits);  // panel copies speak the logical row-major order
-        Tensor rm(b, dt, Shape{N, K});
-        b.relayout(p16, rm);
-        CHECK(host_u16(b, rm) == bits);
-      } else {
-        CHECK(host_f32(b, p16) == W);
+    // Then narrow and shallow shapes (one partial panel, K below the prefetch distance).
+    struct Dims {
+      std::int64_t N, K;
+    };
+    for (Dims dims : {Dims{70, 300}, Dims{20, 1}, Dims{33, 17}}) {
+      const std::int64_t N = dims.N, K = dims.K;
+      std::vector<std::uint16_t> bits;
+      const auto W = round(random_floats(static_cast<std::size_t>(N * K), ++seed), bits);
+      Tensor w16(b, dt, Shape{N, K});
+      b.copy_from_host(w16, bits.data());
+      const Tensor p16 = prepare_weights(b, w16);
+      const Tensor p32 = prepare_weights(b, tensor_f32(b, Shape{N, K}, W));
+      DYNAMIC_SECTION(dtype_name(dt) << " storage N=" << N << " K=" << K) {
+        CHECK(p16.layout() == b.weight_layout());
+        CHECK(p16.dtype() == (kept ? dt : DType::f32));
+        CHECK(host_f32(b, p32) == W);
+        if (kept) {
+          CHECK(host_u16(b, p16) == bits);  // panel copies speak the logical row-major order
+          Tensor rm(b, dt, Shape{N, K});
+          b.relayout(p16, rm);
+          CHECK(host_u16(b, rm) == bits);
+          if (b.weight_layout() != Layout::row_major)
+            REQUIRE_ERROR(
+                b.gemm(uniform(b, Shape{2, K}, 1), w16, Tensor(b, DType::f32, Shape{2, N})),
+                unsupported, "gemm]", "row-major", "prepare_weights");
+        } else {
+          CHECK(host_f32(b, p16) == W);
+        }
       }
-    }
-    for (std::int64_t M : {1, 3, 6, 7, 12, 13, 40}) {
-      DYNAMIC_SECTION("gemm " << dtype_name(dt) << " M=" << M) {
-        const auto A = random_floats(static_cast<std::size_t>(M * K), ++seed);
-        const auto C0 = random_floats(static_cast<std::size_t>(M * N), ++seed);
-        const GemmParams p{0.5f, -2.0f};
-        Tensor a = tensor_f32(b, Shape{M, K}, A);
-        Tensor c16 = tensor_f32(b, Shape{M, N}, C0), c32 = tensor_f32(b, Shape{M, N}, C0);
-        b.gemm(a, p16, c16, p);
-        b.gemm(a, p32, c32, p);
-        check_bitwise(host_f32(b, c16), host_f32(b, c32), "16-bit vs f32 weights");
-        auto want = ref::matmul_nt(A, W, M, N, K);
-        for (std::size_t i = 0; i < want.size(); ++i) want[i] = p.alpha * want[i] + p.beta * C0[i];
-        check_close(host_f32(b, c16), want, 1e-5, 1e-5, "gemm");
-        if (kept) {  // row-major 16-bit weights are accepted too
-          Tensor crm = tensor_f32(b, Shape{M, N}, C0);
-          b.gemm(a, w16, crm, p);
-          check_close(host_f32(b, crm), want, 1e-5, 1e-5, "gemm, row-major 16-bit");
+      for (std::int64_t M : {1, 3, 6, 7, 12, 13, 40}) {
+        DYNAMIC_SECTION("gemm " << dtype_name(dt) << " M=" << M << " N=" << N << " K=" << K) {
+          const auto A = random_floats(static_cast<std::size_t>(M * K), ++seed);
+          const auto C0 = random_floats(static_cast<std::size_t>(M * N), ++seed);
+          const GemmParams p{0.5f, -2.0f};
+          Tensor a = tensor_f32(b, Shape{M, K}, A);
+          Tensor c16 = tensor_f32(b, Shape{M, N}, C0), c32 = tensor_f32(b, Shape{M, N}, C0);
+          b.gemm(a, p16, c16, p);
+          b.gemm(a, p32, c32, p);
+          check_bitwise(host_f32(b, c16), host_f32(b, c32), "16-bit vs f32 weights");
+          auto want = ref::matmul_nt(A, W, M, N, K);
+          for (std::size_t i = 0; i < want.size(); ++i)
+            want[i] = p.alpha * want[i] + p.beta * C0[i];
+          check_close(host_f32(b, c16), want, 1e-5, 1e-5, "gemm");
         }
       }
     }
     DYNAMIC_SECTION("grouped_gemm " << dtype_name(dt)) {
-      const std::int64_t E = 3, R = 60;
+      const std::int64_t E = 3, R = 60, N = 70, K = 300;
       const std::vector<std::int32_t> off{0, 5, 5, R};
       std::vector<std::uint16_t> sbits;
       const auto S = round(random_floats(static_cast<std::size_t>(E * N * K), ++seed), sbits);
@@ -1146,6 +1152,16 @@ BACKEND_TEST("16-bit weights: gemm and grouped_gemm read bf16 / f16 exactly as t
       b.copy_from_host(s16, sbits.data());
       const Tensor q16 = prepare_weights(b, s16);
       const Tensor q32 = prepare_weights(b, tensor_f32(b, Shape{E, N, K}, S));
+      if (kept) {  // a stack's matrices after the first copy back in the logical order too
+        CHECK(host_u16(b, q16) == sbits);
+        Tensor back(b, dt, Shape{E, N, K});
+        b.relayout(q16, back);
+        CHECK(host_u16(b, back) == sbits);
+        const TensorView tail = TensorView(q16).slice(1, 3);
+        std::vector<std::uint16_t> got(static_cast<std::size_t>(tail.numel()));
+        b.copy_to_host(got.data(), tail);
+        CHECK(std::equal(got.begin(), got.end(), sbits.begin() + N * K));
+      }
       const auto X = random_floats(static_cast<std::size_t>(R * K), ++seed);
       Tensor x = tensor_f32(b, Shape{R, K}, X), offs = tensor_i32(b, Shape{E + 1}, off);
       Tensor o16(b, DType::f32, Shape{R, N}), o32(b, DType::f32, Shape{R, N});

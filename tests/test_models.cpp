@@ -12,6 +12,7 @@
 #include <fstream>
 #include <map>
 #include <numeric>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -283,6 +284,13 @@ TEST_CASE("Session: context limit, truncate, stop tokens, bad ids", "[models]") 
 
 namespace {
 
+/// LoadOptions that widen every float matrix to f32.
+LoadOptions f32_weights() {
+  LoadOptions o;
+  o.weights = WeightStorage::f32;
+  return o;
+}
+
 /// A scratch copy of a fixture whose tensors and config.json a test edits.
 struct ScratchCheckpoint {
   fs::path dir;
@@ -468,7 +476,7 @@ TEST_CASE("load_model: BF16 / F16 checkpoints stay 16-bit and compute like their
         b.write();
         const Model m16 = load_model(backend, a.dir);
         const Model m32 = load_model(backend, b.dir);
-        const Model wide = load_model(backend, a.dir, LoadOptions{.weights = WeightStorage::f32});
+        const Model wide = load_model(backend, a.dir, f32_weights());
         // Kept 16-bit where the kernels read it (AVX-512 builds), f32 otherwise.
         const DType kept = backend.supports_weight_dtype(half) ? half : DType::f32;
         CHECK(m16.head().head().tensor().dtype() == kept);
@@ -477,6 +485,43 @@ TEST_CASE("load_model: BF16 / F16 checkpoints stay 16-bit and compute like their
         CHECK(wide.head().head().tensor().dtype() == DType::f32);
         CHECK(m16.embeddings().table().tensor().dtype() == kept);
         CHECK(wide.embeddings().table().tensor().dtype() == DType::f32);
+        // Every float matrix of every layer (experts, router, shared / dense MLPs, attention).
+        auto dtypes = [](const Model& m) {
+          std::set<DType> seen;
+          auto add = [&](const Weight& w) {
+            if (w.defined()) seen.insert(w.tensor().dtype());
+          };
+          for (const DecoderLayer& l : m.layers()) {
+            if (const auto* moe = std::get_if<MoEBlock>(&l.ffn())) {
+              add(moe->gate().weight());
+              add(moe->experts().gate_up());
+              add(moe->experts().down());
+              if (const auto& sh = moe->aggregator().shared()) {
+                add(sh->mlp().gate_up());
+                add(sh->mlp().down());
+              }
+            } else {
+              const auto& mlp = std::get<DenseMlp>(l.ffn()).mlp();
+              add(mlp.gate_up());
+              add(mlp.down());
+            }
+            std::visit(
+                [&](const auto& a) {
+                  const auto& w = a.weights();
+                  if constexpr (requires { w.q_a_proj; }) {
+                    for (const Weight* x : {&w.q_proj, &w.q_a_proj, &w.q_b_proj, &w.kv_a_proj,
+                                            &w.kv_b_proj, &w.o_proj})
+                      add(*x);
+                  } else {
+                    for (const Weight* x : {&w.q_proj, &w.k_proj, &w.v_proj, &w.o_proj}) add(*x);
+                  }
+                },
+                l.attention());
+          }
+          return seen;
+        };
+        CHECK(dtypes(m16) == std::set<DType>{kept});
+        CHECK(dtypes(wide) == std::set<DType>{DType::f32});
         // Exact widening: the logits are those of the rounded f32 checkpoint, bit for bit.
         const std::vector<float> l16 = host_f32(backend, m16.forward(ex.prompt));
         CHECK(std::all_of(l16.begin(), l16.end(), [](float v) { return std::isfinite(v); }));
@@ -490,6 +535,55 @@ TEST_CASE("load_model: BF16 / F16 checkpoints stay 16-bit and compute like their
       }
     }
   }
+}
+
+TEST_CASE("load_model: mixed-dtype checkpoints keep 16-bit only where a matrix is all 16-bit",
+          "[models][loader][half]") {
+  CpuBackend backend(CpuBackendOptions{.threads = 2});
+  if (!backend.supports_weight_dtype(DType::bf16) || !backend.supports_weight_dtype(DType::f16)) {
+    WARN("this build's CPU kernels read no 16-bit weights: nothing to check");
+    return;
+  }
+  const Expected ex = read_expected(fixtures_dir() / "qwen3_moe");
+  ScratchCheckpoint a("qwen3_moe", "mixed");
+  a.round_to_bf16(true);
+  // One expert's up_proj of layer 1 as F16 (bf16 values fit f16 exactly in this range), and
+  // the LM head back in F32.
+  auto retag = [&](const std::string& name, DType to) {
+    const std::size_t i = a.index(name);
+    const std::size_t n = a.data[i].size() / 2;
+    std::vector<std::byte> out(n * dtype_size(to));
+    for (std::size_t j = 0; j < n; ++j) {
+      std::uint16_t h;
+      std::memcpy(&h, a.data[i].data() + 2 * j, 2);
+      const float f = bf16_to_float(h);
+      if (to == DType::f32) {
+        std::memcpy(out.data() + 4 * j, &f, 4);
+      } else {
+        const std::uint16_t g = float_to_f16(f);
+        REQUIRE(f16_to_float(g) == f);
+        std::memcpy(out.data() + 2 * j, &g, 2);
+      }
+    }
+    a.data[i] = std::move(out);
+    a.dtypes[i] = to == DType::f32 ? "F32" : "F16";
+  };
+  retag("model.layers.1.mlp.experts.3.up_proj.weight", DType::f16);
+  retag("lm_head.weight", DType::f32);
+  a.write();
+  const Model m = load_model(backend, a.dir);
+  const Model wide = load_model(backend, a.dir, f32_weights());
+  auto bank = [&](std::size_t layer) -> const SwiGluExperts& {
+    return std::get<MoEBlock>(m.layers()[layer].ffn()).experts();
+  };
+  CHECK(bank(0).gate_up().tensor().dtype() == DType::bf16);
+  CHECK(bank(0).down().tensor().dtype() == DType::bf16);
+  CHECK(bank(1).gate_up().tensor().dtype() == DType::f32);  // bf16 and f16 parts: widened
+  CHECK(bank(1).down().tensor().dtype() == DType::bf16);
+  CHECK(m.head().head().tensor().dtype() == DType::f32);
+  CHECK(m.embeddings().table().tensor().dtype() == DType::bf16);
+  check_bitwise(host_f32(backend, m.forward(ex.prompt)), host_f32(backend, wide.forward(ex.prompt)),
+                "mixed vs widened");
 }
 
 // ------------------------------------------------------------------------------ primitives

@@ -255,9 +255,15 @@ int main(int argc, char** argv) {
                  qc.spec.mode_name());
     else if (!c.quantization.method.empty())
       fmt::print("weights: int8, as stored ({})\n", c.quantization.method);
-    else if (!model.head().head().is_quantized())
-      fmt::print("weights: {} matrices\n",
-                 autoglm::dtype_name(model.head().head().tensor().dtype()));
+    else
+      fmt::print("weights: float matrices {} (LM head {}, embeddings {})\n",
+                 a.weights == "f32" ? "widened to f32" : "as stored",
+                 model.head().head().is_quantized()
+                     ? "int8"
+                     : autoglm::dtype_name(model.head().head().tensor().dtype()),
+                 model.embeddings().table().is_quantized()
+                     ? "int8"
+                     : autoglm::dtype_name(model.embeddings().table().tensor().dtype()));
     autoglm::Session session(model);
     autoglm::GenerateOptions go;
     go.max_new_tokens = a.max_new;

@@ -3,8 +3,10 @@
 #pragma once
 
 #include <cmath>
+#include <string>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include "autoglm/backend/backend.hpp"
 
@@ -27,13 +29,19 @@ constexpr bool is_float_dtype(DType t) noexcept {
   return t == DType::f32 || t == DType::bf16 || t == DType::f16;
 }
 
-/// Throws unless t is a float weight (f32, bf16 or f16) that `backend` computes with directly.
+/// Throws unless t is a float weight (f32, bf16 or f16) that `backend` computes with directly;
+/// the message lists the dtypes it takes.
 inline void expect_weight_dtype(std::string_view fn, std::string_view arg, const TensorView& t,
                                 const Backend& backend) {
-  AUTOGLM_CHECK(is_float_dtype(t.dtype) && backend.supports_weight_dtype(t.dtype), dtype_mismatch,
-                fn, "{} must be f32{}, got {}", arg,
-                backend.supports_weight_dtype(DType::bf16) ? ", bf16 or f16" : "",
-                dtype_name(t.dtype));
+  if (is_float_dtype(t.dtype) && backend.supports_weight_dtype(t.dtype)) return;
+  std::vector<std::string_view> ok{"f32"};
+  for (DType dt : {DType::bf16, DType::f16})
+    if (backend.supports_weight_dtype(dt)) ok.push_back(dtype_name(dt));
+  std::string accepted(ok[0]);
+  for (std::size_t i = 1; i < ok.size(); ++i)
+    accepted += fmt::format("{}{}", i + 1 == ok.size() ? " or " : ", ", ok[i]);
+  detail::fail(ErrorCode::dtype_mismatch, fn, "{} must be {}, got {}", arg, accepted,
+               dtype_name(t.dtype));
 }
 
 /// Throws unless t lives on device d, has a buffer when non-empty and is row-major (unless

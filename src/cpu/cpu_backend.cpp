@@ -135,8 +135,7 @@ void CpuBackend::copy_to_host(void* dst, TensorView src) {
 }
 
 bool CpuBackend::supports_weight_dtype(DType t) const noexcept {
-  return t == DType::f32 ||
-         (weight_layout() == Layout::panel32 && (t == DType::bf16 || t == DType::f16));
+  return t == DType::f32 || (weight_layout() == Layout::panel32 && detail::panel_kernel_reads(t));
 }
 
 Layout CpuBackend::weight_layout() const noexcept {
@@ -299,13 +298,12 @@ void add_tiles(std::vector<Tile>& tiles, std::int64_t e, std::int64_t row0, std:
       tiles.push_back({e, row0 + i0, std::min(mb, m - i0), j0, std::min(nb, n - j0)});
 }
 
-// An f32 row-major copy of a row-major 16-bit weight (the row-major kernels read f32 only);
-// an undefined tensor when w can be read as it is.
-Tensor widened(CpuBackend& b, const TensorView& w) {
-  if (w.dtype == DType::f32 || w.layout != Layout::row_major) return Tensor();
-  Tensor out(b, DType::f32, w.shape);
-  b.convert(w, out);
-  return out;
+// 16-bit weights are read by the panel kernels only: a row-major one is an Error that says
+// how to get the kernels' layout (widening it here would hide a copy in every call).
+void expect_prepared(std::string_view fn, std::string_view arg, const TensorView& w) {
+  AUTOGLM_CHECK(w.dtype == DType::f32 || w.layout == Layout::panel32, unsupported, fn,
+                "{} is a row-major {} weight {}; prepare_weights puts it in the kernels' layout",
+                arg, dtype_name(w.dtype), w.shape.str());
 }
 
 }  // namespace
@@ -322,9 +320,7 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
   expect_dim(fn, "c", c, 1, b.dim(0));
   const std::int64_t m = a.dim(0), n = b.dim(0), k = a.dim(1);
   if (m == 0 || n == 0) return;
-  // 16-bit weights are read by the panel kernels only; row-major ones are widened here.
-  const Tensor wide = widened(*this, b);
-  if (wide.defined()) b = wide;
+  expect_prepared(fn, "b", b);
   const bool panels = b.layout == Layout::panel32;
   std::vector<Tile> tiles;
   add_tiles(tiles, 0, 0, m, n, k, panels);
@@ -360,8 +356,7 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   detail::expect_grouped_io(fn, x, E, n, k, offsets, out, device());
   const std::int32_t* off = offsets.as<std::int32_t>();
   detail::check_offsets(fn, off, E, x.dim(0));
-  const Tensor wide = widened(*this, w);
-  if (wide.defined()) w = wide;
+  expect_prepared(fn, "w", w);
   const bool panels = w.layout == Layout::panel32;
   // One task list across all experts, so a heavy expert is spread over every thread and light
   // experts do not leave threads waiting at a per-expert barrier.

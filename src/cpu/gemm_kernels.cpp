@@ -118,9 +118,10 @@ struct F32Panel {
     hi = _mm512_loadu_ps(w + 16);
   }
 };
+#if defined(__AVX512BW__)
 // bf16 is the top half of an f32: interleaving zero words below the weights is the whole
 // conversion, one shuffle per 16 weights (bf16_panel_slot stores the words in the order that
-// vpunpck[lh]wd's per-lane interleave needs).
+// vpunpck[lh]wd's per-lane interleave needs; the word shuffle is AVX512BW).
 struct Bf16Panel {
   using Elem = std::uint16_t;
   static void load(const Elem* w, __m512& lo, __m512& hi) {
@@ -130,6 +131,7 @@ struct Bf16Panel {
     hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v));
   }
 };
+#endif  // __AVX512BW__
 struct F16Panel {
   using Elem = std::uint16_t;
   static void load(const Elem* w, __m512& lo, __m512& hi) {
@@ -283,26 +285,41 @@ void pack_x(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k, fl
   }
 }
 
+bool panel_kernel_reads(DType dt) noexcept {
+#if defined(__AVX512F__)
+#if defined(__AVX512BW__)
+  if (dt == DType::bf16) return true;
+#endif
+  return dt == DType::f32 || dt == DType::f16;
+#else
+  return dt == DType::f32;
+#endif
+}
+
 void gemm_panel_tile(const float* xp, std::int64_t m, const void* wp, DType wdt, std::int64_t k,
                      std::int64_t panels, std::int64_t cols, float* out, std::int64_t ldo,
                      float alpha, float beta) {
   if (m == 0 || cols == 0) return;
 #if defined(__AVX512F__)
   switch (wdt) {
+#if defined(__AVX512BW__)
     case DType::bf16:
       panel_tile<Bf16Panel>(xp, m, static_cast<const std::uint16_t*>(wp), k, panels, cols, out, ldo,
                             alpha, beta);
       return;
+#endif
     case DType::f16:
       panel_tile<F16Panel>(xp, m, static_cast<const std::uint16_t*>(wp), k, panels, cols, out, ldo,
                            alpha, beta);
       return;
-    default:
+    case DType::f32:
       panel_tile<F32Panel>(xp, m, static_cast<const float*>(wp), k, panels, cols, out, ldo, alpha,
                            beta);
       return;
+    default:
+      break;
   }
-#else
+#endif
   // Portable path: unpack the tile's panels and let Eigen compute.
   std::vector<float> w(static_cast<std::size_t>(cols * k)), x(static_cast<std::size_t>(m * k));
   panels_to_f32(wp, wdt, cols, k, w.data());
@@ -311,7 +328,6 @@ void gemm_panel_tile(const float* xp, std::int64_t m, const void* wp, DType wdt,
     for (std::int64_t p = 0; p < k; ++p) x[i * k + p] = xp[(i / mr) * mr * k + p * mr + i % mr];
   eigen_tile(x.data(), k, w.data(), k, out, ldo, m, cols, k, alpha, beta);
   (void)panels;
-#endif
 }
 
 void gemm_nt_tile(const float* x, std::int64_t ldx, const float* w, std::int64_t ldw, float* out,

@@ -18,6 +18,10 @@ std::int64_t packed_x_size(std::int64_t m, std::int64_t k);
 /// zero-padded; block b starts at dst + b * pack_block_rows(m) * k.
 void pack_x(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k, float* dst);
 
+/// True when gemm_panel_tile has a vector kernel for panels of dtype dt (f32 always with
+/// AVX-512; bf16 needs AVX512BW's word shuffles, f16 AVX-512F's vcvtph2ps).
+bool panel_kernel_reads(DType dt) noexcept;
+
 /// Output tile against panel32 weights: xp from pack_x (m rows, starting on a block), wp the
 /// first of `panels` panels of depth k with elements of wdt (f32, bf16 or f16), `cols` valid
 /// output columns (<= 32 * panels).

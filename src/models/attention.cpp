@@ -21,8 +21,8 @@ void check_weight(std::string_view fn, std::string_view name, const Weight& w, c
     return;
   }
   const Tensor& t = w.tensor();
-  AUTOGLM_CHECK(t.defined(), invalid_argument, fn, "{} is missing (expected f32 {})", name,
-                want.str());
+  AUTOGLM_CHECK(t.defined(), invalid_argument, fn, "{} is missing (expected a float or int8 {})",
+                name, want.str());
   AUTOGLM_CHECK(detail::is_float_or_int8(w), dtype_mismatch, fn,
                 "{} must be float (f32, bf16, f16) or int8, got {}", name, dtype_name(t.dtype()));
   AUTOGLM_CHECK(t.shape() == want, shape_mismatch, fn, "{} must be {}, got {}", name, want.str(),

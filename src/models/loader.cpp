@@ -284,19 +284,19 @@ class Checkpoint {
 
   /// A planned weight matrix: int8 packed for the kernels when stored as int8, else in the
   /// backend's weight layout as matrix_dtype says, its source pages released. With a row-major
-  /// backend the float case is take() (f32, in place when stored so). `count`: report progress.
-  Weight take_weight(const std::string& name, bool count = true) {
+  /// backend the float case is take() (f32, in place when stored so).
+  Weight take_weight(const std::string& name) {
     if (is_int8(name)) return take_packed(name);
     if (weight_layout() == Layout::row_major) return take(name);
     Tensor out(backend_, matrix_dtype({&name}), *st_.at(name).shape, weight_layout());
-    take_into(name, out, count);
+    take_into(name, out);
     return out;
   }
 
   /// Copies a planned tensor into dst (converting from its stored dtype; dst row-major with
   /// the same element count, or in another layout with the same shape), then releases the
   /// source pages.
-  void take_into(const std::string& name, TensorView dst, bool count = true) {
+  void take_into(const std::string& name, TensorView dst) {
     const TensorInfo& info = st_.at(name);
     if (dst.layout == Layout::row_major) {
       const Tensor src = st_.load(backend_, name, *info.dtype);
@@ -308,7 +308,7 @@ class Checkpoint {
       backend_.relayout(src, dst);
     }
     st_.release(name);
-    if (count) report(name);
+    report(name);
   }
 
   /// A planned stack [E, N, K] in the backend's weight layout, re-laid out one matrix at a
@@ -818,9 +818,12 @@ Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadO
     ck.st().release(embed);
   } else {
     head = table;
-    // The head is the stored table in the weight layout (16-bit kept as matrix_dtype says),
-    // read again from the file rather than from the f32 table.
-    if (ck.weight_layout() != Layout::row_major) head = ck.take_weight(embed, /*count=*/false);
+    // The head is the table in the weight layout, re-laid out from the table itself (which
+    // holds the dtype matrix_dtype chose), then the table's file pages are released.
+    if (ck.weight_layout() != Layout::row_major) {
+      head = prepare_weights(backend, table.tensor());
+      ck.st().release(embed);
+    }
   }
   const float eps = static_cast<float>(c.rms_norm_eps);
   Model model(backend, std::move(c), EmbeddingEncoder(std::move(table)), std::move(layers),

@@ -259,7 +259,8 @@ namespace detail {
 inline Tensor prepared(Tensor w) {
   return w.backend() ? prepare_weights(*w.backend(), std::move(w)) : w;
 }
-/// A weight in its backend's preferred form: f32 re-laid-out, int8 packed for the kernels.
+/// A weight in its backend's preferred form: float re-laid-out (16-bit kept or widened, as
+/// prepare_weights says), int8 packed for the kernels.
 inline Weight prepared(const Weight& w) {
   if (!w.is_quantized()) return prepared(w.tensor());
   const QuantizedTensor& q = w.quantized();
@@ -268,7 +269,7 @@ inline Weight prepared(const Weight& w) {
 }
 }  // namespace detail
 
-// x: [M, K] f32; w: [N, K] f32 (any layout) or int8; out: [M, N].
+// x: [M, K] f32; w: [N, K] float (prepared) or int8; out: [M, N].
 /// out = x w^T through gemm or qgemm, whichever the weight needs.
 template <typename B>
 void linear(B& backend, TensorView x, const Weight& w, TensorView out) {

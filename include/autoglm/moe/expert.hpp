@@ -67,7 +67,8 @@ class SwiGluExperts {
   std::int64_t hidden() const noexcept { return gate_up_.dim(2); }
   /// F, the width of one expert.
   std::int64_t ffn() const noexcept { return down_.dim(2); }
-  /// Fused gate/up weights [E, 2F, d] (f32: read them with Backend::copy_to_host).
+  /// Fused gate/up weights [E, 2F, d] (float: read them with Backend::copy_to_host, which
+  /// writes elements of the tensor's dtype, f32 / bf16 / f16, in the logical order).
   const Weight& gate_up() const noexcept { return gate_up_; }
   /// Down weights [E, d, F].
   const Weight& down() const noexcept { return down_; }
