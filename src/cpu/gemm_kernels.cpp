@@ -35,9 +35,10 @@ void eigen_tile(const float* x, std::int64_t ldx, const float* w, std::int64_t l
   }
 }
 
-constexpr std::int64_t kSmallRows = 6;     // up to this many rows pack as one block
-constexpr std::int64_t kBlockRows = 12;    // rows per packed block above that
-constexpr std::int64_t kStreamAhead = 48;  // k steps of software prefetch when streaming
+constexpr std::int64_t kSmallRows = 6;   // up to this many rows pack as one block
+constexpr std::int64_t kBlockRows = 12;  // rows per packed block above that
+constexpr std::int64_t kStreamAhead =
+    48;  // f32 k steps (6 KiB) of software prefetch when streaming
 
 inline float finish(float acc, float alpha, float beta, const float* old) {
   return beta == 0.0f ? alpha * acc : alpha * acc + beta * *old;
@@ -151,6 +152,9 @@ void panel_kernel(const float* xp, std::int64_t xs, const typename P::Elem* wp,
                   std::int64_t cols, float alpha, float beta, const char* pf,
                   std::int64_t pf_lines) {
   constexpr std::int64_t step_bytes = kPanelRows * sizeof(typename P::Elem);
+  // The same distance in bytes for every dtype: 16-bit panels look twice as many steps ahead.
+  constexpr std::int64_t ahead_steps =
+      kStreamAhead * 4 / static_cast<std::int64_t>(sizeof(typename P::Elem));
   const std::int64_t pf_step = pf_lines <= 0 ? 0 : (pf_lines + kc - 1) / kc;
   std::int64_t pf_done = 0;
   constexpr int NV = 2 * NP;
