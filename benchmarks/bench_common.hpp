@@ -15,24 +15,23 @@ namespace autoglm_bench {
 
 /// One MoE layer shape, as published in the model's config.json.
 struct ModelSpec {
-  const char* name;          ///< benchmark name component, e.g. "Qwen3-30B-A3B"
-  std::int64_t d;            ///< hidden_size
-  std::int64_t ffn;          ///< moe_intermediate_size (Mixtral: intermediate_size)
-  std::int64_t experts;      ///< routed experts E
-  int top_k;                 ///< experts per token k
-  bool sigmoid;              ///< false: softmax_topk; true: sigmoid_group
-  bool renormalize;          ///< norm_topk_prob
-  float renorm_epsilon;      ///< added to the renormalisation sum
-  float routed_scaling;      ///< routed_scaling_factor
-  int n_group;               ///< expert groups (sigmoid_group)
-  int topk_group;            ///< groups kept per token
-  bool selection_bias;       ///< e_score_correction_bias
-  std::int64_t shared_ffn;   ///< width of the shared expert; 0 = none
+  const char* name;         ///< benchmark name component, e.g. "Qwen3-30B-A3B"
+  std::int64_t d;           ///< hidden_size
+  std::int64_t ffn;         ///< moe_intermediate_size (Mixtral: intermediate_size)
+  std::int64_t experts;     ///< routed experts E
+  int top_k;                ///< experts per token k
+  bool sigmoid;             ///< false: softmax_topk; true: sigmoid_group
+  bool renormalize;         ///< norm_topk_prob
+  float renorm_epsilon;     ///< added to the renormalisation sum
+  float routed_scaling;     ///< routed_scaling_factor
+  int n_group;              ///< expert groups (sigmoid_group)
+  int topk_group;           ///< groups kept per token
+  bool selection_bias;      ///< e_score_correction_bias
+  std::int64_t shared_ffn;  ///< width of the shared expert; 0 = none
 
   /// Active FLOPs of one call on T tokens: routed SwiGLU + shared SwiGLU + router.
   double active_flops(std::int64_t T) const {
-    return 2.0 * T * top_k * 3.0 * d * ffn + 2.0 * T * 3.0 * d * shared_ffn +
-           2.0 * T * d * experts;
+    return 2.0 * T * top_k * 3.0 * d * ffn + 2.0 * T * 3.0 * d * shared_ffn + 2.0 * T * d * experts;
   }
 };
 
@@ -85,12 +84,11 @@ inline std::string specs_json(const std::vector<ModelSpec>& models) {
                   "\"score\":\"%s\",\"renormalize\":%s,\"renorm_epsilon\":%g,"
                   "\"routed_scaling\":%g,\"n_group\":%d,\"topk_group\":%d,"
                   "\"selection_bias\":%s,\"shared_ffn\":%lld}",
-                  i ? "," : "", m.name, static_cast<long long>(m.d),
-                  static_cast<long long>(m.ffn), static_cast<long long>(m.experts), m.top_k,
-                  m.sigmoid ? "sigmoid" : "softmax", m.renormalize ? "true" : "false",
-                  static_cast<double>(m.renorm_epsilon), static_cast<double>(m.routed_scaling),
-                  m.n_group, m.topk_group, m.selection_bias ? "true" : "false",
-                  static_cast<long long>(m.shared_ffn));
+                  i ? "," : "", m.name, static_cast<long long>(m.d), static_cast<long long>(m.ffn),
+                  static_cast<long long>(m.experts), m.top_k, m.sigmoid ? "sigmoid" : "softmax",
+                  m.renormalize ? "true" : "false", static_cast<double>(m.renorm_epsilon),
+                  static_cast<double>(m.routed_scaling), m.n_group, m.topk_group,
+                  m.selection_bias ? "true" : "false", static_cast<long long>(m.shared_ffn));
     s += buf;
   }
   return s + "]";
@@ -100,6 +98,8 @@ inline std::string specs_json(const std::vector<ModelSpec>& models) {
 struct Options {
   int threads = 2;    ///< --threads=N, else AUTOGLM_THREADS, else 2
   bool tiny = false;  ///< --tiny or AUTOGLM_BENCH_TINY=1: smoke-test shapes instead of real ones
+  /// --bf16-compute: CpuBackendOptions::bf16_compute (bf16 weights on AMX-BF16 tiles).
+  bool bf16_compute = false;
 };
 
 /// Parses and removes --threads=N / --threads N / --tiny from argv (before benchmark::Initialize).
@@ -117,6 +117,8 @@ inline Options parse_options(int& argc, char** argv) {
       o.threads = std::atoi(argv[++i]);
     } else if (a == "--tiny") {
       o.tiny = true;
+    } else if (a == "--bf16-compute") {
+      o.bf16_compute = true;
     } else {
       argv[out++] = argv[i];
     }

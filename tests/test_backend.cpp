@@ -1215,3 +1215,95 @@ BACKEND_TEST("16-bit weights: gemm and grouped_gemm read bf16 / f16 exactly as t
         dtype_mismatch, "grouped_gemm]", "w must be f32", "got i8");
   }
 }
+
+namespace {
+CpuBackendOptions amx_options(int threads) {
+  CpuBackendOptions o;
+  o.threads = threads;
+  o.bf16_compute = true;
+  return o;
+}
+}  // namespace
+
+TEST_CASE("CpuBackend bf16_compute: bf16 weights times bf16-rounded activations on AMX tiles",
+          "[half][amx]") {
+  CpuBackend b1(amx_options(1)), b2(amx_options(2));
+  if (!b1.bf16_compute()) {
+    WARN("no AMX-BF16 here: bf16_compute is ignored, nothing to check");
+    return;
+  }
+  std::uint64_t seed = 1200;
+  auto bf16_round = [](std::vector<float> v) {
+    for (float& f : v) f = bf16_to_float(float_to_bf16(f));
+    return v;
+  };
+  auto bf16_weight = [&](Backend& b, const std::vector<float>& w, Shape s) {
+    std::vector<std::uint16_t> bits(w.size());
+    for (std::size_t i = 0; i < w.size(); ++i) bits[i] = float_to_bf16(w[i]);
+    Tensor t(b, DType::bf16, s);
+    b.copy_from_host(t, bits.data());
+    return prepare_weights(b, t);
+  };
+  struct Case {
+    std::int64_t M, N, K;
+  };
+  // Partial tiles in rows (1, 5, 17), columns (33, 70) and depth (17, 300: not a multiple of
+  // 32); one row pair (32) and several (300); K = 1.
+  for (Case c : {Case{1, 70, 300}, Case{5, 33, 17}, Case{16, 64, 64}, Case{17, 70, 300},
+                 Case{32, 32, 1}, Case{300, 40, 100}}) {
+    DYNAMIC_SECTION("gemm M=" << c.M << " N=" << c.N << " K=" << c.K) {
+      const auto W = bf16_round(random_floats(static_cast<std::size_t>(c.N * c.K), ++seed));
+      const auto A = random_floats(static_cast<std::size_t>(c.M * c.K), ++seed);
+      const auto C0 = random_floats(static_cast<std::size_t>(c.M * c.N), ++seed);
+      const GemmParams p{0.5f, -2.0f};
+      std::vector<float> got[2];
+      CpuBackend* bs[2] = {&b1, &b2};
+      for (int i = 0; i < 2; ++i) {
+        Backend& b = *bs[i];
+        Tensor out = tensor_f32(b, Shape{c.M, c.N}, C0);
+        b.gemm(tensor_f32(b, Shape{c.M, c.K}, A), bf16_weight(b, W, Shape{c.N, c.K}), out, p);
+        got[i] = host_f32(b, out);
+      }
+      check_bitwise(got[0], got[1], "1 vs 2 threads");
+      auto want = ref::matmul_nt(bf16_round(A), W, c.M, c.N, c.K);
+      for (std::size_t i = 0; i < want.size(); ++i) want[i] = p.alpha * want[i] + p.beta * C0[i];
+      check_close(got[0], want, 1e-4, 1e-4, "AMX gemm vs bf16-rounded reference");
+      // Rows are independent: the last row alone gives the same bits.
+      Tensor one = tensor_f32(b1, Shape{1, c.N}, std::vector<float>(C0.end() - c.N, C0.end()));
+      b1.gemm(tensor_f32(b1, Shape{1, c.K}, std::vector<float>(A.end() - c.K, A.end())),
+              bf16_weight(b1, W, Shape{c.N, c.K}), one, p);
+      check_bitwise(host_f32(b1, one), std::vector<float>(got[0].end() - c.N, got[0].end()),
+                    "one row vs the same row in a batch");
+    }
+  }
+  SECTION("grouped_gemm") {
+    const std::int64_t E = 3, N = 70, K = 300, R = 60;
+    const std::vector<std::int32_t> off{0, 5, 5, R};
+    const auto W = bf16_round(random_floats(static_cast<std::size_t>(E * N * K), ++seed));
+    const auto X = random_floats(static_cast<std::size_t>(R * K), ++seed);
+    Tensor out(b2, DType::f32, Shape{R, N});
+    b2.grouped_gemm(tensor_f32(b2, Shape{R, K}, X), bf16_weight(b2, W, Shape{E, N, K}),
+                    tensor_i32(b2, Shape{E + 1}, off), out);
+    const auto Xr = bf16_round(X);
+    std::vector<double> want(static_cast<std::size_t>(R * N));
+    for (std::int64_t e = 0; e < E; ++e)
+      for (std::int64_t r = off[e]; r < off[e + 1]; ++r)
+        for (std::int64_t n = 0; n < N; ++n) {
+          double s = 0.0;
+          for (std::int64_t k = 0; k < K; ++k)
+            s += static_cast<double>(Xr[r * K + k]) * W[(e * N + n) * K + k];
+          want[r * N + n] = s;
+        }
+    check_close(host_f32(b2, out), want, 1e-4, 1e-4, "AMX grouped_gemm");
+  }
+  SECTION("f32 and f16 weights are not affected") {
+    const auto W = random_floats(70 * 40, ++seed), A = random_floats(3 * 40, ++seed);
+    CpuBackend exact(CpuBackendOptions{.threads = 1});
+    Tensor o1(b1, DType::f32, Shape{3, 70}), o2(exact, DType::f32, Shape{3, 70});
+    b1.gemm(tensor_f32(b1, Shape{3, 40}, A), prepare_weights(b1, tensor_f32(b1, Shape{70, 40}, W)),
+            o1);
+    exact.gemm(tensor_f32(exact, Shape{3, 40}, A),
+               prepare_weights(exact, tensor_f32(exact, Shape{70, 40}, W)), o2);
+    check_bitwise(host_f32(b1, o1), host_f32(exact, o2), "f32 weights, bf16_compute on / off");
+  }
+}

@@ -37,6 +37,7 @@ struct Args {
   std::string parts = "experts,attention,dense";  // what --quantize converts
   std::string equalize = "on";                    // column equalisation of int8 weights
   std::string weights = "stored";                 // float matrices: as stored, or f32
+  bool bf16_compute = false;                      // bf16 weights on AMX-BF16 tiles
 };
 
 void usage() {
@@ -47,7 +48,7 @@ void usage() {
       "                 [--quantize int8|int8_g32|int8_g64|int8_g128] [--activations "
       "weight_only|w8a8]\n"
       "                 [--save-quantized OUT_DIR] [--quantize-parts LIST] [--equalize on|off]\n"
-      "                 [--weights stored|f32]\n"
+      "                 [--weights stored|f32] [--bf16-compute]\n"
       "DIR holds config.json and model.safetensors (or a sharded index). Greedy by default.\n"
       "--group-mask: value of discarded expert groups (DeepSeek-V3 / GLM group-limited routing):\n"
       "  neg_inf (default: transformers 5.x, DeepSeek reference, llama.cpp, vLLM), zero\n"
@@ -63,6 +64,8 @@ void usage() {
       "  columns dominate, see docs/quantization.md).\n"
       "--weights: float weight matrices as stored (default: a BF16 / F16 checkpoint stays 16-bit,\n"
       "  half the memory of f32, same logits) or f32 (widened at load).\n"
+      "--bf16-compute: bf16 weights multiply bf16-rounded activations on AMX-BF16 tiles (as\n"
+      "  PyTorch's bf16 matmuls do): faster prefill, logits within bf16 rounding of exact.\n"
       "--save-quantized OUT_DIR: writes the int8 checkpoint (quantize_checkpoint) and runs it;\n"
       "  an int8 directory loads directly with --model, without re-quantizing.");
 }
@@ -108,6 +111,10 @@ Args parse(int argc, char** argv) {
     if (f == "--help" || f == "-h") {
       usage();
       std::exit(0);
+    }
+    if (f == "--bf16-compute") {
+      a.bf16_compute = true;
+      continue;
     }
     if (i + 1 >= argc) bad(fmt::format("{} needs a value (or is unknown); see --help", f));
     const std::string v = argv[++i];
@@ -185,7 +192,10 @@ void draw_progress(const autoglm::LoadProgress& p) {
 int main(int argc, char** argv) {
   try {
     const Args a = parse(argc, argv);
-    autoglm::CpuBackend backend(autoglm::CpuBackendOptions{.threads = a.threads});
+    autoglm::CpuBackend backend(
+        autoglm::CpuBackendOptions{.threads = a.threads, .bf16_compute = a.bf16_compute});
+    if (a.bf16_compute && !backend.bf16_compute())
+      std::fputs("note: --bf16-compute ignored: this CPU / OS has no AMX-BF16\n", stderr);
     autoglm::LoadOptions lo;
     lo.progress = [](const autoglm::LoadProgress& p) {
       draw_progress(p);

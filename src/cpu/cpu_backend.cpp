@@ -60,6 +60,11 @@ CpuBackend::CpuBackend(CpuBackendOptions options) {
                 options.threads);
   const int n = options.threads == 0 ? tbb::info::default_concurrency() : options.threads;
   impl_ = std::make_unique<Impl>(n, options.cache_bytes);
+  impl_->bf16_compute = options.bf16_compute && detail::amx_bf16_available();
+}
+
+bool CpuBackend::bf16_compute() const noexcept {
+  return impl_->bf16_compute;
 }
 
 CpuBackend::~CpuBackend() = default;
@@ -322,20 +327,27 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
   if (m == 0 || n == 0) return;
   expect_prepared(fn, "b", b);
   const bool panels = b.layout == Layout::panel32;
+  const bool amx = panels && b.dtype == DType::bf16 && impl_->bf16_compute;
   std::vector<Tile> tiles;
   add_tiles(tiles, 0, 0, m, n, k, panels);
   const float* A = a.as<float>();
   const void* B = b.data;
   float* C = c.as<float>();
   Tensor packed;
-  if (panels) {
+  if (panels && !amx) {
     std::vector<std::int64_t> start;
     packed = pack_groups(
         *this, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, A, k, {0}, {m}, start);
   }
   impl_->parallel(static_cast<std::int64_t>(tiles.size()), 1, [&](std::int64_t i) {
     const Tile& t = tiles[static_cast<std::size_t>(i)];
-    if (panels) {
+    if (amx) {
+      detail::gemm_bf16_amx_tile(
+          A + t.row0 * k, k, t.rows,
+          static_cast<const std::uint16_t*>(B) + t.col0 / kPanelRows * kPanelRows * k, k,
+          (t.cols + kPanelRows - 1) / kPanelRows, t.cols, C + t.row0 * n + t.col0, n, p.alpha,
+          p.beta);
+    } else if (panels) {
       detail::gemm_panel_tile(packed.data<float>() + t.row0 * k, t.rows,
                               advance(B, t.col0 / kPanelRows * kPanelRows * k, b.dtype), b.dtype, k,
                               (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
@@ -358,6 +370,7 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   detail::check_offsets(fn, off, E, x.dim(0));
   expect_prepared(fn, "w", w);
   const bool panels = w.layout == Layout::panel32;
+  const bool amx = panels && w.dtype == DType::bf16 && impl_->bf16_compute;
   // One task list across all experts, so a heavy expert is spread over every thread and light
   // experts do not leave threads waiting at a per-expert barrier.
   std::vector<Tile> tiles;
@@ -373,14 +386,19 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   const std::int64_t wstride = panels ? panel_elems(n, k) : n * k;
   Tensor packed;
   std::vector<std::int64_t> start;
-  if (panels)
+  if (panels && !amx)
     packed = pack_groups(
         *this, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, X, k, row0, rows,
         start);
   impl_->parallel(static_cast<std::int64_t>(tiles.size()), 1, [&](std::int64_t i) {
     const Tile& t = tiles[static_cast<std::size_t>(i)];
     const void* We = advance(W, t.e * wstride, w.dtype);
-    if (panels) {
+    if (amx) {
+      detail::gemm_bf16_amx_tile(
+          X + t.row0 * k, k, t.rows,
+          static_cast<const std::uint16_t*>(We) + t.col0 / kPanelRows * kPanelRows * k, k,
+          (t.cols + kPanelRows - 1) / kPanelRows, t.cols, O + t.row0 * n + t.col0, n, 1.0f, 0.0f);
+    } else if (panels) {
       detail::gemm_panel_tile(packed.data<float>() + start[t.e] + (t.row0 - row0[t.e]) * k, t.rows,
                               advance(We, t.col0 / kPanelRows * kPanelRows * k, w.dtype), w.dtype,
                               k, (t.cols + kPanelRows - 1) / kPanelRows, t.cols,

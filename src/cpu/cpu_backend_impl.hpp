@@ -29,10 +29,11 @@ struct CpuBackend::Impl {
   static constexpr std::size_t kPoolMin = std::size_t{1} << 16;
   static constexpr std::size_t kPoolMax = std::size_t{1} << 28;
   std::mutex pool_mutex;
-  std::unordered_map<void*, std::size_t> block_size;   // live pooled blocks
-  std::multimap<std::size_t, void*> free_blocks;       // cached, by size
+  std::unordered_map<void*, std::size_t> block_size;  // live pooled blocks
+  std::multimap<std::size_t, void*> free_blocks;      // cached, by size
   std::size_t cached = 0;
   std::size_t cache_limit;
+  bool bf16_compute = false;  // CpuBackendOptions::bf16_compute, where AMX-BF16 runs
 
   void* take(std::size_t bytes) {
     if (bytes >= kPoolMin && bytes <= kPoolMax) {
@@ -85,6 +86,5 @@ struct CpuBackend::Impl {
     });
   }
 };
-
 
 }  // namespace autoglm

@@ -42,6 +42,15 @@ constexpr int bf16_panel_slot(int r) noexcept {
   return (r % 16) / 4 * 8 + r % 4 + (r >= 16 ? 4 : 0);
 }
 
+/// Whether this CPU and OS run gemm_bf16_amx_tile (AMX-BF16, AVX512_BF16, Linux tile grant).
+bool amx_bf16_available() noexcept;
+/// Output tile against bf16 panel32 weights on AMX tiles, x [m, k] f32 row-major (row stride
+/// ldx) rounded to bf16 first; wp the first of `panels` bf16 panels of depth k, `cols` valid
+/// output columns. Each output row depends on its own x row only, in a fixed order.
+void gemm_bf16_amx_tile(const float* x, std::int64_t ldx, std::int64_t m, const std::uint16_t* wp,
+                        std::int64_t k, std::int64_t panels, std::int64_t cols, float* out,
+                        std::int64_t ldo, float alpha, float beta);
+
 /// Row-major [n, k] -> panel32 of the same dtype dt (f32, bf16 or f16; rows past n zero).
 void to_panels(const void* src, DType dt, std::int64_t n, std::int64_t k, void* dst);
 /// panel32 -> row-major [n, k], same dtype.

@@ -204,7 +204,7 @@ def run_autoglm(binary: Path, model_dir: Path, prompt: list[int], args) -> dict:
            "--tokens=" + ",".join(map(str, prompt)), f"--decode={args.decode}",
            f"--greedy={args.decode + 1}", f"--dump-logits={logits_file}",
            "--benchmark_format=json", f"--benchmark_repetitions={args.repetitions}",
-           f"--benchmark_min_time={args.min_time}"]
+           f"--benchmark_min_time={args.min_time}"] + (["--bf16-compute"] if args.bf16_compute else [])
     print("  $ " + shlex.join(cmd[:3] + ["--tokens=..."] + cmd[4:]), flush=True)
     with BenchLock("autoglm"), NoiseMeter() as noise:
         r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -253,6 +253,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7, help="seed of the random prompt")
     p.add_argument("--experts", default="eager,grouped_mm",
                    help="transformers experts_implementation(s) to time (default eager,grouped_mm)")
+    p.add_argument("--bf16-compute", action="store_true",
+                   help="run autoglm with CpuBackendOptions::bf16_compute (bf16 weights on "
+                        "AMX-BF16 tiles, bf16-rounded activations, as transformers-bf16 computes)")
     p.add_argument("--repetitions", type=int, default=5)
     p.add_argument("--min-time", type=float, default=0.5,
                    help="Google Benchmark seconds per autoglm repetition")
@@ -323,7 +326,8 @@ def main() -> None:
     ag_dc = pick(ag["decode_tps"], args.stat, True)
     star = lambda share: "*" if share is not None and share >= 0.05 else ""  # noqa: E731
     print(f"\n== {cfg['model_type']} x{cfg['num_hidden_layers']} layers, {args.threads} threads, "
-          f"{args.dtype.upper()} checkpoint (autoglm computes in f32 on the stored weights): "
+          f"{args.dtype.upper()} checkpoint (autoglm: "
+          f"{'bf16 activations on AMX-BF16' if args.bf16_compute else 'f32 compute on the stored weights'}): "
           f"prompt {args.prompt} tokens, decode {args.decode} steps ==")
     print(f"{'':38} {'prefill tok/s':>14} {'decode tok/s':>13}")
     rows = [("autoglm", ag_pf, ag_dc, ag["noise"])]

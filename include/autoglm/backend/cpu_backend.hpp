@@ -13,6 +13,13 @@ struct CpuBackendOptions {
   int threads = 0;  ///< worker threads; 0 = all hardware threads
   /// Bytes of freed large buffers kept for reuse (activations of the next forward pass).
   std::size_t cache_bytes = std::size_t{1} << 30;
+  /// Products with bf16 weights round the activations to bf16 (nearest even) and run on
+  /// AMX-BF16 tiles with f32 accumulation, as PyTorch's bf16 matmuls do: several times the f32
+  /// FMA throughput (prefill), results within bf16 rounding of the exact ones. Off by default
+  /// (bf16 weights are then widened exactly, f32 compute). Ignored where the CPU or OS has no
+  /// AMX-BF16 (see CpuBackend::bf16_compute). Each output row depends on its own input row
+  /// only, so cached decoding still equals recomputation and 1 or N threads agree bit for bit.
+  bool bf16_compute = false;
 };
 
 /// CPU backend on Eigen (GEMM tiles) and oneTBB (parallel loops in a private task arena).
@@ -38,6 +45,8 @@ class CpuBackend final : public Backend {
   void copy_to_host(void* dst, TensorView src) override;
   void convert(TensorView src, TensorView dst) override;
   void fill(TensorView dst, float value) override;
+  /// True when CpuBackendOptions::bf16_compute was asked for and this machine runs it.
+  bool bf16_compute() const noexcept;
   /// f32 always; bf16 and f16 in builds with the AVX-512 panel kernels.
   bool supports_weight_dtype(DType t) const noexcept override;
   Layout weight_layout() const noexcept override;
