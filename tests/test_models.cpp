@@ -586,6 +586,51 @@ TEST_CASE("load_model: mixed-dtype checkpoints keep 16-bit only where a matrix i
                 "mixed vs widened");
 }
 
+TEST_CASE(
+    "load_model + bf16_compute: AMX-BF16 logits near the exact ones; cached decoding "
+    "equals recomputation",
+    "[models][half][amx]") {
+  CpuBackendOptions o;
+  o.threads = 2;
+  o.bf16_compute = true;
+  CpuBackend amx(o);
+  if (!amx.bf16_compute()) {
+    WARN("no AMX-BF16 here: bf16_compute is ignored, nothing to check");
+    return;
+  }
+  CpuBackend exact(CpuBackendOptions{.threads = 2});
+  for (const char* fixture : {"qwen3_moe", "glm4_moe_hub_tied", "deepseek_v3"}) {
+    DYNAMIC_SECTION(fixture) {
+      const Expected ex = read_expected(fixtures_dir() / fixture);
+      ScratchCheckpoint a(fixture, "amx");
+      a.round_to_bf16(true);
+      a.write();
+      const Model ma = load_model(amx, a.dir), me = load_model(exact, a.dir);
+      const auto V = static_cast<std::size_t>(ex.vocab), L = ex.prompt.size();
+      // Activations rounded to bf16 before every product: logits move by about that rounding.
+      const std::vector<float> la = host_f32(amx, ma.forward(ex.prompt));
+      const double e = rel_error(la, host_f32(exact, me.forward(ex.prompt)));
+      INFO("relative logit difference, AMX-BF16 vs exact: " << e);
+      CHECK(e > 0.0);  // the AMX path did run
+      CHECK(e <= 3e-2);
+      // Each product row depends on its own activations only: a cached decode gives the bits
+      // of a full recomputation.
+      Session s(ma);
+      const std::vector<float> prefill = host_f32(amx, s.prefill(ex.prompt, true));
+      std::vector<float> decode;
+      for (std::int32_t t : ex.decode_inputs) {
+        const std::vector<float> row = host_f32(amx, s.append(std::span(&t, 1)));
+        decode.insert(decode.end(), row.begin(), row.end());
+      }
+      std::vector<std::int32_t> seq = ex.prompt;
+      seq.insert(seq.end(), ex.decode_inputs.begin(), ex.decode_inputs.end());
+      const std::vector<float> full = host_f32(amx, ma.forward(seq));
+      CHECK(rel_error(decode, slice(full, L, ex.decode_inputs.size(), V)) <= 1e-5);
+      CHECK(rel_error(slice(full, 0, L, V), prefill) <= 1e-5);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------ primitives
 
 namespace {
