@@ -493,7 +493,7 @@ TEST_CASE("load_model: BF16 / F16 checkpoints stay 16-bit and compute like their
           };
           for (const DecoderLayer& l : m.layers()) {
             if (const auto* moe = std::get_if<MoEBlock>(&l.ffn())) {
-              add(moe->gate().weight());
+              CHECK(moe->gate().weight().tensor().dtype() == DType::f32);  // the router: f32
               add(moe->experts().gate_up());
               add(moe->experts().down());
               if (const auto& sh = moe->aggregator().shared()) {

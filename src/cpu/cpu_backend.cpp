@@ -60,7 +60,9 @@ CpuBackend::CpuBackend(CpuBackendOptions options) {
                 options.threads);
   const int n = options.threads == 0 ? tbb::info::default_concurrency() : options.threads;
   impl_ = std::make_unique<Impl>(n, options.cache_bytes);
-  impl_->bf16_compute = options.bf16_compute && detail::amx_bf16_available();
+  impl_->bf16_compute = options.bf16_compute && detail::amx_bf16_available() &&
+                        weight_layout() == Layout::panel32 &&
+                        detail::panel_kernel_reads(DType::bf16);
 }
 
 bool CpuBackend::bf16_compute() const noexcept {
@@ -311,6 +313,49 @@ void expect_prepared(std::string_view fn, std::string_view arg, const TensorView
                 arg, dtype_name(w.dtype), w.shape.str());
 }
 
+// CpuBackendOptions::bf16_compute: out[rows of group g] = alpha * bf16(x) * w[g]^T + beta * out
+// on AMX-BF16 tiles, w bf16 panel32 (matrix g at w + g * wstride). Each group's rows are
+// rounded and packed once; row tiles are whole 16-row blocks (256 rows), column tiles as
+// add_tiles makes them, so tile shapes never depend on the thread count.
+template <typename Parallel>
+void amx_products(Backend& backend, Parallel&& parallel, const float* x, std::int64_t k,
+                  const std::vector<std::int64_t>& row0, const std::vector<std::int64_t>& rows,
+                  const std::uint16_t* w, std::int64_t wstride, std::int64_t n, float* out,
+                  std::int64_t ldo, float alpha, float beta) {
+  const auto G = static_cast<std::int64_t>(rows.size());
+  std::vector<Tile> tiles;
+  std::vector<std::int64_t> start(static_cast<std::size_t>(G));
+  std::int64_t total = 0;
+  for (std::int64_t g = 0; g < G; ++g) {
+    start[g] = total;
+    total += detail::amx_packed_a_size(rows[g], k);
+    if (rows[g] == 0 || n == 0) continue;
+    constexpr std::int64_t mb = 16 * detail::kAmxTileRows;
+    std::int64_t nb = rows[g] <= 8 ? 96 : 192;
+    if (k <= 512) nb *= 2;
+    for (std::int64_t i0 = 0; i0 < rows[g]; i0 += mb)
+      for (std::int64_t j0 = 0; j0 < n; j0 += nb)
+        tiles.push_back({g, row0[g] + i0, std::min(mb, rows[g] - i0), j0, std::min(nb, n - j0)});
+  }
+  Tensor packed(backend, DType::bf16, Shape{std::max<std::int64_t>(total, 1)});
+  std::uint16_t* ap = packed.data<std::uint16_t>();
+  parallel(G, [&](std::int64_t g) {
+    if (rows[g] > 0) detail::pack_a_bf16(x + row0[g] * k, k, rows[g], k, ap + start[g]);
+  });
+  const std::int64_t per_row = (k + detail::kAmxStepK - 1) / detail::kAmxStepK * detail::kAmxStepK;
+  parallel(static_cast<std::int64_t>(tiles.size()), [&](std::int64_t i) {
+    const Tile& t = tiles[static_cast<std::size_t>(i)];
+    thread_local std::vector<std::uint16_t> bs;
+    thread_local std::vector<float> cs;
+    bs.resize(static_cast<std::size_t>(detail::amx_b_scratch_size(t.rows, k)));
+    cs.resize(static_cast<std::size_t>(detail::kAmxCScratch));
+    detail::gemm_bf16_amx_tile(ap + start[t.e] + (t.row0 - row0[t.e]) * per_row, t.rows,
+                               w + t.e * wstride + t.col0 / kPanelRows * kPanelRows * k, k,
+                               (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
+                               out + t.row0 * ldo + t.col0, ldo, alpha, beta, bs.data(), cs.data());
+  });
+}
+
 }  // namespace
 
 void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
@@ -327,27 +372,26 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
   if (m == 0 || n == 0) return;
   expect_prepared(fn, "b", b);
   const bool panels = b.layout == Layout::panel32;
-  const bool amx = panels && b.dtype == DType::bf16 && impl_->bf16_compute;
+  if (panels && b.dtype == DType::bf16 && impl_->bf16_compute) {
+    amx_products(
+        *this, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, a.as<float>(), k, {0},
+        {m}, b.as<std::uint16_t>(), 0, n, c.as<float>(), n, p.alpha, p.beta);
+    return;
+  }
   std::vector<Tile> tiles;
   add_tiles(tiles, 0, 0, m, n, k, panels);
   const float* A = a.as<float>();
   const void* B = b.data;
   float* C = c.as<float>();
   Tensor packed;
-  if (panels && !amx) {
+  if (panels) {
     std::vector<std::int64_t> start;
     packed = pack_groups(
         *this, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, A, k, {0}, {m}, start);
   }
   impl_->parallel(static_cast<std::int64_t>(tiles.size()), 1, [&](std::int64_t i) {
     const Tile& t = tiles[static_cast<std::size_t>(i)];
-    if (amx) {
-      detail::gemm_bf16_amx_tile(
-          A + t.row0 * k, k, t.rows,
-          static_cast<const std::uint16_t*>(B) + t.col0 / kPanelRows * kPanelRows * k, k,
-          (t.cols + kPanelRows - 1) / kPanelRows, t.cols, C + t.row0 * n + t.col0, n, p.alpha,
-          p.beta);
-    } else if (panels) {
+    if (panels) {
       detail::gemm_panel_tile(packed.data<float>() + t.row0 * k, t.rows,
                               advance(B, t.col0 / kPanelRows * kPanelRows * k, b.dtype), b.dtype, k,
                               (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
@@ -370,7 +414,6 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   detail::check_offsets(fn, off, E, x.dim(0));
   expect_prepared(fn, "w", w);
   const bool panels = w.layout == Layout::panel32;
-  const bool amx = panels && w.dtype == DType::bf16 && impl_->bf16_compute;
   // One task list across all experts, so a heavy expert is spread over every thread and light
   // experts do not leave threads waiting at a per-expert barrier.
   std::vector<Tile> tiles;
@@ -384,21 +427,22 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   const void* W = w.data;
   float* O = out.as<float>();
   const std::int64_t wstride = panels ? panel_elems(n, k) : n * k;
+  if (panels && w.dtype == DType::bf16 && impl_->bf16_compute) {
+    amx_products(
+        *this, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, X, k, row0, rows,
+        w.as<std::uint16_t>(), wstride, n, O, n, 1.0f, 0.0f);
+    return;
+  }
   Tensor packed;
   std::vector<std::int64_t> start;
-  if (panels && !amx)
+  if (panels)
     packed = pack_groups(
         *this, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, X, k, row0, rows,
         start);
   impl_->parallel(static_cast<std::int64_t>(tiles.size()), 1, [&](std::int64_t i) {
     const Tile& t = tiles[static_cast<std::size_t>(i)];
     const void* We = advance(W, t.e * wstride, w.dtype);
-    if (amx) {
-      detail::gemm_bf16_amx_tile(
-          X + t.row0 * k, k, t.rows,
-          static_cast<const std::uint16_t*>(We) + t.col0 / kPanelRows * kPanelRows * k, k,
-          (t.cols + kPanelRows - 1) / kPanelRows, t.cols, O + t.row0 * n + t.col0, n, 1.0f, 0.0f);
-    } else if (panels) {
+    if (panels) {
       detail::gemm_panel_tile(packed.data<float>() + start[t.e] + (t.row0 - row0[t.e]) * k, t.rows,
                               advance(We, t.col0 / kPanelRows * kPanelRows * k, w.dtype), w.dtype,
                               k, (t.cols + kPanelRows - 1) / kPanelRows, t.cols,

@@ -2,7 +2,10 @@
 // AMX-BF16 products against bf16 panel32 weights, for CpuBackendOptions::bf16_compute: the
 // activations are rounded to bf16 (nearest even) and multiplied on AMX tiles with f32
 // accumulation, as PyTorch's bf16 matmuls do. Built for baseline x86-64 plus the AMX / AVX-512
-// flags of this file only, and used only when the CPU and Linux allow (amx_bf16_available).
+// flags of this file only, and used only when the CPU and Linux allow (amx_bf16_available, in
+// the baseline-compiled qgemm_kernels.cpp). Like the int8 ISA files it instantiates no
+// standard-library template (an out-of-line copy built with these flags could be the one the
+// linker keeps for baseline callers): buffers come from the caller.
 //
 // The bf16 panel layout (gemm_kernels.hpp, bf16_panel_slot) stores each k step's 32 columns so
 // that vpunpcklwd / vpunpckhwd of two consecutive steps give, in order, the (k, k+1) pairs of
@@ -14,41 +17,19 @@
 
 #include <immintrin.h>
 
-#if defined(__linux__)
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
-#include <algorithm>
 #include <cstring>
-#include <vector>
-
-#include "autoglm/core/tensor.hpp"
 
 namespace autoglm::detail {
 namespace {
 
-constexpr std::int64_t kTile = 16;   // rows of an A / C tile, columns of a B / C tile
-constexpr std::int64_t kStepK = 32;  // k per tile step (16 bf16 pairs = 64 bytes)
-constexpr std::int64_t kAhead = 48;  // k steps (64-byte lines) of software prefetch
+constexpr std::int64_t kTile = kAmxTileRows;  // rows of an A / C tile, columns of a B / C tile
+constexpr std::int64_t kStepK = kAmxStepK;    // k per tile step (16 bf16 pairs = 64 bytes)
+constexpr std::int64_t kPanel = 32;           // Layout::panel32 rows (kPanelRows)
 
-bool detect() noexcept {
-#if defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) return false;
-  // EDX bit 22 AMX-BF16, bit 24 AMX-TILE; EBX bit 16 AVX512F, bit 30 AVX512BW.
-  if ((edx >> 22 & 1u) == 0 || (edx >> 24 & 1u) == 0) return false;
-  if ((ebx >> 16 & 1u) == 0 || (ebx >> 30 & 1u) == 0) return false;
-  // CPUID.(7, 1).EAX bit 5: AVX512_BF16 (the activation rounding).
-  if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) == 0 || (eax >> 5 & 1u) == 0) return false;
-  // Tile data is off until the process asks Linux for it; the grant covers every thread.
-  constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
-  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
-#else
-  return false;
-#endif
+inline std::int64_t imin(std::int64_t a, std::int64_t b) {
+  return a < b ? a : b;
 }
+constexpr std::int64_t kAhead = 48;  // k steps (64-byte lines) of software prefetch
 
 // Palette 1: tmm0-3 C (16 x 16 f32), tmm4-5 A (16 rows x 32 bf16), tmm6-7 B (16 pairs x 16).
 struct alignas(64) TileConfig {
@@ -86,7 +67,7 @@ void pack_a(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k, st
     const float* xi = x + i * ldx;
     std::uint16_t* base = dst + (i / kTile) * steps * kTile * kStepK + (i % kTile) * kStepK;
     for (std::int64_t s = 0; s < steps; ++s) {
-      const std::int64_t c0 = s * kStepK, n = std::min(kStepK, k - c0);
+      const std::int64_t c0 = s * kStepK, n = imin(kStepK, k - c0);
       const __mmask16 lo = n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1u);
       const __mmask16 hi =
           n >= 32 ? 0xffff : (n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1u));
@@ -110,11 +91,10 @@ void pack_b(const std::uint16_t* panel, std::int64_t k, std::int64_t s0, std::in
       const std::int64_t kk = s * kStepK + 2 * r;
       // The weights stream from memory once: fetch them kAhead steps ahead (past the end of
       // the panel is harmless: prefetches do not fault).
-      _mm_prefetch(reinterpret_cast<const char*>(panel + (kk + kAhead) * kPanelRows), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(panel + (kk + kAhead + 1) * kPanelRows),
-                   _MM_HINT_T0);
-      const __m512i w0 = kk < k ? _mm512_loadu_si512(panel + kk * kPanelRows) : zero;
-      const __m512i w1 = kk + 1 < k ? _mm512_loadu_si512(panel + (kk + 1) * kPanelRows) : zero;
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (kk + kAhead) * kPanel), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (kk + kAhead + 1) * kPanel), _MM_HINT_T0);
+      const __m512i w0 = kk < k ? _mm512_loadu_si512(panel + kk * kPanel) : zero;
+      const __m512i w1 = kk + 1 < k ? _mm512_loadu_si512(panel + (kk + 1) * kPanel) : zero;
       _mm512_storeu_si512(t0 + r * kStepK, _mm512_unpacklo_epi16(w0, w1));
       _mm512_storeu_si512(t1 + r * kStepK, _mm512_unpackhi_epi16(w0, w1));
     }
@@ -123,23 +103,18 @@ void pack_b(const std::uint16_t* panel, std::int64_t k, std::int64_t s0, std::in
 
 }  // namespace
 
-bool amx_bf16_available() noexcept {
-  static const bool ok = detect();
-  return ok;
+void pack_a_bf16(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k,
+                 std::uint16_t* dst) {
+  pack_a(x, ldx, m, k, (k + kStepK - 1) / kStepK, dst);
 }
 
-void gemm_bf16_amx_tile(const float* x, std::int64_t ldx, std::int64_t m, const std::uint16_t* wp,
+void gemm_bf16_amx_tile(const std::uint16_t* ap, std::int64_t m, const std::uint16_t* wp,
                         std::int64_t k, std::int64_t panels, std::int64_t cols, float* out,
-                        std::int64_t ldo, float alpha, float beta) {
+                        std::int64_t ldo, float alpha, float beta, std::uint16_t* bscratch,
+                        float* cscratch) {
   if (m == 0 || cols == 0) return;
   const std::int64_t steps = (k + kStepK - 1) / kStepK;
   const std::int64_t blocks = (m + kTile - 1) / kTile;
-  thread_local std::vector<std::uint16_t> abuf, bbuf;
-  thread_local std::vector<float> cbuf;
-  abuf.resize(static_cast<std::size_t>(blocks * steps * kTile * kStepK));
-  bbuf.resize(static_cast<std::size_t>((blocks > 2 ? steps : 4) * 2 * kTile * kStepK));
-  cbuf.resize(static_cast<std::size_t>(4 * kTile * kTile));
-  pack_a(x, ldx, m, k, steps, abuf.data());
   configure(blocks == 1 ? static_cast<int>(m) : static_cast<int>(kTile));
   const std::int64_t a_block = steps * kTile * kStepK;     // elements per 16-row block
   constexpr std::int64_t kStepElems = 2 * kTile * kStepK;  // one panel's B tiles of a step
@@ -147,10 +122,10 @@ void gemm_bf16_amx_tile(const float* x, std::int64_t ldx, std::int64_t m, const 
   // One row block: two panels at a time (four C tiles), so two weight streams are in flight,
   // as in the f32 kernels' few-rows path.
   for (; blocks == 1 && p + 1 < panels; p += 2) {
-    const std::uint16_t* pa = wp + p * k * kPanelRows;
-    const std::uint16_t* pb = pa + k * kPanelRows;
+    const std::uint16_t* pa = wp + p * k * kPanel;
+    const std::uint16_t* pb = pa + k * kPanel;
     auto pack = [&](std::int64_t st) {
-      std::uint16_t* d = bbuf.data() + (st & 1) * 2 * kStepElems;
+      std::uint16_t* d = bscratch + (st & 1) * 2 * kStepElems;
       pack_b(pa, k, st, st + 1, d);
       pack_b(pb, k, st, st + 1, d + kStepElems);
     };
@@ -160,8 +135,8 @@ void gemm_bf16_amx_tile(const float* x, std::int64_t ldx, std::int64_t m, const 
     _tile_zero(3);
     pack(0);
     for (std::int64_t st = 0; st < steps; ++st) {
-      const std::uint16_t* b = bbuf.data() + (st & 1) * 2 * kStepElems;
-      _tile_loadd(4, abuf.data() + st * kTile * kStepK, 64);
+      const std::uint16_t* b = bscratch + (st & 1) * 2 * kStepElems;
+      _tile_loadd(4, ap + st * kTile * kStepK, 64);
       _tile_loadd(6, b, 64);
       _tile_loadd(7, b + kTile * kStepK, 64);
       _tile_dpbf16ps(0, 4, 6);
@@ -173,29 +148,29 @@ void gemm_bf16_amx_tile(const float* x, std::int64_t ldx, std::int64_t m, const 
       if (st + 1 < steps) pack(st + 1);
     }
     // cbuf: m rows of 64 columns (panel p, then p + 1).
-    _tile_stored(0, cbuf.data(), 256);
-    _tile_stored(1, cbuf.data() + 16, 256);
-    _tile_stored(2, cbuf.data() + 32, 256);
-    _tile_stored(3, cbuf.data() + 48, 256);
-    const std::int64_t c0 = p * kPanelRows, cn = std::min(2 * kPanelRows, cols - c0);
+    _tile_stored(0, cscratch, 256);
+    _tile_stored(1, cscratch + 16, 256);
+    _tile_stored(2, cscratch + 32, 256);
+    _tile_stored(3, cscratch + 48, 256);
+    const std::int64_t c0 = p * kPanel, cn = imin(2 * kPanel, cols - c0);
     for (std::int64_t i = 0; i < m; ++i) {
-      const float* c = cbuf.data() + i * 64;
+      const float* c = cscratch + i * 64;
       float* o = out + i * ldo + c0;
       for (std::int64_t j = 0; j < cn; ++j)
         o[j] = beta == 0.0f ? alpha * c[j] : alpha * c[j] + beta * o[j];
     }
   }
   for (; p < panels; ++p) {
-    const std::uint16_t* panel = wp + p * k * kPanelRows;
-    const std::int64_t c0 = p * kPanelRows, cn = std::min(kPanelRows, cols - c0);
+    const std::uint16_t* panel = wp + p * k * kPanel;
+    const std::int64_t c0 = p * kPanel, cn = imin(kPanel, cols - c0);
     // Up to 32 rows, the panel's B tiles are built a step at a time into an L1-resident 2 KB
     // buffer right before they are used; with more rows the whole panel is built once and
     // every row pair reads it.
     const bool whole = blocks > 2;
-    if (whole) pack_b(panel, k, 0, steps, bbuf.data());
+    if (whole) pack_b(panel, k, 0, steps, bscratch);
     for (std::int64_t rb = 0; rb < blocks; rb += 2) {
       const bool two = rb + 1 < blocks;
-      const std::uint16_t* a0 = abuf.data() + rb * a_block;
+      const std::uint16_t* a0 = ap + rb * a_block;
       const std::uint16_t* a1 = a0 + a_block;
       _tile_zero(0);
       _tile_zero(1);
@@ -203,9 +178,9 @@ void gemm_bf16_amx_tile(const float* x, std::int64_t ldx, std::int64_t m, const 
       _tile_zero(3);
       // Step by step, the next step's tiles are built (other half of the buffer) while the
       // tile unit multiplies this step's.
-      if (!whole) pack_b(panel, k, 0, 1, bbuf.data());
+      if (!whole) pack_b(panel, k, 0, 1, bscratch);
       for (std::int64_t s = 0; s < steps; ++s) {
-        const std::uint16_t* b = bbuf.data() + (whole ? s : s & 1) * 2 * kTile * kStepK;
+        const std::uint16_t* b = bscratch + (whole ? s : s & 1) * 2 * kTile * kStepK;
         _tile_loadd(6, b, 64);
         _tile_loadd(7, b + kTile * kStepK, 64);
         _tile_loadd(4, a0 + s * kTile * kStepK, 64);
@@ -217,18 +192,18 @@ void gemm_bf16_amx_tile(const float* x, std::int64_t ldx, std::int64_t m, const 
           _tile_dpbf16ps(3, 5, 7);
         }
         if (!whole && s + 1 < steps)
-          pack_b(panel, k, s + 1, s + 2, bbuf.data() + ((s + 1) & 1) * 2 * kTile * kStepK);
+          pack_b(panel, k, s + 1, s + 2, bscratch + ((s + 1) & 1) * 2 * kTile * kStepK);
       }
       // cbuf: rows 0-15 then 16-31 of this block pair, 32 columns each.
-      _tile_stored(0, cbuf.data(), 128);
-      _tile_stored(1, cbuf.data() + 16, 128);
+      _tile_stored(0, cscratch, 128);
+      _tile_stored(1, cscratch + 16, 128);
       if (two) {
-        _tile_stored(2, cbuf.data() + 16 * 32, 128);
-        _tile_stored(3, cbuf.data() + 16 * 32 + 16, 128);
+        _tile_stored(2, cscratch + 16 * 32, 128);
+        _tile_stored(3, cscratch + 16 * 32 + 16, 128);
       }
-      const std::int64_t r0 = rb * kTile, rn = std::min<std::int64_t>(2 * kTile, m - r0);
+      const std::int64_t r0 = rb * kTile, rn = imin(2 * kTile, m - r0);
       for (std::int64_t i = 0; i < rn; ++i) {
-        const float* c = cbuf.data() + i * 32;
+        const float* c = cscratch + i * 32;
         float* o = out + (r0 + i) * ldo + c0;
         for (std::int64_t j = 0; j < cn; ++j)
           o[j] = beta == 0.0f ? alpha * c[j] : alpha * c[j] + beta * o[j];

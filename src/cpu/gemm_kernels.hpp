@@ -42,14 +42,34 @@ constexpr int bf16_panel_slot(int r) noexcept {
   return (r % 16) / 4 * 8 + r % 4 + (r >= 16 ? 4 : 0);
 }
 
-/// Whether this CPU and OS run gemm_bf16_amx_tile (AMX-BF16, AVX512_BF16, Linux tile grant).
+/// Whether this CPU and OS run the AMX-BF16 kernels below (AVX-512 with VNNI, AVX512_BF16,
+/// AMX-TILE, AMX-BF16, Linux's tile grant); decided once, in baseline code.
 bool amx_bf16_available() noexcept;
-/// Output tile against bf16 panel32 weights on AMX tiles, x [m, k] f32 row-major (row stride
-/// ldx) rounded to bf16 first; wp the first of `panels` bf16 panels of depth k, `cols` valid
-/// output columns. Each output row depends on its own x row only, in a fixed order.
-void gemm_bf16_amx_tile(const float* x, std::int64_t ldx, std::int64_t m, const std::uint16_t* wp,
+/// Rows of an AMX tile, and k per tile step.
+inline constexpr std::int64_t kAmxTileRows = 16, kAmxStepK = 32;
+/// Elements pack_a_bf16 writes for m rows of depth k (16-row blocks, k padded to 32).
+constexpr std::int64_t amx_packed_a_size(std::int64_t m, std::int64_t k) {
+  return (m + kAmxTileRows - 1) / kAmxTileRows * kAmxTileRows * ((k + kAmxStepK - 1) / kAmxStepK) *
+         kAmxStepK;
+}
+/// Per-thread scratch of gemm_bf16_amx_tile: B tiles (elements) and C tiles (floats).
+constexpr std::int64_t amx_b_scratch_size(std::int64_t m, std::int64_t k) {
+  return ((m + kAmxTileRows - 1) / kAmxTileRows > 2 ? (k + kAmxStepK - 1) / kAmxStepK : 4) * 2 *
+         kAmxTileRows * kAmxStepK;
+}
+inline constexpr std::int64_t kAmxCScratch = 4 * kAmxTileRows * kAmxTileRows;
+/// x [m, k] f32 (row stride ldx) rounded to bf16 (nearest even) into AMX A-tile blocks:
+/// per 16 rows, per 32-deep step, [16 rows][32], zero-padded in rows and k.
+void pack_a_bf16(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k,
+                 std::uint16_t* dst);
+/// Output tile against bf16 panel32 weights on AMX tiles: ap from pack_a_bf16 (m rows starting
+/// on a 16-row block), wp the first of `panels` bf16 panels of depth k, `cols` valid output
+/// columns; scratch of amx_b_scratch_size(m, k) and kAmxCScratch. Each output row depends on
+/// its own x row only, in a fixed order.
+void gemm_bf16_amx_tile(const std::uint16_t* ap, std::int64_t m, const std::uint16_t* wp,
                         std::int64_t k, std::int64_t panels, std::int64_t cols, float* out,
-                        std::int64_t ldo, float alpha, float beta);
+                        std::int64_t ldo, float alpha, float beta, std::uint16_t* bscratch,
+                        float* cscratch);
 
 /// Row-major [n, k] -> panel32 of the same dtype dt (f32, bf16 or f16; rows past n zero).
 void to_panels(const void* src, DType dt, std::int64_t n, std::int64_t k, void* dst);

@@ -284,11 +284,13 @@ class Checkpoint {
 
   /// A planned weight matrix: int8 packed for the kernels when stored as int8, else in the
   /// backend's weight layout as matrix_dtype says, its source pages released. With a row-major
-  /// backend the float case is take() (f32, in place when stored so).
-  Weight take_weight(const std::string& name) {
+  /// backend the float case is take() (f32, in place when stored so). `f32`: widened whatever
+  /// matrix_dtype says.
+  Weight take_weight(const std::string& name, bool f32 = false) {
     if (is_int8(name)) return take_packed(name);
     if (weight_layout() == Layout::row_major) return take(name);
-    Tensor out(backend_, matrix_dtype({&name}), *st_.at(name).shape, weight_layout());
+    Tensor out(backend_, f32 ? DType::f32 : matrix_dtype({&name}), *st_.at(name).shape,
+               weight_layout());
     take_into(name, out);
     return out;
   }
@@ -682,7 +684,9 @@ DecoderLayer build_layer(Backend& b, Checkpoint& ck, const ModelConfig& c, const
   FeedForward ffn = [&]() -> FeedForward {
     if (!n.moe) return DenseMlp(build_mlp(b, ck, n.dense, d, c.intermediate_size));
     const std::int64_t E = c.num_experts, I = c.moe_intermediate_size;
-    Weight router = ck.take_weight(n.router);
+    // The router stays f32 (it is small): with CpuBackendOptions::bf16_compute a bf16 router
+    // would round its activations too, and the top-k choice is discontinuous in the logits.
+    Weight router = ck.take_weight(n.router, /*f32=*/true);
     Tensor bias = optional(ck, n.selection_bias);
     Weight gu, dn;
     if (n.experts.fused) {

@@ -18,7 +18,7 @@ struct CpuBackendOptions {
   /// FMA throughput (prefill), results within bf16 rounding of the exact ones. Off by default
   /// (bf16 weights are then widened exactly, f32 compute). Ignored where the CPU or OS has no
   /// AMX-BF16 (see CpuBackend::bf16_compute). Each output row depends on its own input row
-  /// only, so cached decoding still equals recomputation and 1 or N threads agree bit for bit.
+  /// only: cached decoding still equals recomputation, and 1 or N threads agree bit for bit.
   bool bf16_compute = false;
 };
 
