@@ -15,9 +15,15 @@
 
 namespace agt::ref {
 
-inline double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
-inline double silu(double v) { return v / (1.0 + std::exp(-v)); }
-inline double gelu(double v) { return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))); }
+inline double sigmoid(double v) {
+  return 1.0 / (1.0 + std::exp(-v));
+}
+inline double silu(double v) {
+  return v / (1.0 + std::exp(-v));
+}
+inline double gelu(double v) {
+  return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+}
 
 /// C[m, n] = sum_k A[m, k] * B[n, k] (weights stored [out, in]).
 template <typename TA, typename TB>
@@ -32,6 +38,25 @@ std::vector<double> matmul_nt(const std::vector<TA>& A, const std::vector<TB>& B
       C[m * N + n] = s;
     }
   return C;
+}
+
+/// Grouped X [R, K] * W[e]^T for W [E, N, K]: rows off[e] ... off[e + 1] - 1 use expert e;
+/// rows outside every group stay `fill`.
+template <typename TX, typename TW>
+std::vector<double> grouped_matmul_nt(const std::vector<TX>& X, const std::vector<TW>& W,
+                                      const std::vector<std::int32_t>& off, std::int64_t R,
+                                      std::int64_t N, std::int64_t K, double fill = 0.0) {
+  std::vector<double> out(static_cast<std::size_t>(R * N), fill);
+  const auto E = static_cast<std::int64_t>(off.size()) - 1;
+  for (std::int64_t e = 0; e < E; ++e)
+    for (std::int64_t r = off[e]; r < off[e + 1]; ++r)
+      for (std::int64_t n = 0; n < N; ++n) {
+        double s = 0.0;
+        for (std::int64_t k = 0; k < K; ++k)
+          s += static_cast<double>(X[r * K + k]) * static_cast<double>(W[(e * N + n) * K + k]);
+        out[r * N + n] = s;
+      }
+  return out;
 }
 
 /// x * rsqrt(mean(x^2) + eps) * w (w may be null: unit weight).
@@ -49,18 +74,19 @@ std::vector<double> rms_norm_row(const TX* x, std::int64_t d, const float* w, do
 inline std::vector<std::int32_t> order_desc(const double* v, std::int64_t n) {
   std::vector<std::int32_t> idx(static_cast<std::size_t>(n));
   std::iota(idx.begin(), idx.end(), 0);
-  std::stable_sort(idx.begin(), idx.end(), [&](std::int32_t a, std::int32_t b) { return v[a] > v[b]; });
+  std::stable_sort(idx.begin(), idx.end(),
+                   [&](std::int32_t a, std::int32_t b) { return v[a] > v[b]; });
   return idx;
 }
 
 /// A reference routing.
 struct Route {
   std::int64_t T = 0, E = 0, slots = 0;
-  std::vector<double> score;        ///< [T, E] softmax probability or sigmoid score
-  std::vector<double> sel;          ///< [T, E] selection value (score + bias, group-masked)
-  std::vector<std::int32_t> ids;    ///< [T, slots]
-  std::vector<double> weights;      ///< [T, slots]
-  std::vector<double> stats;        ///< [E + 1]
+  std::vector<double> score;      ///< [T, E] softmax probability or sigmoid score
+  std::vector<double> sel;        ///< [T, E] selection value (score + bias, group-masked)
+  std::vector<std::int32_t> ids;  ///< [T, slots]
+  std::vector<double> weights;    ///< [T, slots]
+  std::vector<double> stats;      ///< [E + 1]
 };
 
 /// Weights of a top-k selection: the unbiased scores, divided by (their sum + eps) when
@@ -128,8 +154,8 @@ inline Route route_topk(const std::vector<double>& logits, std::int64_t T, std::
       const auto gorder = order_desc(gs.data(), p.n_group);
       std::vector<bool> keep(static_cast<std::size_t>(p.n_group), false);
       for (int i = 0; i < p.topk_group; ++i) keep[gorder[i]] = true;
-      const double fill = p.group_mask == GroupMask::zero ? 0.0
-                                                          : -std::numeric_limits<double>::infinity();
+      const double fill =
+          p.group_mask == GroupMask::zero ? 0.0 : -std::numeric_limits<double>::infinity();
       for (int g = 0; g < p.n_group; ++g)
         if (!keep[g])
           for (std::int64_t j = 0; j < gsize; ++j) sel[g * gsize + j] = fill;
@@ -228,7 +254,8 @@ struct GeluMlp {
     std::vector<double> h(static_cast<std::size_t>(F));
     for (std::int64_t f = 0; f < F; ++f) {
       double s = 0.0;
-      for (std::int64_t c = 0; c < d; ++c) s += static_cast<double>(a1[f * d + c]) * static_cast<double>(x[c]);
+      for (std::int64_t c = 0; c < d; ++c)
+        s += static_cast<double>(a1[f * d + c]) * static_cast<double>(x[c]);
       h[f] = gelu(s);
     }
     std::vector<double> y(static_cast<std::size_t>(d), 0.0);
@@ -281,7 +308,7 @@ inline void check_expert_choice(const Route& r, const std::vector<std::int32_t>&
   REQUIRE(ids.size() == r.ids.size());
   const std::int64_t T = r.T, E = r.E;
   std::vector<std::vector<char>> lib(static_cast<std::size_t>(E),
-                                    std::vector<char>(static_cast<std::size_t>(T), 0));
+                                     std::vector<char>(static_cast<std::size_t>(T), 0));
   std::vector<std::vector<char>> want = lib;
   std::size_t bad_layout = 0;
   std::vector<double> wref(ids.size(), 0.0);
@@ -314,8 +341,10 @@ inline void check_expert_choice(const Route& r, const std::vector<std::int32_t>&
     for (std::int64_t t = 0; t < T; ++t) {
       n_lib += lib[e][t];
       n_ref += want[e][t];
-      if (lib[e][t]) min_in = std::min(min_in, r.score[t * E + e]);
-      else max_out = std::max(max_out, r.score[t * E + e]);
+      if (lib[e][t])
+        min_in = std::min(min_in, r.score[t * E + e]);
+      else
+        max_out = std::max(max_out, r.score[t * E + e]);
       if (lib[e][t] != want[e][t]) ++diff;
     }
     // The same count always; a differing set only at a probability near-tie.
@@ -342,8 +371,9 @@ inline std::vector<double> dense_mask(const std::vector<std::int32_t>& ids,
 
 /// Dense MoE: every expert on every token, masked by M: out[t] = sum_e M[t, e] * expert_e(x_t).
 template <typename Bank, typename TX>
-std::vector<double> dense_moe(const Bank& bank, const std::vector<TX>& x, const std::vector<double>& M,
-                              std::int64_t T, std::int64_t E, std::int64_t d) {
+std::vector<double> dense_moe(const Bank& bank, const std::vector<TX>& x,
+                              const std::vector<double>& M, std::int64_t T, std::int64_t E,
+                              std::int64_t d) {
   std::vector<double> out(static_cast<std::size_t>(T * d), 0.0);
   for (std::int64_t t = 0; t < T; ++t)
     for (std::int64_t e = 0; e < E; ++e) {
@@ -355,9 +385,9 @@ std::vector<double> dense_moe(const Bank& bank, const std::vector<TX>& x, const 
 
 /// IEEE binary16 / bfloat16 reference rounding by search over the value table.
 struct HalfFormat {
-  int mbits;            ///< mantissa bits (10 for f16, 7 for bf16)
-  int bias;             ///< exponent bias (15, 127)
-  std::uint32_t inf;    ///< magnitude bits of +Inf (0x7c00, 0x7f80)
+  int mbits;          ///< mantissa bits (10 for f16, 7 for bf16)
+  int bias;           ///< exponent bias (15, 127)
+  std::uint32_t inf;  ///< magnitude bits of +Inf (0x7c00, 0x7f80)
 };
 inline constexpr HalfFormat kF16{10, 15, 0x7c00u};
 inline constexpr HalfFormat kBF16{7, 127, 0x7f80u};
@@ -375,9 +405,12 @@ inline double half_magnitude(std::uint32_t mag, const HalfFormat& f) {
 inline double half_decode(std::uint16_t h, const HalfFormat& f) {
   const std::uint32_t mag = h & 0x7fffu;
   double v;
-  if (mag > f.inf) v = std::numeric_limits<double>::quiet_NaN();
-  else if (mag == f.inf) v = std::numeric_limits<double>::infinity();
-  else v = half_magnitude(mag, f);
+  if (mag > f.inf)
+    v = std::numeric_limits<double>::quiet_NaN();
+  else if (mag == f.inf)
+    v = std::numeric_limits<double>::infinity();
+  else
+    v = half_magnitude(mag, f);
   return (h & 0x8000u) ? -v : v;
 }
 
@@ -390,8 +423,10 @@ inline std::uint16_t half_round(float f, const HalfFormat& fmt) {
   std::uint32_t lo = 0, hi = fmt.inf;  // invariant: value(lo) <= a < value(hi)
   while (hi - lo > 1) {
     const std::uint32_t mid = (lo + hi) / 2;
-    if (half_magnitude(mid, fmt) <= a) lo = mid;
-    else hi = mid;
+    if (half_magnitude(mid, fmt) <= a)
+      lo = mid;
+    else
+      hi = mid;
   }
   const double dl = a - half_magnitude(lo, fmt), dh = half_magnitude(hi, fmt) - a;
   const std::uint32_t r = dl < dh ? lo : (dh < dl ? hi : ((lo & 1u) ? hi : lo));

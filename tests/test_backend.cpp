@@ -255,16 +255,8 @@ BACKEND_TEST("grouped_gemm: per-expert row blocks, empty experts, untouched tail
   Tensor o = tensor_i32(b, Shape{E + 1}, off);
   Tensor out = tensor_f32(b, Shape{R, N}, std::vector<float>(R * N, 7.0f));
   b.grouped_gemm(x, w, o, out);
-  std::vector<double> want(static_cast<std::size_t>(R * N), 7.0);
-  for (std::int64_t e = 0; e < E; ++e)
-    for (std::int64_t r = off[e]; r < off[e + 1]; ++r)
-      for (std::int64_t n = 0; n < N; ++n) {
-        double s = 0.0;
-        for (std::int64_t k = 0; k < K; ++k)
-          s += static_cast<double>(X[r * K + k]) * W[(e * N + n) * K + k];
-        want[r * N + n] = s;
-      }
-  check_close(host_f32(b, out), want, 1e-5, 1e-5, "grouped_gemm");
+  check_close(host_f32(b, out), ref::grouped_matmul_nt(X, W, off, R, N, K, 7.0), 1e-5, 1e-5,
+              "grouped_gemm");
 
   SECTION("every expert empty leaves out untouched") {
     Tensor z = tensor_i32(b, Shape{E + 1}, std::vector<std::int32_t>(E + 1, 0));
@@ -1048,16 +1040,8 @@ BACKEND_TEST("gemm and grouped_gemm take weights in every layout", "[layout]") {
         Tensor out = tensor_f32(b, Shape{R, N}, std::vector<float>(R * N, 5.0f));
         b.grouped_gemm(tensor_f32(b, Shape{R, K}, X), weights_in(b, Shape{E, N, K}, W, l),
                        tensor_i32(b, Shape{E + 1}, off), out);
-        std::vector<double> want(static_cast<std::size_t>(R * N), 5.0);
-        for (std::int64_t e = 0; e < E; ++e)
-          for (std::int64_t r = off[e]; r < off[e + 1]; ++r)
-            for (std::int64_t n = 0; n < N; ++n) {
-              double s = 0.0;
-              for (std::int64_t k = 0; k < K; ++k)
-                s += static_cast<double>(X[r * K + k]) * W[(e * N + n) * K + k];
-              want[r * N + n] = s;
-            }
-        check_close(host_f32(b, out), want, 1e-5, 1e-5, "grouped_gemm");
+        check_close(host_f32(b, out), ref::grouped_matmul_nt(X, W, off, R, N, K, 5.0), 1e-5, 1e-5,
+                    "grouped_gemm");
       }
     }
   }
@@ -1168,16 +1152,8 @@ BACKEND_TEST("16-bit weights: gemm and grouped_gemm read bf16 / f16 exactly as t
       b.grouped_gemm(x, q16, offs, o16);
       b.grouped_gemm(x, q32, offs, o32);
       check_bitwise(host_f32(b, o16), host_f32(b, o32), "16-bit vs f32 expert weights");
-      std::vector<double> want(static_cast<std::size_t>(R * N));
-      for (std::int64_t e = 0; e < E; ++e)
-        for (std::int64_t r = off[e]; r < off[e + 1]; ++r)
-          for (std::int64_t n = 0; n < N; ++n) {
-            double s = 0.0;
-            for (std::int64_t k = 0; k < K; ++k)
-              s += static_cast<double>(X[r * K + k]) * S[(e * N + n) * K + k];
-            want[r * N + n] = s;
-          }
-      check_close(host_f32(b, o16), want, 1e-5, 1e-5, "grouped_gemm");
+      check_close(host_f32(b, o16), ref::grouped_matmul_nt(X, S, off, R, N, K), 1e-5, 1e-5,
+                  "grouped_gemm");
     }
   }
   SECTION("16-bit embedding tables: rows widened exactly") {
@@ -1284,17 +1260,8 @@ TEST_CASE("CpuBackend bf16_compute: bf16 weights times bf16-rounded activations 
     Tensor out(b2, DType::f32, Shape{R, N});
     b2.grouped_gemm(tensor_f32(b2, Shape{R, K}, X), bf16_weight(b2, W, Shape{E, N, K}),
                     tensor_i32(b2, Shape{E + 1}, off), out);
-    const auto Xr = bf16_round(X);
-    std::vector<double> want(static_cast<std::size_t>(R * N));
-    for (std::int64_t e = 0; e < E; ++e)
-      for (std::int64_t r = off[e]; r < off[e + 1]; ++r)
-        for (std::int64_t n = 0; n < N; ++n) {
-          double s = 0.0;
-          for (std::int64_t k = 0; k < K; ++k)
-            s += static_cast<double>(Xr[r * K + k]) * W[(e * N + n) * K + k];
-          want[r * N + n] = s;
-        }
-    check_close(host_f32(b2, out), want, 1e-4, 1e-4, "AMX grouped_gemm");
+    check_close(host_f32(b2, out), ref::grouped_matmul_nt(bf16_round(X), W, off, R, N, K), 1e-4,
+                1e-4, "AMX grouped_gemm");
   }
   SECTION("f32 and f16 weights are not affected") {
     const auto W = random_floats(70 * 40, ++seed), A = random_floats(3 * 40, ++seed);

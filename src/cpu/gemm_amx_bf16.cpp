@@ -19,6 +19,8 @@
 
 #include <cstring>
 
+#include "cpu/amx_tile.hpp"
+
 namespace autoglm::detail {
 namespace {
 
@@ -31,20 +33,11 @@ inline std::int64_t imin(std::int64_t a, std::int64_t b) {
 }
 constexpr std::int64_t kAhead = 48;  // k steps (64-byte lines) of software prefetch
 
-// Palette 1: tmm0-3 C (16 x 16 f32), tmm4-5 A (16 rows x 32 bf16), tmm6-7 B (16 pairs x 16).
-struct alignas(64) TileConfig {
-  std::uint8_t palette = 1;
-  std::uint8_t start_row = 0;
-  std::uint8_t reserved[14] = {};
-  std::uint16_t colsb[16] = {};
-  std::uint8_t rows[16] = {};
-};
-
 // tmm0-3 (C) and tmm4 (A) of `rows` rows (16, or m when one block holds all rows: no padding
 // rows to zero and multiply); tmm5 (a second A tile with 16 rows, or with one block a third B
 // tile) and tmm6-7 (B) of 16 rows; every tile row 64 bytes.
 void configure(int rows) {
-  TileConfig c;
+  AmxTileConfig c;
   for (int t = 0; t < 8; ++t) {
     c.colsb[t] = 64;
     c.rows[t] = static_cast<std::uint8_t>(t >= 5 ? 16 : rows);
@@ -217,15 +210,13 @@ void gemm_bf16_amx_tile(const std::uint16_t* ap, std::int64_t m, const std::uint
 
 }  // namespace autoglm::detail
 
-#else  // not x86-64
+#else  // not x86-64: amx_bf16_available() is false, so these are never called
 
 namespace autoglm::detail {
-bool amx_bf16_available() noexcept {
-  return false;
-}
-void gemm_bf16_amx_tile(const float*, std::int64_t, std::int64_t, const std::uint16_t*,
-                        std::int64_t, std::int64_t, std::int64_t, float*, std::int64_t, float,
-                        float) {}
+void pack_a_bf16(const float*, std::int64_t, std::int64_t, std::int64_t, std::uint16_t*) {}
+void gemm_bf16_amx_tile(const std::uint16_t*, std::int64_t, const std::uint16_t*, std::int64_t,
+                        std::int64_t, std::int64_t, float*, std::int64_t, float, float,
+                        std::uint16_t*, float*) {}
 }  // namespace autoglm::detail
 
 #endif

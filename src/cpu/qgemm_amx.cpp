@@ -9,6 +9,7 @@
 
 #include <cstring>
 
+#include "cpu/amx_tile.hpp"
 #include "cpu/qgemm_isa.hpp"
 
 namespace autoglm::detail::q8::impl {
@@ -28,14 +29,8 @@ inline __mmask16 col_mask(std::int64_t valid) {
   return static_cast<__mmask16>((1u << valid) - 1u);
 }
 
-// Palette 1: tmm0-3 C (16 x 16 i32), tmm4-5 A (16 x 64 u8), tmm6-7 B (16 quads x 64 s8).
-struct alignas(64) TileConfig {
-  std::uint8_t palette = 1;
-  std::uint8_t start_row = 0;
-  std::uint8_t reserved[14] = {};
-  std::uint16_t colsb[16] = {};
-  std::uint8_t rows[16] = {};
-};
+// Tiles (AmxTileConfig): tmm0-3 C (16 x 16 i32), tmm4-5 A (16 x 64 u8), tmm6-7 B (16 quads x
+// 64 s8).
 
 struct Block {
   const std::uint8_t* a0;  // A rows i0 ... i0 + 15 at column 0 (stride lda)
@@ -205,7 +200,7 @@ void gemm_w8a8_amx(const std::uint8_t* xq, std::int64_t ldq, const float* xs, st
     return Rows{xq + i * ldq, ldq};
   };
 
-  TileConfig cfg;
+  AmxTileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
