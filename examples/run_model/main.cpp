@@ -274,6 +274,8 @@ int main(int argc, char** argv) {
                  model.embeddings().table().is_quantized()
                      ? "int8"
                      : autoglm::dtype_name(model.embeddings().table().tensor().dtype()));
+    if (backend.bf16_compute())
+      fmt::print("compute: bf16 weights on AMX-BF16 tiles, activations rounded to bf16\n");
     autoglm::Session session(model);
     autoglm::GenerateOptions go;
     go.max_new_tokens = a.max_new;
