@@ -140,6 +140,11 @@ TEST_CASE("dtype and error-code names, sizes and Error formatting", "[dtype]") {
   CHECK(dtype_size(DType::f32) == 4);
   CHECK(dtype_size(DType::f16) == 2);
   CHECK(dtype_size(DType::bf16) == 2);
+  for (DType t : {DType::f32, DType::f16, DType::bf16}) CHECK(is_float_dtype(t));
+  for (DType t : {DType::i8, DType::i32}) CHECK_FALSE(is_float_dtype(t));
+  CHECK(half_to_float(0x3c00, DType::f16) == 1.0f);   // binary16 1.0
+  CHECK(half_to_float(0x3f80, DType::bf16) == 1.0f);  // bf16 1.0
+  CHECK(half_to_float(0xc000, DType::bf16) == -2.0f);
   CHECK(dtype_size(DType::i8) == 1);
   CHECK(dtype_size(DType::i32) == 4);
   CHECK(dtype_name(DType::bf16) == "bf16");

@@ -24,11 +24,6 @@ inline void expect_dtype(std::string_view fn, std::string_view arg, const Tensor
                 dtype_name(t.dtype));
 }
 
-/// True for the dtypes a float weight may be stored in: f32, or bf16 / f16 widened in the GEMM.
-constexpr bool is_float_dtype(DType t) noexcept {
-  return t == DType::f32 || t == DType::bf16 || t == DType::f16;
-}
-
 /// Throws unless t is a float weight (f32, bf16 or f16) that `backend` computes with directly;
 /// the message lists the dtypes it takes.
 inline void expect_weight_dtype(std::string_view fn, std::string_view arg, const TensorView& t,

@@ -185,22 +185,15 @@ void CpuBackend::convert(TensorView src, TensorView dst) {
   detail::expect_device(fn, "dst", dst, device());
   AUTOGLM_CHECK(src.numel() == dst.numel(), shape_mismatch, fn, "src {} and dst {} sizes differ",
                 src.shape.str(), dst.shape.str());
-  auto is_float = [](DType t) { return t == DType::f32 || t == DType::f16 || t == DType::bf16; };
   if (src.dtype == dst.dtype) {
     if (src.data != dst.data && src.nbytes() > 0) std::memmove(dst.data, src.data, src.nbytes());
     return;
   }
-  AUTOGLM_CHECK(is_float(src.dtype) && is_float(dst.dtype), dtype_mismatch, fn,
+  AUTOGLM_CHECK(is_float_dtype(src.dtype) && is_float_dtype(dst.dtype), dtype_mismatch, fn,
                 "cannot convert {} to {}", dtype_name(src.dtype), dtype_name(dst.dtype));
   auto load = [&](std::int64_t i) -> float {
-    switch (src.dtype) {
-      case DType::f16:
-        return f16_to_float(src.as<std::uint16_t>()[i]);
-      case DType::bf16:
-        return bf16_to_float(src.as<std::uint16_t>()[i]);
-      default:
-        return src.as<float>()[i];
-    }
+    return src.dtype == DType::f32 ? src.as<float>()[i]
+                                   : half_to_float(src.as<std::uint16_t>()[i], src.dtype);
   };
   const std::int64_t n = src.numel();
   constexpr std::int64_t block = 1 << 14;
@@ -786,8 +779,7 @@ void CpuBackend::embedding(TensorView table, TensorView ids, TensorView out) {
       return;
     }
     const std::uint16_t* row = table.as<std::uint16_t>() + I[t] * d;
-    for (std::int64_t i = 0; i < d; ++i)
-      o[i] = table.dtype == DType::bf16 ? bf16_to_float(row[i]) : f16_to_float(row[i]);
+    for (std::int64_t i = 0; i < d; ++i) o[i] = half_to_float(row[i], table.dtype);
   });
 }
 

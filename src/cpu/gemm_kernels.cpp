@@ -355,7 +355,7 @@ float widen(T v, DType dt) {
     (void)dt;
     return v;
   } else {
-    return dt == DType::bf16 ? bf16_to_float(v) : f16_to_float(v);
+    return half_to_float(v, dt);
   }
 }
 

@@ -475,10 +475,6 @@ bool aligned_for(const std::byte* p, DType dt) noexcept {
   return reinterpret_cast<std::uintptr_t>(p) % dtype_size(dt) == 0;
 }
 
-bool is_float(DType t) noexcept {
-  return t == DType::f32 || t == DType::f16 || t == DType::bf16;
-}
-
 // ---------------------------------------------------------------------------------------------
 // index files
 
@@ -938,7 +934,7 @@ Tensor SafeTensorsFile::load(Backend& backend, std::string_view name, DType want
   require_loadable(fn, source_, *t);
   const DType have = *t->dtype;
   const Shape& shape = *t->shape;
-  AUTOGLM_CHECK(have == want || (is_float(have) && is_float(want)), dtype_mismatch, fn,
+  AUTOGLM_CHECK(have == want || (is_float_dtype(have) && is_float_dtype(want)), dtype_mismatch, fn,
                 "file={}: tensor {} is {} and cannot be loaded as {}", source_, squote(name),
                 t->dtype_tag, dtype_name(want));
   const bool host = backend.device().kind == DeviceKind::cpu;

@@ -29,10 +29,6 @@ namespace {
 
 constexpr std::string_view kFn = "load_model";
 
-bool is_float(DType t) {
-  return t == DType::f32 || t == DType::f16 || t == DType::bf16;
-}
-
 /// The checkpoint plus the list of tensors the model needs, checked before anything is read.
 class Checkpoint {
  public:
@@ -70,7 +66,7 @@ class Checkpoint {
       detail::fail(ErrorCode::invalid_argument, kFn,
                    "{}: tensor '{}' has column scales ('{}') but is not I8", file, name,
                    col_scale_name(name));
-    if (!info->dtype || !is_float(*info->dtype))
+    if (!info->dtype || !is_float_dtype(*info->dtype))
       detail::fail(ErrorCode::unsupported, kFn,
                    "{}: tensor '{}' has dtype {}; only F32, F16 and BF16 weights are supported",
                    file, name, info->dtype_tag);

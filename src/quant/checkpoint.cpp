@@ -29,10 +29,6 @@ bool ends_with(std::string_view s, std::string_view suffix) {
 bool contains(std::string_view s, std::string_view part) {
   return s.find(part) != std::string_view::npos;
 }
-bool is_float_dtype(DType t) {
-  return t == DType::f32 || t == DType::f16 || t == DType::bf16;
-}
-
 }  // namespace
 
 WeightRole weight_role(std::string_view name) {
@@ -94,8 +90,7 @@ const float* matrix_f32(const HostTensor& h, DType dtype, std::int64_t e, std::i
   if (dtype == DType::f32) return h.view.as<const float>() + off;
   buf.resize(static_cast<std::size_t>(n * k));
   const auto* bits = h.view.as<const std::uint16_t>() + off;
-  for (std::size_t i = 0; i < buf.size(); ++i)
-    buf[i] = dtype == DType::f16 ? f16_to_float(bits[i]) : bf16_to_float(bits[i]);
+  for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = half_to_float(bits[i], dtype);
   return buf.data();
 }
 
@@ -170,10 +165,9 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
       const WeightRole role = weight_role(name);
       const bool rank_ok = info.shape && (info.shape->rank() == 2 || info.shape->rank() == 3);
       const std::int64_t k = rank_ok ? (*info.shape)[info.shape->rank() - 1] : 0;
-      const bool quantize_it =
-          quantizes(config, role) && rank_ok && info.dtype &&
-          (*info.dtype == DType::f32 || *info.dtype == DType::f16 || *info.dtype == DType::bf16) &&
-          k > 0 && k % config.spec.group_of(k) == 0;
+      const bool quantize_it = quantizes(config, role) && rank_ok && info.dtype &&
+                               is_float_dtype(*info.dtype) && k > 0 &&
+                               k % config.spec.group_of(k) == 0;
       if (!quantize_it) {
         HostTensor h = shard.host_view(name);
         SafeTensorsEntry e;

@@ -229,9 +229,8 @@ void divide_columns(float* w, std::int64_t n, std::int64_t k, const float* col_s
 QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::string_view name,
                          bool pack) {
   constexpr std::string_view fn = "quantize";
-  AUTOGLM_CHECK(w.dtype == DType::f32 || w.dtype == DType::bf16 || w.dtype == DType::f16,
-                dtype_mismatch, fn, "{} must be f32, bf16 or f16, got {}", name,
-                dtype_name(w.dtype));
+  AUTOGLM_CHECK(is_float_dtype(w.dtype), dtype_mismatch, fn, "{} must be f32, bf16 or f16, got {}",
+                name, dtype_name(w.dtype));
   AUTOGLM_CHECK(w.rank() == 2 || w.rank() == 3, shape_mismatch, fn,
                 "{} must be [N, K] or [E, N, K], got {}", name, w.shape.str());
   const std::int64_t n = w.dim(w.rank() - 2), k = w.dim(w.rank() - 1);
@@ -254,8 +253,7 @@ QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::st
       backend.copy_to_host(host.data(), src);
     } else {  // 16-bit storage widens exactly, so the codes equal those of the f32 weights
       backend.copy_to_host(half.data(), src);
-      for (std::size_t i = 0; i < half.size(); ++i)
-        host[i] = w.dtype == DType::bf16 ? bf16_to_float(half[i]) : f16_to_float(half[i]);
+      for (std::size_t i = 0; i < half.size(); ++i) host[i] = half_to_float(half[i], w.dtype);
     }
     if (spec.equalize &&
         detail::column_scales(host.data(), n, k, group, spec.mode, cs.data() + e * k)) {

@@ -236,8 +236,7 @@ class Backend {
 template <typename B>
 Tensor prepare_weights(B& backend, Tensor w) {
   const DType dt = w.dtype();
-  const bool is_float = dt == DType::f32 || dt == DType::bf16 || dt == DType::f16;
-  if (!is_float || w.shape().rank() < 2) return w;
+  if (!is_float_dtype(dt) || w.shape().rank() < 2) return w;
   const DType want = backend.supports_weight_dtype(dt) ? dt : DType::f32;
   if (want == dt && w.layout() == backend.weight_layout()) return w;
   if (want != dt) {  // widen first (row-major), then re-lay out below if needed

@@ -15,11 +15,16 @@ enum class DType : std::uint8_t { f32, f16, bf16, i8, i32 };
 /// Bytes per element.
 constexpr std::size_t dtype_size(DType t) noexcept {
   switch (t) {
-    case DType::f32: return 4;
-    case DType::f16: return 2;
-    case DType::bf16: return 2;
-    case DType::i8: return 1;
-    case DType::i32: return 4;
+    case DType::f32:
+      return 4;
+    case DType::f16:
+      return 2;
+    case DType::bf16:
+      return 2;
+    case DType::i8:
+      return 1;
+    case DType::i32:
+      return 4;
   }
   return 0;
 }
@@ -27,11 +32,16 @@ constexpr std::size_t dtype_size(DType t) noexcept {
 /// Lower-case name, e.g. "bf16".
 constexpr std::string_view dtype_name(DType t) noexcept {
   switch (t) {
-    case DType::f32: return "f32";
-    case DType::f16: return "f16";
-    case DType::bf16: return "bf16";
-    case DType::i8: return "i8";
-    case DType::i32: return "i32";
+    case DType::f32:
+      return "f32";
+    case DType::f16:
+      return "f16";
+    case DType::bf16:
+      return "bf16";
+    case DType::i8:
+      return "i8";
+    case DType::i32:
+      return "i32";
   }
   return "?";
 }
@@ -40,11 +50,17 @@ constexpr std::string_view dtype_name(DType t) noexcept {
 template <typename T>
 constexpr DType dtype_of();
 template <>
-constexpr DType dtype_of<float>() { return DType::f32; }
+constexpr DType dtype_of<float>() {
+  return DType::f32;
+}
 template <>
-constexpr DType dtype_of<std::int8_t>() { return DType::i8; }
+constexpr DType dtype_of<std::int8_t>() {
+  return DType::i8;
+}
 template <>
-constexpr DType dtype_of<std::int32_t>() { return DType::i32; }
+constexpr DType dtype_of<std::int32_t>() {
+  return DType::i32;
+}
 
 /// bf16 bits -> float (exact).
 inline float bf16_to_float(std::uint16_t h) noexcept {
@@ -89,7 +105,7 @@ inline std::uint16_t float_to_f16(float f) noexcept {
   const std::uint32_t u = std::bit_cast<std::uint32_t>(f);
   const std::uint32_t sign = (u >> 16) & 0x8000u;
   const std::uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u);   // NaN
   if (abs >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // >= 65520 -> Inf
   if (abs < 0x38800000u) {  // below the smallest normal: subnormal or zero
     const float a = std::bit_cast<float>(abs);
@@ -100,6 +116,16 @@ inline std::uint16_t float_to_f16(float f) noexcept {
   }
   std::uint32_t v = abs + 0xc8000fffu + ((abs >> 13) & 1u);  // rebias 127->15 and round
   return static_cast<std::uint16_t>(sign | (v >> 13));
+}
+
+/// True for the float dtypes: f32, and the 16-bit storage types f16 and bf16.
+constexpr bool is_float_dtype(DType t) noexcept {
+  return t == DType::f32 || t == DType::f16 || t == DType::bf16;
+}
+
+/// 16-bit float bits of dtype dt (f16 or bf16) -> float (exact).
+inline float half_to_float(std::uint16_t h, DType dt) noexcept {
+  return dt == DType::bf16 ? bf16_to_float(h) : f16_to_float(h);
 }
 
 }  // namespace autoglm

@@ -182,9 +182,7 @@ namespace detail {
 /// True for a weight the GEMMs compute with: int8, or float storage (f32, bf16, f16; a backend
 /// that cannot read 16-bit weights gets them widened by prepare_weights).
 inline bool is_float_or_int8(const Weight& w) {
-  if (w.is_quantized()) return true;
-  const DType t = w.tensor().dtype();
-  return t == DType::f32 || t == DType::bf16 || t == DType::f16;
+  return w.is_quantized() || is_float_dtype(w.tensor().dtype());
 }
 }  // namespace detail
 
