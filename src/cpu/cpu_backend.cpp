@@ -283,13 +283,16 @@ struct Tile {
   std::int64_t e, row0, rows, col0, cols;
 };
 
-// Tiles of one group of m rows and n columns: widths depend on the shape only (never on the
-// thread count), so every output element's summation order is fixed.
+// Rows per tile of the f32 kernels: whole packed blocks (12 rows) when panels are in use.
+std::int64_t row_tile(std::int64_t m, bool panels) {
+  return panels ? (m <= 6 ? m : 21 * 12) : std::min<std::int64_t>(m, 256);
+}
+
+// Tiles of one group of m rows and n columns, mb rows per tile: widths depend on the shape only
+// (never on the thread count), so every output element's summation order is fixed.
 void add_tiles(std::vector<Tile>& tiles, std::int64_t e, std::int64_t row0, std::int64_t m,
-               std::int64_t n, std::int64_t k, bool panels) {
+               std::int64_t n, std::int64_t k, std::int64_t mb) {
   if (m == 0 || n == 0) return;
-  // Row tiles hold whole packed blocks (12 rows) when panels are in use.
-  const std::int64_t mb = panels ? (m <= 6 ? m : 21 * 12) : std::min<std::int64_t>(m, 256);
   // Few rows are bandwidth-bound: narrower tiles give more tasks to spread the weight stream.
   std::int64_t nb = m <= 8 ? 96 : 192;
   if (k <= 512) nb *= 2;
@@ -308,8 +311,7 @@ void expect_prepared(std::string_view fn, std::string_view arg, const TensorView
 
 // CpuBackendOptions::bf16_compute: out[rows of group g] = alpha * bf16(x) * w[g]^T + beta * out
 // on AMX-BF16 tiles, w bf16 panel32 (matrix g at w + g * wstride). Each group's rows are
-// rounded and packed once; row tiles are whole 16-row blocks (256 rows), column tiles as
-// add_tiles makes them, so tile shapes never depend on the thread count.
+// rounded and packed once; row tiles are whole 16-row blocks (256 rows).
 template <typename Parallel>
 void amx_products(Backend& backend, Parallel&& parallel, const float* x, std::int64_t k,
                   const std::vector<std::int64_t>& row0, const std::vector<std::int64_t>& rows,
@@ -322,13 +324,7 @@ void amx_products(Backend& backend, Parallel&& parallel, const float* x, std::in
   for (std::int64_t g = 0; g < G; ++g) {
     start[g] = total;
     total += detail::amx_packed_a_size(rows[g], k);
-    if (rows[g] == 0 || n == 0) continue;
-    constexpr std::int64_t mb = 16 * detail::kAmxTileRows;
-    std::int64_t nb = rows[g] <= 8 ? 96 : 192;
-    if (k <= 512) nb *= 2;
-    for (std::int64_t i0 = 0; i0 < rows[g]; i0 += mb)
-      for (std::int64_t j0 = 0; j0 < n; j0 += nb)
-        tiles.push_back({g, row0[g] + i0, std::min(mb, rows[g] - i0), j0, std::min(nb, n - j0)});
+    add_tiles(tiles, g, row0[g], rows[g], n, k, 16 * detail::kAmxTileRows);
   }
   Tensor packed(backend, DType::bf16, Shape{std::max<std::int64_t>(total, 1)});
   std::uint16_t* ap = packed.data<std::uint16_t>();
@@ -372,7 +368,7 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
     return;
   }
   std::vector<Tile> tiles;
-  add_tiles(tiles, 0, 0, m, n, k, panels);
+  add_tiles(tiles, 0, 0, m, n, k, row_tile(m, panels));
   const float* A = a.as<float>();
   const void* B = b.data;
   float* C = c.as<float>();
@@ -407,14 +403,10 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   detail::check_offsets(fn, off, E, x.dim(0));
   expect_prepared(fn, "w", w);
   const bool panels = w.layout == Layout::panel32;
-  // One task list across all experts, so a heavy expert is spread over every thread and light
-  // experts do not leave threads waiting at a per-expert barrier.
-  std::vector<Tile> tiles;
   std::vector<std::int64_t> row0(static_cast<std::size_t>(E)), rows(static_cast<std::size_t>(E));
   for (std::int64_t e = 0; e < E; ++e) {
     row0[e] = off[e];
     rows[e] = off[e + 1] - off[e];
-    add_tiles(tiles, e, off[e], rows[e], n, k, panels);
   }
   const float* X = x.as<float>();
   const void* W = w.data;
@@ -426,6 +418,11 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
         w.as<std::uint16_t>(), wstride, n, O, n, 1.0f, 0.0f);
     return;
   }
+  // One task list across all experts, so a heavy expert is spread over every thread and light
+  // experts do not leave threads waiting at a per-expert barrier.
+  std::vector<Tile> tiles;
+  for (std::int64_t e = 0; e < E; ++e)
+    add_tiles(tiles, e, row0[e], rows[e], n, k, row_tile(rows[e], panels));
   Tensor packed;
   std::vector<std::int64_t> start;
   if (panels)

@@ -244,7 +244,7 @@ class Checkpoint {
   /// A planned embedding table, row-major, in matrix_dtype (aliasing the mapped file when
   /// stored so): looked up row by row, never copied whole.
   Tensor take_table(const std::string& name) {
-    Tensor t = st_.load(backend_, name, matrix_dtype({&name}));
+    Tensor t = st_.load(backend_, name, matrix_dtype({name}));
     report(name);
     return t;
   }
@@ -255,27 +255,12 @@ class Checkpoint {
   /// The dtype a weight matrix built from the planned float tensors `names` is kept in: their
   /// common stored dtype when it is bf16 / f16, WeightStorage::as_stored asks for it and the
   /// backend computes with it (then it is exact: the kernels widen it); else f32.
-  DType matrix_dtype(std::initializer_list<const std::string*> names) const {
-    if (storage_ != WeightStorage::as_stored) return DType::f32;
-    DType dt = DType::f32;
-    bool first = true;
-    for (const std::string* n : names) {
-      const DType t = *st_.at(*n).dtype;
-      if (!first && t != dt) return DType::f32;
-      dt = t;
-      first = false;
-    }
-    return backend_.supports_weight_dtype(dt) ? dt : DType::f32;
-  }
-  /// matrix_dtype over a list of names.
   DType matrix_dtype(const std::vector<std::string>& names) const {
-    DType dt = DType::f32;
-    for (std::size_t i = 0; i < names.size(); ++i) {
-      const DType t = matrix_dtype({&names[i]});
-      if (i > 0 && t != dt) return DType::f32;
-      dt = t;
-    }
-    return dt;
+    if (storage_ != WeightStorage::as_stored || names.empty()) return DType::f32;
+    const DType dt = *st_.at(names[0]).dtype;
+    for (const std::string& n : names)
+      if (*st_.at(n).dtype != dt) return DType::f32;
+    return backend_.supports_weight_dtype(dt) ? dt : DType::f32;
   }
 
   /// A planned weight matrix: int8 packed for the kernels when stored as int8, else in the
@@ -285,7 +270,7 @@ class Checkpoint {
   Weight take_weight(const std::string& name, bool f32 = false) {
     if (is_int8(name)) return take_packed(name);
     if (weight_layout() == Layout::row_major) return take(name);
-    Tensor out(backend_, f32 ? DType::f32 : matrix_dtype({&name}), *st_.at(name).shape,
+    Tensor out(backend_, f32 ? DType::f32 : matrix_dtype({name}), *st_.at(name).shape,
                weight_layout());
     take_into(name, out);
     return out;
@@ -316,7 +301,7 @@ class Checkpoint {
     if (weight_layout() == Layout::row_major) return take(name);
     const TensorInfo& info = st_.at(name);
     const Shape shape = *info.shape;
-    Tensor out(backend_, matrix_dtype({&name}), shape, weight_layout());
+    Tensor out(backend_, matrix_dtype({name}), shape, weight_layout());
     if (backend_.device().kind == DeviceKind::cpu && shape[0] > 0) {
       // The stored bytes (mapped, or an aligned copy), one matrix at a time; a 16-bit stack
       // widened to f32 goes through one f32 matrix reused for the whole stack.
@@ -611,8 +596,8 @@ SwiGluExperts build_mlp(Backend& b, Checkpoint& ck, const MlpNames& n, std::int6
   if (ck.is_int8(n.gate))
     return SwiGluExperts(ck.take_q_rows({{n.gate, n.up}}, Shape{1, 2 * F, d}),
                          ck.take_q_rows({{n.down}}, Shape{1, d, F}));
-  Tensor gu(b, ck.matrix_dtype({&n.gate, &n.up}), Shape{1, 2 * F, d}, ck.weight_layout());
-  Tensor dn(b, ck.matrix_dtype({&n.down}), Shape{1, d, F}, ck.weight_layout());
+  Tensor gu(b, ck.matrix_dtype({n.gate, n.up}), Shape{1, 2 * F, d}, ck.weight_layout());
+  Tensor dn(b, ck.matrix_dtype({n.down}), Shape{1, d, F}, ck.weight_layout());
   Tensor scratch;
   take_gate_up(b, ck, n.gate, n.up, TensorView(gu)[0], scratch);
   ck.take_into(n.down, TensorView(dn)[0]);
