@@ -100,9 +100,12 @@ struct Options {
   bool tiny = false;  ///< --tiny or AUTOGLM_BENCH_TINY=1: smoke-test shapes instead of real ones
   /// --bf16-compute: CpuBackendOptions::bf16_compute (bf16 weights on AMX-BF16 tiles).
   bool bf16_compute = false;
+  /// --no-huge-pages: CpuBackendOptions::huge_pages off (4 KiB pages for the weights).
+  bool huge_pages = true;
 };
 
-/// Parses and removes --threads=N / --threads N / --tiny from argv (before benchmark::Initialize).
+/// Parses and removes --threads=N / --threads N / --tiny / --bf16-compute / --no-huge-pages from
+/// argv (before benchmark::Initialize).
 inline Options parse_options(int& argc, char** argv) {
   Options o;
   if (const char* e = std::getenv("AUTOGLM_THREADS"); e && *e) o.threads = std::atoi(e);
@@ -119,6 +122,8 @@ inline Options parse_options(int& argc, char** argv) {
       o.tiny = true;
     } else if (a == "--bf16-compute") {
       o.bf16_compute = true;
+    } else if (a == "--no-huge-pages") {
+      o.huge_pages = false;
     } else {
       argv[out++] = argv[i];
     }

@@ -234,8 +234,8 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
 
   try {
-    autoglm::CpuBackend backend(
-        autoglm::CpuBackendOptions{.threads = opt.threads, .bf16_compute = opt.bf16_compute});
+    autoglm::CpuBackend backend(autoglm::CpuBackendOptions{
+        .threads = opt.threads, .bf16_compute = opt.bf16_compute, .huge_pages = opt.huge_pages});
     g.backend = &backend;
     autoglm::LoadOptions lo;
     autoglm::FidelityOptions f;  // transformers 5.x numerics, as in tests/test_models.cpp

@@ -246,8 +246,8 @@ int main(int argc, char** argv) {
     flush_mib = static_cast<std::size_t>(std::max(0LL, std::atoll(e)));
   CacheFlusher flusher(flush_mib, opt.threads);
   g_flush = &flusher;
-  autoglm::CpuBackend backend(
-      autoglm::CpuBackendOptions{.threads = opt.threads, .bf16_compute = opt.bf16_compute});
+  autoglm::CpuBackend backend(autoglm::CpuBackendOptions{
+      .threads = opt.threads, .bf16_compute = opt.bf16_compute, .huge_pages = opt.huge_pages});
   g_backend = &backend;
   benchmark::AddCustomContext("autoglm_flush_MiB", std::to_string(flusher.mib()));
   benchmark::AddCustomContext("autoglm_version", AUTOGLM_VERSION_STRING);

@@ -60,6 +60,36 @@ BACKEND_TEST("allocate: 64-byte aligned, zero bytes allowed", "") {
   b.synchronize();
 }
 
+TEST_CASE("CpuBackend huge_pages: large buffers are 2 MiB-aligned mappings, reused and freed",
+          "[backend]") {
+  for (bool huge : {true, false}) {
+    DYNAMIC_SECTION("huge_pages=" << huge) {
+      CpuBackend b(CpuBackendOptions{.threads = 1, .huge_pages = huge});
+      // 16 MiB and up is mapped; a pooled size (<= 256 MiB) comes back from the cache.
+      for (std::size_t n : {std::size_t{16} << 20, (std::size_t{40} << 20) + 12,
+                            (std::size_t{300} << 20) + 4}) {
+        auto* p = static_cast<unsigned char*>(b.allocate(n));
+        REQUIRE(p != nullptr);
+        CHECK(reinterpret_cast<std::uintptr_t>(p) % (huge ? (std::size_t{2} << 20) : 64) == 0);
+        p[0] = 1;
+        p[n / 2] = 2;
+        p[n - 1] = 3;  // the whole length is writable
+        CHECK(int(p[0] + p[n / 2] + p[n - 1]) == 6);
+        b.deallocate(p);
+        void* q = b.allocate(n);
+        if (n <= (std::size_t{256} << 20)) CHECK(q == p);
+        b.deallocate(q);
+      }
+      // Tensors on such buffers compute as any other.
+      Tensor t(b, DType::f32, Shape{5 << 20});
+      b.fill(t, 2.5f);
+      const auto h = host_f32(b, t);
+      CHECK(h.front() == 2.5f);
+      CHECK(h.back() == 2.5f);
+    }
+  }
+}
+
 BACKEND_TEST("copy_from_host / copy_to_host / fill", "") {
   Backend& b = TestType::get();
   const auto h = random_floats(123, 1);
@@ -1017,7 +1047,9 @@ BACKEND_TEST("gemm and grouped_gemm take weights in every layout", "[layout]") {
   std::uint64_t seed = 600;
   for (Layout l : weight_layouts(b)) {
     for (Case c : {Case{1, 1, 1}, Case{5, 37, 7}, Case{6, 32, 16}, Case{7, 33, 64}, Case{12, 64, 3},
-                   Case{13, 100, 20}, Case{25, 70, 64}, Case{300, 40, 8}}) {
+                   Case{13, 100, 20}, Case{25, 70, 64}, Case{300, 40, 8},
+                   // Past one row tile (252 rows) with a few rows over, and over two.
+                   Case{256, 40, 8}, Case{258, 33, 300}, Case{510, 20, 17}}) {
       DYNAMIC_SECTION("gemm " << layout_name(l) << " M=" << c.M << " N=" << c.N << " K=" << c.K) {
         const auto A = random_floats(c.M * c.K, ++seed), B = random_floats(c.N * c.K, ++seed);
         const auto C0 = random_floats(c.M * c.N, ++seed);
@@ -1033,7 +1065,8 @@ BACKEND_TEST("gemm and grouped_gemm take weights in every layout", "[layout]") {
     }
     for (std::vector<std::int32_t> off :
          {std::vector<std::int32_t>{0, 0, 7, 20, 40}, std::vector<std::int32_t>{0, 1, 2, 3, 300},
-          std::vector<std::int32_t>{0, 0, 0, 0, 0}}) {
+          std::vector<std::int32_t>{0, 0, 0, 0, 0},
+          std::vector<std::int32_t>{0, 5, 261, 261, 520}}) {
       DYNAMIC_SECTION("grouped_gemm " << layout_name(l) << " rows " << off.back()) {
         const std::int64_t E = 4, N = 37, K = 16, R = std::max<std::int64_t>(off.back(), 1);
         const auto X = random_floats(R * K, ++seed), W = random_floats(E * N * K, ++seed);

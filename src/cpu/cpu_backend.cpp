@@ -59,7 +59,7 @@ CpuBackend::CpuBackend(CpuBackendOptions options) {
   AUTOGLM_CHECK(options.threads >= 0, invalid_argument, "CpuBackend", "threads={} must be >= 0",
                 options.threads);
   const int n = options.threads == 0 ? tbb::info::default_concurrency() : options.threads;
-  impl_ = std::make_unique<Impl>(n, options.cache_bytes);
+  impl_ = std::make_unique<Impl>(n, options.cache_bytes, options.huge_pages);
   impl_->bf16_compute = options.bf16_compute && detail::amx_bf16_available() &&
                         weight_layout() == Layout::panel32 &&
                         detail::panel_kernel_reads(DType::bf16);
@@ -283,9 +283,9 @@ struct Tile {
   std::int64_t e, row0, rows, col0, cols;
 };
 
-// Rows per tile of the f32 kernels: whole packed blocks (12 rows) when panels are in use.
+// Rows per tile of the f32 kernels: whole packed blocks (21 of pack_block_rows) with panels.
 std::int64_t row_tile(std::int64_t m, bool panels) {
-  return panels ? (m <= 6 ? m : 21 * 12) : std::min<std::int64_t>(m, 256);
+  return panels ? 21 * detail::pack_block_rows(m) : std::min<std::int64_t>(m, 256);
 }
 
 // Tiles of one group of m rows and n columns, mb rows per tile: widths depend on the shape only
@@ -381,7 +381,7 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
   impl_->parallel(static_cast<std::int64_t>(tiles.size()), 1, [&](std::int64_t i) {
     const Tile& t = tiles[static_cast<std::size_t>(i)];
     if (panels) {
-      detail::gemm_panel_tile(packed.data<float>() + t.row0 * k, t.rows,
+      detail::gemm_panel_tile(packed.data<float>() + t.row0 * k, t.rows, detail::pack_block_rows(m),
                               advance(B, t.col0 / kPanelRows * kPanelRows * k, b.dtype), b.dtype, k,
                               (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
                               C + t.row0 * n + t.col0, n, p.alpha, p.beta);
@@ -434,6 +434,7 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
     const void* We = advance(W, t.e * wstride, w.dtype);
     if (panels) {
       detail::gemm_panel_tile(packed.data<float>() + start[t.e] + (t.row0 - row0[t.e]) * k, t.rows,
+                              detail::pack_block_rows(rows[t.e]),
                               advance(We, t.col0 / kPanelRows * kPanelRows * k, w.dtype), w.dtype,
                               k, (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
                               O + t.row0 * n + t.col0, n, 1.0f, 0.0f);

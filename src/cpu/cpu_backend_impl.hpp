@@ -9,6 +9,10 @@
 #include <mutex>
 #include <unordered_map>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
@@ -18,9 +22,10 @@
 namespace autoglm {
 
 struct CpuBackend::Impl {
-  explicit Impl(int threads, std::size_t cache_limit) : arena(threads), cache_limit(cache_limit) {}
+  Impl(int threads, std::size_t cache_limit, bool huge_pages)
+      : arena(threads), cache_limit(cache_limit), huge_pages(huge_pages) {}
   ~Impl() {
-    for (auto& [size, p] : free_blocks) std::free(p);
+    for (auto& [size, p] : free_blocks) release(p);
   }
   tbb::task_arena arena;
 
@@ -35,6 +40,53 @@ struct CpuBackend::Impl {
   std::size_t cache_limit;
   bool bf16_compute = false;  // CpuBackendOptions::bf16_compute, where AMX-BF16 runs
 
+  // CpuBackendOptions::huge_pages: buffers of kHugeMin bytes or more are their own 2 MiB-aligned
+  // mappings, advised for transparent huge pages. Streaming gigabytes of expert weights through
+  // 4 KiB pages costs a page walk every 64 cache lines, which the kernels' prefetches wait on.
+  static constexpr std::size_t kHugePage = std::size_t{2} << 20;
+  static constexpr std::size_t kHugeMin = std::size_t{16} << 20;
+  bool huge_pages = true;
+  std::unordered_map<void*, std::size_t> mapped;  // live and cached mappings, by length
+
+  void* allocate_new(std::size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (huge_pages && bytes >= kHugeMin) {
+      const std::size_t len = (bytes + 4095) / 4096 * 4096;
+      void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (raw == MAP_FAILED) return nullptr;
+      auto* base = static_cast<char*>(raw);
+      auto* p = reinterpret_cast<char*>((reinterpret_cast<std::uintptr_t>(base) + kHugePage - 1) /
+                                        kHugePage * kHugePage);
+      if (p > base) munmap(base, static_cast<std::size_t>(p - base));
+      if (base + len + kHugePage > p + len)
+        munmap(p + len, static_cast<std::size_t>(base + len + kHugePage - (p + len)));
+      madvise(p, len, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
+      std::lock_guard lock(pool_mutex);
+      mapped[p] = len;
+      return p;
+    }
+#endif
+    const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + 63) / 64 * 64;
+    return std::aligned_alloc(64, rounded);
+  }
+
+  // Returns a buffer of allocate_new to the system.
+  void release(void* p) noexcept {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    {
+      std::lock_guard lock(pool_mutex);
+      auto it = mapped.find(p);
+      if (it != mapped.end()) {
+        munmap(p, it->second);
+        mapped.erase(it);
+        return;
+      }
+    }
+#endif
+    std::free(p);
+  }
+
   void* take(std::size_t bytes) {
     if (bytes >= kPoolMin && bytes <= kPoolMax) {
       std::lock_guard lock(pool_mutex);
@@ -47,11 +99,10 @@ struct CpuBackend::Impl {
         return p;
       }
     }
-    const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + 63) / 64 * 64;
-    void* p = std::aligned_alloc(64, rounded);
+    void* p = allocate_new(bytes);
     if (p && bytes >= kPoolMin && bytes <= kPoolMax) {
       std::lock_guard lock(pool_mutex);
-      block_size[p] = rounded;
+      block_size[p] = (bytes + 63) / 64 * 64;
     }
     return p;
   }
@@ -71,7 +122,7 @@ struct CpuBackend::Impl {
         }
       }
     }
-    std::free(p);
+    release(p);
   }
 
   /// f(i) for i in [0, n) on the backend's threads, chunks of at least `grain`.

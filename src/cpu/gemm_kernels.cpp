@@ -35,8 +35,8 @@ void eigen_tile(const float* x, std::int64_t ldx, const float* w, std::int64_t l
   }
 }
 
-constexpr std::int64_t kSmallRows = 6;   // up to this many rows pack as one block
-constexpr std::int64_t kBlockRows = 12;  // rows per packed block above that
+constexpr std::int64_t kSmallRows = 6;      // up to this many rows pack as one block
+constexpr std::int64_t kMaxBlockRows = 12;  // the most rows per packed block above that
 // k steps of software prefetch when streaming (6 KiB of f32 panel, 3 KiB of 16-bit panel).
 constexpr std::int64_t kStreamAhead = 48;
 
@@ -193,7 +193,7 @@ void panel_kernel(const float* xp, std::int64_t xs, const typename P::Elem* wp,
 }
 
 // Compile-time dispatch of panel_kernel<R, NP, P> for a run-time row count r in [1, MaxR].
-template <int NP, typename P, int R = 1, int MaxR = 12>
+template <int NP, typename P, int R = 1, int MaxR = kMaxBlockRows>
 void panel_rows(int r, const float* xp, std::int64_t xs, const typename P::Elem* wp,
                 std::int64_t pstride, float* out, std::int64_t ldo, std::int64_t kc,
                 std::int64_t cols, float alpha, float beta, const char* pf = nullptr,
@@ -210,11 +210,10 @@ void panel_rows(int r, const float* xp, std::int64_t xs, const typename P::Elem*
 
 // gemm_panel_tile for one weight element type.
 template <typename P>
-void panel_tile(const float* xp, std::int64_t m, const typename P::Elem* wp, std::int64_t k,
-                std::int64_t panels, std::int64_t cols, float* out, std::int64_t ldo, float alpha,
-                float beta) {
+void panel_tile(const float* xp, std::int64_t m, std::int64_t mr, const typename P::Elem* wp,
+                std::int64_t k, std::int64_t panels, std::int64_t cols, float* out,
+                std::int64_t ldo, float alpha, float beta) {
   using Elem = typename P::Elem;
-  const std::int64_t mr = pack_block_rows(m);
   const std::int64_t pstride = k * kPanelRows;
   // Depth blocks keep a slice of a panel in L1 while every row block of the tile uses it.
   constexpr std::int64_t kc_max = 256;
@@ -237,7 +236,7 @@ void panel_tile(const float* xp, std::int64_t m, const typename P::Elem* wp, std
   if (mr <= kSmallRows) return;
   // Many rows: a panel's depth blocks in order, so the tile's weights are one sequential stream;
   // the next block is prefetched while the row blocks compute on the current one.
-  const std::int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
+  const std::int64_t blocks = (m + mr - 1) / mr;
   const std::int64_t end_elems = panels * pstride;
   for (std::int64_t p = 0; p < panels; ++p) {
     const std::int64_t c = std::min(cols - p * kPanelRows, kPanelRows);
@@ -249,10 +248,10 @@ void panel_tile(const float* xp, std::int64_t m, const typename P::Elem* wp, std
       const std::int64_t next_lines = (std::min(next + kc * kPanelRows, end_elems) - next) *
                                       static_cast<std::int64_t>(sizeof(Elem)) / 64;
       const std::int64_t per_block = (next_lines + blocks - 1) / blocks;
-      for (std::int64_t r0 = 0, rb = 0; r0 < m; r0 += kBlockRows, ++rb) {
-        const int rows = static_cast<int>(std::min(kBlockRows, m - r0));
+      for (std::int64_t r0 = 0, rb = 0; r0 < m; r0 += mr, ++rb) {
+        const int rows = static_cast<int>(std::min(mr, m - r0));
         const std::int64_t first = std::min(rb * per_block, next_lines);
-        panel_rows<1, P>(rows, xp + r0 * k + k0 * kBlockRows, kBlockRows, wp + here, pstride,
+        panel_rows<1, P>(rows, xp + r0 * k + k0 * mr, mr, wp + here, pstride,
                          out + r0 * ldo + p * kPanelRows, ldo, kc, c, alpha, b,
                          reinterpret_cast<const char*>(wp + next) + 64 * first,
                          std::min(per_block, next_lines - first));
@@ -266,7 +265,11 @@ void panel_tile(const float* xp, std::int64_t m, const typename P::Elem* wp, std
 }  // namespace
 
 std::int64_t pack_block_rows(std::int64_t m) {
-  return m <= kSmallRows ? std::max<std::int64_t>(m, 1) : kBlockRows;
+  if (m <= kSmallRows) return std::max<std::int64_t>(m, 1);
+  // As many blocks as 12-row blocks would take, filled evenly: 32 rows are 11 + 11 + 10, not
+  // 12 + 12 + 8, so no block is a short one that loads weights for few multiply-adds.
+  const std::int64_t blocks = (m + kMaxBlockRows - 1) / kMaxBlockRows;
+  return (m + blocks - 1) / blocks;
 }
 
 std::int64_t packed_x_size(std::int64_t m, std::int64_t k) {
@@ -299,25 +302,25 @@ bool panel_kernel_reads(DType dt) noexcept {
 #endif
 }
 
-void gemm_panel_tile(const float* xp, std::int64_t m, const void* wp, DType wdt, std::int64_t k,
-                     std::int64_t panels, std::int64_t cols, float* out, std::int64_t ldo,
-                     float alpha, float beta) {
+void gemm_panel_tile(const float* xp, std::int64_t m, std::int64_t mr, const void* wp, DType wdt,
+                     std::int64_t k, std::int64_t panels, std::int64_t cols, float* out,
+                     std::int64_t ldo, float alpha, float beta) {
   if (m == 0 || cols == 0) return;
 #if defined(__AVX512F__)
   switch (wdt) {
 #if defined(__AVX512BW__)
     case DType::bf16:
-      panel_tile<Bf16Panel>(xp, m, static_cast<const std::uint16_t*>(wp), k, panels, cols, out, ldo,
-                            alpha, beta);
+      panel_tile<Bf16Panel>(xp, m, mr, static_cast<const std::uint16_t*>(wp), k, panels, cols, out,
+                            ldo, alpha, beta);
       return;
 #endif
     case DType::f16:
-      panel_tile<F16Panel>(xp, m, static_cast<const std::uint16_t*>(wp), k, panels, cols, out, ldo,
-                           alpha, beta);
+      panel_tile<F16Panel>(xp, m, mr, static_cast<const std::uint16_t*>(wp), k, panels, cols, out,
+                           ldo, alpha, beta);
       return;
     case DType::f32:
-      panel_tile<F32Panel>(xp, m, static_cast<const float*>(wp), k, panels, cols, out, ldo, alpha,
-                           beta);
+      panel_tile<F32Panel>(xp, m, mr, static_cast<const float*>(wp), k, panels, cols, out, ldo,
+                           alpha, beta);
       return;
     default:
       break;
@@ -326,7 +329,6 @@ void gemm_panel_tile(const float* xp, std::int64_t m, const void* wp, DType wdt,
   // Portable path: unpack the tile's panels and let Eigen compute.
   std::vector<float> w(static_cast<std::size_t>(cols * k)), x(static_cast<std::size_t>(m * k));
   panels_to_f32(wp, wdt, cols, k, w.data());
-  const std::int64_t mr = pack_block_rows(m);
   for (std::int64_t i = 0; i < m; ++i)
     for (std::int64_t p = 0; p < k; ++p) x[i * k + p] = xp[(i / mr) * mr * k + p * mr + i % mr];
   eigen_tile(x.data(), k, w.data(), k, out, ldo, m, cols, k, alpha, beta);

@@ -10,7 +10,8 @@
 
 namespace autoglm::detail {
 
-/// Rows per packed block of x for m rows: m itself up to 6, else 12.
+/// Rows per packed block of x for m rows: m itself up to 6, else at most 12, as even as the
+/// 12-row block count allows.
 std::int64_t pack_block_rows(std::int64_t m);
 /// Floats pack_x writes for m rows of depth k.
 std::int64_t packed_x_size(std::int64_t m, std::int64_t k);
@@ -22,12 +23,13 @@ void pack_x(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k, fl
 /// AVX-512; bf16 needs AVX512BW's word shuffles, f16 AVX-512F's vcvtph2ps).
 bool panel_kernel_reads(DType dt) noexcept;
 
-/// Output tile against panel32 weights: xp from pack_x (m rows, starting on a block), wp the
-/// first of `panels` panels of depth k with elements of wdt (f32, bf16 or f16), `cols` valid
-/// output columns (<= 32 * panels).
-void gemm_panel_tile(const float* xp, std::int64_t m, const void* wp, DType wdt, std::int64_t k,
-                     std::int64_t panels, std::int64_t cols, float* out, std::int64_t ldo,
-                     float alpha, float beta);
+/// Output tile against panel32 weights: xp from pack_x of a matrix whose blocks have mr rows
+/// (pack_block_rows of its whole row count, which a tile of fewer rows may not share), m rows of
+/// it starting on a block; wp the first of `panels` panels of depth k with elements of wdt (f32,
+/// bf16 or f16), `cols` valid output columns (<= 32 * panels).
+void gemm_panel_tile(const float* xp, std::int64_t m, std::int64_t mr, const void* wp, DType wdt,
+                     std::int64_t k, std::int64_t panels, std::int64_t cols, float* out,
+                     std::int64_t ldo, float alpha, float beta);
 
 /// Output tile against row-major weights w [n, k] (row stride ldw).
 void gemm_nt_tile(const float* x, std::int64_t ldx, const float* w, std::int64_t ldw, float* out,

@@ -11,8 +11,8 @@
 #include <cstring>
 #include <new>
 
-#include "cpu/qgemm_isa.hpp"
 #include "cpu/gemm_kernels.hpp"  // amx_bf16_available
+#include "cpu/qgemm_isa.hpp"
 #include "cpu/qgemm_kernels.hpp"
 
 #if defined(__linux__)
