@@ -66,8 +66,8 @@ TEST_CASE("CpuBackend huge_pages: large buffers are 2 MiB-aligned mappings, reus
     DYNAMIC_SECTION("huge_pages=" << huge) {
       CpuBackend b(CpuBackendOptions{.threads = 1, .huge_pages = huge});
       // 16 MiB and up is mapped; a pooled size (<= 256 MiB) comes back from the cache.
-      for (std::size_t n : {std::size_t{16} << 20, (std::size_t{40} << 20) + 12,
-                            (std::size_t{300} << 20) + 4}) {
+      for (std::size_t n :
+           {std::size_t{16} << 20, (std::size_t{40} << 20) + 12, (std::size_t{300} << 20) + 4}) {
         auto* p = static_cast<unsigned char*>(b.allocate(n));
         REQUIRE(p != nullptr);
         CHECK(reinterpret_cast<std::uintptr_t>(p) % (huge ? (std::size_t{2} << 20) : 64) == 0);

@@ -236,6 +236,31 @@ TEST_CASE("model logits are bit-identical for 1 and 2 threads", "[models]") {
   CHECK(host_f32(b1, m1.forward(ex.prompt)) == host_f32(b2, m2.forward(ex.prompt)));
 }
 
+TEST_CASE("a 256-token prompt at once equals its last 8 tokens appended to a cached prefix",
+          "[models]") {
+  // 256 rows are one 252-row GEMM tile and a 4-row one; the appended chunk is a single tile.
+  for (const char* name : {"glm4_moe_qknorm", "deepseek_v3", "qwen2_moe"}) {
+    DYNAMIC_SECTION(name) {
+      const fs::path dir = fixtures_dir() / name;
+      CpuBackend backend(CpuBackendOptions{.threads = 2});
+      LoadOptions lo;
+      lo.fidelity = transformers5();
+      const Model model = load_model(backend, dir, lo);
+      std::vector<std::int32_t> seq(256);
+      for (std::size_t i = 0; i < seq.size(); ++i)
+        seq[i] = static_cast<std::int32_t>((i * 7919 + 13) % model.vocab_size());
+      const auto V = static_cast<std::size_t>(model.vocab_size());
+      const std::vector<float> full = host_f32(backend, model.forward(seq));
+      Session s(model);
+      (void)s.prefill(std::span(seq).first(248));
+      const std::vector<float> tail =
+          host_f32(backend, s.append(std::span(seq).subspan(248), true));
+      REQUIRE(tail.size() == 8 * V);
+      CHECK(rel_error(tail, slice(full, 248, 8, V)) <= 1e-5);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------ sessions
 
 TEST_CASE("Session: context limit, truncate, stop tokens, bad ids", "[models]") {
