@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/gemm_kernels.hpp"
 #include "cpu/qgemm_isa.hpp"
 #include "cpu/qgemm_kernels.hpp"
 
@@ -381,4 +382,39 @@ TEST_CASE("q8 isa names and selection", "[q8]") {
   REQUIRE(q8::isa_supported(q8::best_isa()));
   INFO("best q8 path: " << q8::isa_name(q8::best_isa()));
   SUCCEED();
+}
+
+// ------------------------------------------------------------------------------ f32 packing
+
+TEST_CASE("pack_x lays rows out in even blocks of [k][rows], zero-padded", "[kernels]") {
+  using namespace autoglm::detail;
+  // Block heights: m itself up to 6, then as even as the 12-row block count allows.
+  CHECK(pack_block_rows(1) == 1);
+  CHECK(pack_block_rows(6) == 6);
+  CHECK(pack_block_rows(7) == 7);
+  CHECK(pack_block_rows(12) == 12);
+  CHECK(pack_block_rows(13) == 7);
+  CHECK(pack_block_rows(32) == 11);
+  CHECK(pack_block_rows(252) == 12);
+  CHECK(pack_block_rows(253) == 12);
+  for (std::int64_t m : {1, 3, 6, 7, 13, 25, 32, 40}) {
+    for (std::int64_t k : {1, 15, 16, 17, 300}) {
+      const std::int64_t ldx = k + 3, mr = pack_block_rows(m);
+      std::vector<float> x(static_cast<std::size_t>(m * ldx));
+      for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i) + 0.5f;
+      std::vector<float> got(static_cast<std::size_t>(packed_x_size(m, k)), -1.0f);
+      pack_x(x.data(), ldx, m, k, got.data());
+      REQUIRE(packed_x_size(m, k) == (m + mr - 1) / mr * mr * k);
+      bool same = true;
+      for (std::int64_t b = 0; b * mr < m; ++b)
+        for (std::int64_t p = 0; p < k; ++p)
+          for (std::int64_t i = 0; i < mr; ++i) {
+            const std::int64_t row = b * mr + i;
+            const float want = row < m ? x[static_cast<std::size_t>(row * ldx + p)] : 0.0f;
+            same = same && got[static_cast<std::size_t>(b * mr * k + p * mr + i)] == want;
+          }
+      INFO("m=" << m << " k=" << k);
+      CHECK(same);
+    }
+  }
 }

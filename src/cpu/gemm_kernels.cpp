@@ -260,6 +260,35 @@ void panel_tile(const float* xp, std::int64_t m, std::int64_t mr, const typename
   }
 }
 
+// In-register transpose of a 16 x 16 f32 block: r[i][j] -> r[j][i]. Pairs of rows interleave
+// (ps, then pd), which leaves each 128-bit lane holding 4 rows of one column; two 128-bit lane
+// shuffles gather a column's 4 lanes.
+inline void transpose16(__m512 r[16]) {
+  __m512 u[16];
+  for (int g = 0; g < 4; ++g) {
+    const __m512 lo01 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]);
+    const __m512 hi01 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+    const __m512 lo23 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
+    const __m512 hi23 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+    const auto pd = [](__m512 v) { return _mm512_castps_pd(v); };
+    // u[4g + j], lane L: rows 4g..4g+3 at column 4L + j.
+    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(lo01), pd(lo23)));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(lo01), pd(lo23)));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(hi01), pd(hi23)));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(hi01), pd(hi23)));
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 v = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88);  // lanes 0, 2 of each
+    const __m512 w = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xdd);  // lanes 1, 3
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512 w2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xdd);
+    r[j] = _mm512_shuffle_f32x4(v, v2, 0x88);       // column j
+    r[8 + j] = _mm512_shuffle_f32x4(v, v2, 0xdd);   // column 8 + j
+    r[4 + j] = _mm512_shuffle_f32x4(w, w2, 0x88);   // column 4 + j
+    r[12 + j] = _mm512_shuffle_f32x4(w, w2, 0xdd);  // column 12 + j
+  }
+}
+
 #endif  // __AVX512F__
 
 }  // namespace
@@ -282,12 +311,27 @@ void pack_x(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k, fl
   for (std::int64_t r0 = 0; r0 < m; r0 += mr) {
     const std::int64_t rows = std::min(mr, m - r0);
     float* d = dst + r0 * k;
+#if defined(__AVX512F__)
+    // 16 depths at a time: the block's rows (zeros past the last) as the rows of a 16 x 16
+    // transpose, whose columns are the [k][rows] groups to store.
+    const auto keep = static_cast<__mmask16>((1u << mr) - 1u);
+    for (std::int64_t p0 = 0; p0 < k; p0 += 16) {
+      const int kk = static_cast<int>(std::min<std::int64_t>(16, k - p0));
+      const auto lm = static_cast<__mmask16>(kk == 16 ? 0xffffu : (1u << kk) - 1u);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < rows ? _mm512_maskz_loadu_ps(lm, x + (r0 + i) * ldx + p0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int c = 0; c < kk; ++c) _mm512_mask_storeu_ps(d + (p0 + c) * mr, keep, r[c]);
+    }
+#else
     for (std::int64_t i = 0; i < rows; ++i) {
       const float* xi = x + (r0 + i) * ldx;
       for (std::int64_t p = 0; p < k; ++p) d[p * mr + i] = xi[p];
     }
     for (std::int64_t i = rows; i < mr; ++i)
       for (std::int64_t p = 0; p < k; ++p) d[p * mr + i] = 0.0f;
+#endif
   }
 }
 
