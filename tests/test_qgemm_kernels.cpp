@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-// INT8 GEMM kernels (src/cpu/qgemm_kernels.hpp): packing, group sums, activation quantization,
-// and every ISA path of gemm_w8a8 / gemm_wonly against naive references (int64 group sums for
-// W8A8, double for weight-only) and against the portable path (bit for bit for W8A8). A path this
-// CPU cannot run is skipped with a warning.
+// The f32 activation packing (pack_x) and the INT8 GEMM kernels (src/cpu/qgemm_kernels.hpp):
+// packing, group sums, activation quantization, and every ISA path of gemm_w8a8 / gemm_wonly
+// against naive references (int64 group sums for W8A8, double for weight-only) and against the
+// portable path (bit for bit for W8A8). A path this CPU cannot run is skipped with a warning.
 #include <catch2/catch.hpp>
 
 #include <algorithm>

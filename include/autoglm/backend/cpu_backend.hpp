@@ -22,8 +22,8 @@ struct CpuBackendOptions {
   bool bf16_compute = false;
   /// Buffers of 16 MiB or more (weights, large activations) are 2 MiB-aligned mappings advised
   /// for transparent huge pages (Linux, where THP is "always" or "madvise"): streaming expert
-  /// weights then needs one page walk per 2 MiB instead of per 4 KiB (~10 % faster prefill at
-  /// compute-bound shapes, docs/benchmarks.md). Off: plain aligned_alloc.
+  /// weights then needs one page walk per 2 MiB instead of per 4 KiB (docs/benchmarks.md: up to
+  /// ~10 % on a weight-streaming GEMM, a few % on whole MoE layers). Off: plain aligned_alloc.
   bool huge_pages = true;
 };
 
