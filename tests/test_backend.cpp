@@ -1049,7 +1049,9 @@ BACKEND_TEST("gemm and grouped_gemm take weights in every layout", "[layout]") {
     for (Case c : {Case{1, 1, 1}, Case{5, 37, 7}, Case{6, 32, 16}, Case{7, 33, 64}, Case{12, 64, 3},
                    Case{13, 100, 20}, Case{25, 70, 64}, Case{300, 40, 8},
                    // Past one row tile (252 rows) with a few rows over, and over two.
-                   Case{256, 40, 8}, Case{258, 33, 300}, Case{510, 20, 17}}) {
+                   Case{256, 40, 8}, Case{258, 33, 300}, Case{510, 20, 17},
+                   // Several column tiles: each accumulates in a scratch tile, copied out.
+                   Case{40, 400, 33}, Case{7, 230, 270}}) {
       DYNAMIC_SECTION("gemm " << layout_name(l) << " M=" << c.M << " N=" << c.N << " K=" << c.K) {
         const auto A = random_floats(c.M * c.K, ++seed), B = random_floats(c.N * c.K, ++seed);
         const auto C0 = random_floats(c.M * c.N, ++seed);
@@ -1065,10 +1067,12 @@ BACKEND_TEST("gemm and grouped_gemm take weights in every layout", "[layout]") {
     }
     for (std::vector<std::int32_t> off :
          {std::vector<std::int32_t>{0, 0, 7, 20, 40}, std::vector<std::int32_t>{0, 1, 2, 3, 300},
-          std::vector<std::int32_t>{0, 0, 0, 0, 0},
-          std::vector<std::int32_t>{0, 5, 261, 261, 520}}) {
+          std::vector<std::int32_t>{0, 0, 0, 0, 0}, std::vector<std::int32_t>{0, 5, 261, 261, 520},
+          std::vector<std::int32_t>{0, 9, 40, 40, 75}}) {
       DYNAMIC_SECTION("grouped_gemm " << layout_name(l) << " rows " << off.back()) {
-        const std::int64_t E = 4, N = 37, K = 16, R = std::max<std::int64_t>(off.back(), 1);
+        // 450 columns: several column tiles per expert.
+        const std::int64_t E = 4, N = off.back() == 75 ? 450 : 37, K = 16,
+                           R = std::max<std::int64_t>(off.back(), 1);
         const auto X = random_floats(R * K, ++seed), W = random_floats(E * N * K, ++seed);
         Tensor out = tensor_f32(b, Shape{R, N}, std::vector<float>(R * N, 5.0f));
         b.grouped_gemm(tensor_f32(b, Shape{R, K}, X), weights_in(b, Shape{E, N, K}, W, l),

@@ -234,8 +234,24 @@ void panel_tile(const float* xp, std::int64_t m, std::int64_t mr, const typename
     }
   }
   if (mr <= kSmallRows) return;
-  // Many rows: a panel's depth blocks in order, so the tile's weights are one sequential stream;
-  // the next block is prefetched while the row blocks compute on the current one.
+  // Many rows: the depth blocks accumulate in a contiguous scratch tile, copied out once. Written
+  // in place after every depth block, output rows a page or more apart (an expert's rows of a
+  // [tokens, 2F] product) each look like a new stream to the L2 prefetcher and displace its
+  // tracking of the weight stream: 12-15 % slower at 32 rows x 192 columns, rows 6 KiB apart.
+  const std::int64_t lds = panels * kPanelRows;
+  float* acc = out;
+  std::int64_t ld = ldo;
+  thread_local std::vector<float> scratch;
+  if (ldo > lds) {
+    scratch.resize(static_cast<std::size_t>(m * lds));
+    acc = scratch.data();
+    ld = lds;
+    if (beta != 0.0f)
+      for (std::int64_t i = 0; i < m; ++i)
+        std::memcpy(acc + i * ld, out + i * ldo, static_cast<std::size_t>(cols) * sizeof(float));
+  }
+  // A panel's depth blocks in order, so the tile's weights are one sequential stream; the next
+  // block is prefetched while the row blocks compute on the current one.
   const std::int64_t blocks = (m + mr - 1) / mr;
   const std::int64_t end_elems = panels * pstride;
   for (std::int64_t p = 0; p < panels; ++p) {
@@ -252,12 +268,15 @@ void panel_tile(const float* xp, std::int64_t m, std::int64_t mr, const typename
         const int rows = static_cast<int>(std::min(mr, m - r0));
         const std::int64_t first = std::min(rb * per_block, next_lines);
         panel_rows<1, P>(rows, xp + r0 * k + k0 * mr, mr, wp + here, pstride,
-                         out + r0 * ldo + p * kPanelRows, ldo, kc, c, alpha, b,
+                         acc + r0 * ld + p * kPanelRows, ld, kc, c, alpha, b,
                          reinterpret_cast<const char*>(wp + next) + 64 * first,
                          std::min(per_block, next_lines - first));
       }
     }
   }
+  if (acc != out)
+    for (std::int64_t i = 0; i < m; ++i)
+      std::memcpy(out + i * ldo, acc + i * ld, static_cast<std::size_t>(cols) * sizeof(float));
 }
 
 // In-register transpose of a 16 x 16 f32 block: r[i][j] -> r[j][i]. Pairs of rows interleave
