@@ -1051,7 +1051,9 @@ BACKEND_TEST("gemm and grouped_gemm take weights in every layout", "[layout]") {
                    // Past one row tile (252 rows) with a few rows over, and over two.
                    Case{256, 40, 8}, Case{258, 33, 300}, Case{510, 20, 17},
                    // Several column tiles: each accumulates in a scratch tile, copied out.
-                   Case{40, 400, 33}, Case{7, 230, 270}}) {
+                   Case{40, 400, 33}, Case{7, 230, 270},
+                   // K = 0 (C = beta C), after earlier products left a thread's scratch tile dirty.
+                   Case{20, 400, 0}, Case{3, 5, 0}}) {
       DYNAMIC_SECTION("gemm " << layout_name(l) << " M=" << c.M << " N=" << c.N << " K=" << c.K) {
         const auto A = random_floats(c.M * c.K, ++seed), B = random_floats(c.N * c.K, ++seed);
         const auto C0 = random_floats(c.M * c.N, ++seed);
@@ -1068,11 +1070,12 @@ BACKEND_TEST("gemm and grouped_gemm take weights in every layout", "[layout]") {
     for (std::vector<std::int32_t> off :
          {std::vector<std::int32_t>{0, 0, 7, 20, 40}, std::vector<std::int32_t>{0, 1, 2, 3, 300},
           std::vector<std::int32_t>{0, 0, 0, 0, 0}, std::vector<std::int32_t>{0, 5, 261, 261, 520},
-          std::vector<std::int32_t>{0, 9, 40, 40, 75}}) {
+          std::vector<std::int32_t>{0, 9, 40, 40, 75},
+          std::vector<std::int32_t>{0, 8, 8, 30, 30}}) {
       DYNAMIC_SECTION("grouped_gemm " << layout_name(l) << " rows " << off.back()) {
-        // 450 columns: several column tiles per expert.
-        const std::int64_t E = 4, N = off.back() == 75 ? 450 : 37, K = 16,
-                           R = std::max<std::int64_t>(off.back(), 1);
+        // 450 columns: several column tiles per expert. The 30-row case has K = 0: zero rows.
+        const std::int64_t E = 4, N = off.back() == 75 || off.back() == 30 ? 450 : 37,
+                           K = off.back() == 30 ? 0 : 16, R = std::max<std::int64_t>(off.back(), 1);
         const auto X = random_floats(R * K, ++seed), W = random_floats(E * N * K, ++seed);
         Tensor out = tensor_f32(b, Shape{R, N}, std::vector<float>(R * N, 5.0f));
         b.grouped_gemm(tensor_f32(b, Shape{R, K}, X), weights_in(b, Shape{E, N, K}, W, l),
@@ -1226,6 +1229,85 @@ BACKEND_TEST("16-bit weights: gemm and grouped_gemm read bf16 / f16 exactly as t
     REQUIRE_ERROR(
         b.grouped_gemm(a, Tensor(b, DType::i8, Shape{1, 4, 8}), tensor_i32(b, Shape{2}, {0, 2}), c),
         dtype_mismatch, "grouped_gemm]", "w must be f32", "got i8");
+  }
+}
+
+BACKEND_TEST("gemm and grouped_gemm over random shapes, every weight layout and dtype",
+             "[layout][half][sweep]") {
+  // Tiling bugs live at shape boundaries nobody lists (a row tile of 6 after 252 rows was
+  // wrong for a while): draw M, N, K and expert offsets at random, across every boundary the
+  // kernels have (12-row blocks, 252-row tiles, 16/32-wide panels, 256-deep blocks, column
+  // tiles), and check every product against the double reference.
+  Backend& b = TestType::get();
+  std::mt19937_64 g(20261201);
+  auto draw = [&](std::int64_t lo, std::int64_t hi) {
+    return std::uniform_int_distribution<std::int64_t>(lo, hi)(g);
+  };
+  // M from three ranges in turn: the few-rows path, one row tile, several row tiles.
+  auto draw_rows = [&](int i) {
+    return i % 3 == 0 ? draw(1, 8) : i % 3 == 1 ? draw(9, 252) : draw(253, 600);
+  };
+  struct Kind {
+    Layout layout;
+    DType dtype;
+  };
+  std::vector<Kind> kinds;
+  for (Layout l : weight_layouts(b)) kinds.push_back({l, DType::f32});
+  for (DType dt : {DType::bf16, DType::f16})
+    if (b.supports_weight_dtype(dt)) kinds.push_back({b.weight_layout(), dt});
+  // Host values exactly representable in the weight dtype, and the weights on the backend.
+  auto make_weights = [&](Shape s, const Kind& kd, std::uint64_t seed, std::vector<float>& host) {
+    host = random_floats(static_cast<std::size_t>(s.numel()), seed);
+    if (kd.dtype == DType::f32) return weights_in(b, s, host, kd.layout);
+    std::vector<std::uint16_t> bits(host.size());
+    for (std::size_t i = 0; i < host.size(); ++i) {
+      bits[i] = kd.dtype == DType::bf16 ? float_to_bf16(host[i]) : float_to_f16(host[i]);
+      host[i] = kd.dtype == DType::bf16 ? bf16_to_float(bits[i]) : f16_to_float(bits[i]);
+    }
+    Tensor w(b, kd.dtype, s);
+    b.copy_from_host(w, bits.data());
+    return prepare_weights(b, w);
+  };
+  for (int i = 0; i < 24; ++i) {
+    const Kind kd = kinds[static_cast<std::size_t>(i) % kinds.size()];
+    // N past a 384-column tile, K past 512 (where tiles narrow) now and then.
+    const std::int64_t M = draw_rows(i), N = draw(1, 450),
+                       K = i % 4 == 3 ? draw(513, 700) : draw(1, 320);
+    const GemmParams p = i % 2 == 0 ? GemmParams{1.0f, 0.0f} : GemmParams{0.75f, -0.5f};
+    DYNAMIC_SECTION("gemm #" << i << " " << dtype_name(kd.dtype) << " " << layout_name(kd.layout)
+                             << " M=" << M << " N=" << N << " K=" << K) {
+      std::vector<float> W;
+      const Tensor w = make_weights(Shape{N, K}, kd, 7000 + i, W);
+      const auto A = random_floats(static_cast<std::size_t>(M * K), 8000 + i);
+      const auto C0 = random_floats(static_cast<std::size_t>(M * N), 9000 + i);
+      Tensor c = tensor_f32(b, Shape{M, N}, C0);
+      b.gemm(tensor_f32(b, Shape{M, K}, A), w, c, p);
+      auto want = ref::matmul_nt(A, W, M, N, K);
+      for (std::size_t j = 0; j < want.size(); ++j) want[j] = p.alpha * want[j] + p.beta * C0[j];
+      check_close(host_f32(b, c), want, 1e-5, 1e-5, "gemm");
+    }
+  }
+  for (int i = 0; i < 16; ++i) {
+    const Kind kd = kinds[static_cast<std::size_t>(i) % kinds.size()];
+    const std::int64_t E = draw(1, 6), N = draw(1, 200), K = draw(1, 300);
+    // Expert row counts from the same three ranges; about one expert in four empty; the rows
+    // after the last expert's stay untouched.
+    std::vector<std::int32_t> off{0};
+    for (std::int64_t e = 0; e < E; ++e)
+      off.push_back(off.back() +
+                    static_cast<std::int32_t>(draw(0, 3) == 0 ? 0 : draw_rows(i + int(e)) / 2));
+    const std::int64_t R = std::max<std::int64_t>(off.back() + draw(0, 3), 1);
+    DYNAMIC_SECTION("grouped_gemm #" << i << " " << dtype_name(kd.dtype) << " "
+                                     << layout_name(kd.layout) << " E=" << E << " rows "
+                                     << off.back() << " N=" << N << " K=" << K) {
+      std::vector<float> W;
+      const Tensor w = make_weights(Shape{E, N, K}, kd, 10000 + i, W);
+      const auto X = random_floats(static_cast<std::size_t>(R * K), 11000 + i);
+      Tensor out = tensor_f32(b, Shape{R, N}, std::vector<float>(R * N, 5.0f));
+      b.grouped_gemm(tensor_f32(b, Shape{R, K}, X), w, tensor_i32(b, Shape{E + 1}, off), out);
+      check_close(host_f32(b, out), ref::grouped_matmul_nt(X, W, off, R, N, K, 5.0), 1e-5, 1e-5,
+                  "grouped_gemm");
+    }
   }
 }
 

@@ -394,6 +394,89 @@ TEST_CASE("grouped_qgemm equals per-expert qgemm; identical on 1 and 2 threads",
   for (std::size_t i = 0; i < 4; ++i) REQUIRE(results[i] == results[i + 4]);  // 1 vs 2 threads
 }
 
+TEST_CASE("qgemm and grouped_qgemm over random shapes, both modes, per channel and grouped",
+          "[quant][sweep]") {
+  // Shapes drawn at random across the int8 kernels' boundaries (k not a multiple of 4 or 16,
+  // row counts past one row tile, many column tiles), each product against the naive
+  // dequantised reference of its own codes and scales.
+  std::mt19937_64 g(20261202);
+  auto draw = [&](std::int64_t lo, std::int64_t hi) {
+    return std::uniform_int_distribution<std::int64_t>(lo, hi)(g);
+  };
+  auto draw_rows = [&](int i) {
+    return i % 3 == 0 ? draw(1, 8) : i % 3 == 1 ? draw(9, 252) : draw(253, 520);
+  };
+  struct Scheme {
+    std::int64_t group;
+    ActivationMode mode;
+  };
+  const Scheme schemes[] = {{0, ActivationMode::w8a8},   {0, ActivationMode::weight_only},
+                            {32, ActivationMode::w8a8},  {64, ActivationMode::weight_only},
+                            {128, ActivationMode::w8a8}, {32, ActivationMode::weight_only}};
+  CpuBackend& b = cpu2();
+  // The naive reference of rows [r0, r1) against matrix e of q.
+  auto reference = [&](const QuantizedTensor& q, const std::vector<float>& xh, std::int64_t e,
+                       std::int64_t r0, std::int64_t r1, std::int64_t n, std::int64_t k,
+                       const Scheme& sc) {
+    const std::int64_t mats = q.shape().rank() == 3 ? q.dim(0) : 1;
+    std::vector<std::int8_t> codes(static_cast<std::size_t>(mats * n * k));
+    std::vector<float> s(static_cast<std::size_t>(mats * n * q.groups()));
+    b.quantized_to_host(q, codes.data(), s.data());
+    const std::vector<float> cs = host_col_scales(b, q);
+    const std::vector<float> xs =
+        scaled_rows(xh, k, r0, r1, cs.empty() ? nullptr : cs.data() + e * k);
+    const std::vector<std::int8_t> ce(codes.begin() + e * n * k, codes.begin() + (e + 1) * n * k);
+    const std::vector<float> se(s.begin() + e * n * q.groups(),
+                                s.begin() + (e + 1) * n * q.groups());
+    const std::int64_t G = sc.group == 0 ? k : sc.group;
+    return sc.mode == ActivationMode::w8a8 ? naive_w8a8(xs, r1 - r0, k, ce, se, n, G)
+                                           : naive_wonly(xs, r1 - r0, k, ce, se, n, G);
+  };
+  for (int i = 0; i < 12; ++i) {
+    const Scheme sc = schemes[i % 6];
+    const std::int64_t m = draw_rows(i), n = draw(1, 300);
+    const std::int64_t k = sc.group == 0 ? draw(1, 600) : sc.group * draw(1, 600 / sc.group);
+    const std::string what = fmt::format("qgemm #{} group {} {} m {} n {} k {}", i, sc.group,
+                                         QuantSpec{sc.group, sc.mode}.mode_name(), m, n, k);
+    DYNAMIC_SECTION(what) {
+      const Tensor w = tensor_f32(b, Shape{n, k}, trained_like(n, k, 300 + i, 0.05f));
+      const QuantizedTensor q = quantize(b, w, QuantSpec{sc.group, sc.mode});
+      const std::vector<float> xh = random_floats(static_cast<std::size_t>(m * k), 400 + i);
+      Tensor c(b, DType::f32, Shape{m, n});
+      b.qgemm(tensor_f32(b, Shape{m, k}, xh), q, c);
+      require_close(host_f32(b, c), reference(q, xh, 0, 0, m, n, k, sc), 1e-5, what);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    const Scheme sc = schemes[i % 6];
+    const std::int64_t E = draw(1, 5), n = draw(1, 200);
+    const std::int64_t k = sc.group == 0 ? draw(1, 400) : sc.group * draw(1, 400 / sc.group);
+    std::vector<std::int32_t> off{0};
+    for (std::int64_t e = 0; e < E; ++e)
+      off.push_back(off.back() +
+                    static_cast<std::int32_t>(draw(0, 3) == 0 ? 0 : draw_rows(i + int(e)) / 2));
+    const std::int64_t R = std::max<std::int64_t>(off.back() + draw(0, 3), 1);
+    const std::string what =
+        fmt::format("grouped_qgemm #{} group {} {} E {} rows {} n {} k {}", i, sc.group,
+                    QuantSpec{sc.group, sc.mode}.mode_name(), E, off.back(), n, k);
+    DYNAMIC_SECTION(what) {
+      const Tensor w = tensor_f32(b, Shape{E, n, k}, trained_like(E * n, k, 500 + i, 0.05f));
+      const QuantizedTensor q = quantize(b, w, QuantSpec{sc.group, sc.mode});
+      const std::vector<float> xh = random_floats(static_cast<std::size_t>(R * k), 600 + i);
+      Tensor out = tensor_f32(b, Shape{R, n}, std::vector<float>(R * n, 5.0f));
+      b.grouped_qgemm(tensor_f32(b, Shape{R, k}, xh), q, tensor_i32(b, Shape{E + 1}, off), out);
+      const std::vector<float> got = host_f32(b, out);
+      for (std::int64_t e = 0; e < E; ++e) {
+        if (off[e + 1] == off[e]) continue;
+        const std::vector<float> ge(got.begin() + off[e] * n, got.begin() + off[e + 1] * n);
+        require_close(ge, reference(q, xh, e, off[e], off[e + 1], n, k, sc), 1e-5,
+                      fmt::format("{} expert {}", what, e));
+      }
+      for (std::int64_t i2 = off.back() * n; i2 < R * n; ++i2) REQUIRE(got[i2] == 5.0f);
+    }
+  }
+}
+
 namespace {
 
 /// A residual stack of MoE layers with weights drawn like trained ones (std c / sqrt(fan_in)).

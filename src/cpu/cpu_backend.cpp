@@ -360,6 +360,11 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
   const std::int64_t m = a.dim(0), n = b.dim(0), k = a.dim(1);
   if (m == 0 || n == 0) return;
   expect_prepared(fn, "b", b);
+  if (k == 0) {  // an empty sum: C = beta C, whatever the weights' layout (the kernels need k > 0)
+    float* C = c.as<float>();
+    for (std::int64_t i = 0; i < m * n; ++i) C[i] = p.beta == 0.0f ? 0.0f : p.beta * C[i];
+    return;
+  }
   const bool panels = b.layout == Layout::panel32;
   if (panels && b.dtype == DType::bf16 && impl_->bf16_compute) {
     amx_products(
@@ -402,6 +407,10 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   const std::int32_t* off = offsets.as<std::int32_t>();
   detail::check_offsets(fn, off, E, x.dim(0));
   expect_prepared(fn, "w", w);
+  if (k == 0) {  // empty sums: the experts' rows are zero (the kernels need k > 0)
+    std::fill(out.as<float>(), out.as<float>() + off[E] * n, 0.0f);
+    return;
+  }
   const bool panels = w.layout == Layout::panel32;
   std::vector<std::int64_t> row0(static_cast<std::size_t>(E)), rows(static_cast<std::size_t>(E));
   for (std::int64_t e = 0; e < E; ++e) {

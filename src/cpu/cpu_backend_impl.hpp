@@ -5,12 +5,14 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <unordered_map>
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 #include <tbb/blocked_range.h>
@@ -49,22 +51,32 @@ struct CpuBackend::Impl {
   std::unordered_map<void*, std::size_t> mapped;  // live and cached mappings, by length
 
   void* allocate_new(std::size_t bytes) {
+    if (bytes > std::numeric_limits<std::size_t>::max() / 2) return nullptr;  // no wrap below
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     if (huge_pages && bytes >= kHugeMin) {
-      const std::size_t len = (bytes + 4095) / 4096 * 4096;
+      // The trimmed ends must be whole pages, whatever the kernel's page size (4 KiB to 64 KiB).
+      const auto page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+      const std::size_t len = (bytes + page - 1) / page * page;
       void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (raw == MAP_FAILED) return nullptr;
-      auto* base = static_cast<char*>(raw);
-      auto* p = reinterpret_cast<char*>((reinterpret_cast<std::uintptr_t>(base) + kHugePage - 1) /
-                                        kHugePage * kHugePage);
-      if (p > base) munmap(base, static_cast<std::size_t>(p - base));
-      if (base + len + kHugePage > p + len)
-        munmap(p + len, static_cast<std::size_t>(base + len + kHugePage - (p + len)));
-      madvise(p, len, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
-      std::lock_guard lock(pool_mutex);
-      mapped[p] = len;
-      return p;
+      if (raw != MAP_FAILED) {
+        auto* base = static_cast<char*>(raw);
+        auto* p = reinterpret_cast<char*>((reinterpret_cast<std::uintptr_t>(base) + kHugePage - 1) /
+                                          kHugePage * kHugePage);
+        if (p > base) munmap(base, static_cast<std::size_t>(p - base));
+        if (base + len + kHugePage > p + len)
+          munmap(p + len, static_cast<std::size_t>(base + len + kHugePage - (p + len)));
+        madvise(p, len, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
+        try {
+          std::lock_guard lock(pool_mutex);
+          mapped[p] = len;
+        } catch (...) {
+          munmap(p, len);
+          throw;
+        }
+        return p;
+      }
+      // No mapping to be had (map count or address-space limits): the heap may still serve.
     }
 #endif
     const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + 63) / 64 * 64;
