@@ -14,6 +14,7 @@
 #include <numeric>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <unistd.h>
@@ -457,6 +458,58 @@ TEST_CASE("load_model: missing, misshapen or unsupported tensors name the tensor
   }
   SECTION("no checkpoint") {
     CHECK_THROWS_AS(load_model(backend, fixtures_dir() / "no_such_fixture"), Error);
+  }
+}
+
+TEST_CASE("Sessions on several threads share one Model and its backend", "[models][threads]") {
+  // A server keeps one Model and gives each request a Session on a thread of its own: the
+  // backend's calls may overlap (its buffer pool, packing scratch and task arena are shared),
+  // and every session must still get exactly the logits it gets alone.
+  const fs::path dir = fixtures_dir() / "qwen3_moe";
+  const Expected ex = read_expected(dir);
+  CpuBackend backend(CpuBackendOptions{.threads = 2});
+  const Model f32 = load_model(backend, dir);
+  const Model int8 = quantize_model(f32, QuantConfig{});
+  constexpr int kThreads = 4;
+  // Thread i's prompt: the fixture prompt rotated by i and repeated to 40 tokens (past the
+  // few-rows paths of the projections); then 6 cached decode steps, greedy.
+  auto prompt_of = [&](int i) {
+    std::vector<std::int32_t> p;
+    for (std::size_t j = 0; p.size() < 40; ++j)
+      p.push_back(ex.prompt[(j + static_cast<std::size_t>(i)) % ex.prompt.size()]);
+    return p;
+  };
+  auto run = [&](const Model& model, int i) {
+    Session s(model);
+    std::vector<float> all = host_f32(backend, s.prefill(prompt_of(i), true));
+    const auto V = static_cast<std::size_t>(model.vocab_size());
+    for (int step = 0; step < 6; ++step) {
+      const auto last = all.end() - static_cast<std::ptrdiff_t>(V);
+      const auto next = static_cast<std::int32_t>(std::max_element(last, all.end()) - last);
+      const std::vector<float> row = host_f32(backend, s.append(std::span(&next, 1)));
+      all.insert(all.end(), row.begin(), row.end());
+    }
+    return all;
+  };
+  for (const Model* model : {&f32, &int8}) {
+    std::vector<std::vector<float>> alone(kThreads), together(kThreads);
+    for (int i = 0; i < kThreads; ++i) alone[i] = run(*model, i);
+    std::vector<std::string> errors(kThreads);
+    std::vector<std::thread> pool;
+    for (int i = 0; i < kThreads; ++i)
+      pool.emplace_back([&, i] {
+        try {  // Catch's assertions are not thread-safe: results are checked after the join
+          for (int rep = 0; rep < 3; ++rep) together[i] = run(*model, i);
+        } catch (const std::exception& e) {
+          errors[i] = e.what();
+        }
+      });
+    for (std::thread& t : pool) t.join();
+    for (int i = 0; i < kThreads; ++i) {
+      CAPTURE(model == &f32 ? "f32" : "int8", i);
+      CHECK(errors[i].empty());
+      CHECK(together[i] == alone[i]);
+    }
   }
 }
 
