@@ -3,10 +3,14 @@
 // copy_from_host / copy_to_host), run for every backend in AUTOGLM_TEST_BACKENDS, and checked
 // against the naive double-precision references in reference.hpp.
 #include <bit>
+#include <cerrno>
 #include <limits>
 #include <numeric>
 #include <set>
 #include <thread>
+
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "backends.hpp"
 #include "common/random.hpp"  // the documented counter-based noise (seed, token * E + expert)
@@ -81,6 +85,16 @@ TEST_CASE("CpuBackend huge_pages: large buffers are 2 MiB-aligned mappings, reus
         if (n <= (std::size_t{256} << 20)) CHECK(q == p);
         b.deallocate(q);
       }
+      // A cached mapping serves a smaller pooled request (down to half its size), whole.
+      {
+        CpuBackend b2(CpuBackendOptions{.threads = 1, .huge_pages = huge});
+        void* big = b2.allocate(std::size_t{24} << 20);
+        b2.deallocate(big);
+        auto* small = static_cast<unsigned char*>(b2.allocate(std::size_t{13} << 20));
+        CHECK(small == big);
+        small[(std::size_t{13} << 20) - 1] = 7;
+        b2.deallocate(small);
+      }
       // Tensors on such buffers compute as any other.
       Tensor t(b, DType::f32, Shape{5 << 20});
       b.fill(t, 2.5f);
@@ -89,6 +103,26 @@ TEST_CASE("CpuBackend huge_pages: large buffers are 2 MiB-aligned mappings, reus
       CHECK(h.back() == 2.5f);
     }
   }
+}
+
+TEST_CASE("CpuBackend huge_pages: a buffer the full cache cannot keep is unmapped", "[backend]") {
+  // cache_bytes 20 MiB holds one 16 MiB buffer: the second goes back to the system at once.
+  CpuBackend b(CpuBackendOptions{.threads = 1, .cache_bytes = std::size_t{20} << 20});
+  const std::size_t n = std::size_t{16} << 20;
+  void* p = b.allocate(n);
+  void* q = b.allocate(n);
+  REQUIRE((p && q && p != q));
+  b.deallocate(p);
+  b.deallocate(q);
+  // msync fails with ENOMEM on an address no mapping covers (Linux).
+  const auto page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  CHECK(msync(p, page, MS_ASYNC) == 0);  // cached, still mapped
+  errno = 0;
+  CHECK(msync(q, page, MS_ASYNC) == -1);
+  CHECK(errno == ENOMEM);
+  void* r = b.allocate(n);
+  CHECK(r == p);  // the cached one comes back
+  b.deallocate(r);
 }
 
 BACKEND_TEST("copy_from_host / copy_to_host / fill", "") {

@@ -13,6 +13,9 @@
 #include <string>
 #include <vector>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include "cpu/gemm_kernels.hpp"
 #include "cpu/qgemm_isa.hpp"
 #include "cpu/qgemm_kernels.hpp"
@@ -386,6 +389,36 @@ TEST_CASE("q8 isa names and selection", "[q8]") {
 
 // ------------------------------------------------------------------------------ f32 packing
 
+TEST_CASE("pack_x reads nothing past the last row (rows end at a guard page)", "[kernels]") {
+  using namespace autoglm::detail;
+  // ldx = k and the matrix's last float right before a PROT_NONE page: a load past the end of
+  // a row (a 16-wide transpose over a short tail) would fault here.
+  const auto page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  const std::size_t span = 64 * page;
+  void* raw =
+      mmap(nullptr, span + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  REQUIRE(raw != MAP_FAILED);
+  auto* base = static_cast<char*>(raw);
+  REQUIRE(mprotect(base + span, page, PROT_NONE) == 0);
+  for (std::int64_t m : {1, 7, 13, 25, 253})
+    for (std::int64_t k : {1, 15, 17, 33}) {
+      const auto n = static_cast<std::size_t>(m * k);
+      auto* x = reinterpret_cast<float*>(base + span) - n;
+      for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<float>(i);
+      std::vector<float> got(static_cast<std::size_t>(packed_x_size(m, k)), -1.0f);
+      pack_x(x, k, m, k, got.data());
+      const std::int64_t mr = pack_block_rows(m);
+      bool same = true;
+      for (std::int64_t row = 0; row < m; ++row)
+        for (std::int64_t p = 0; p < k; ++p)
+          same = same && got[static_cast<std::size_t>((row / mr) * mr * k + p * mr + row % mr)] ==
+                             x[row * k + p];
+      INFO("m=" << m << " k=" << k);
+      CHECK(same);
+    }
+  munmap(raw, span + page);
+}
+
 TEST_CASE("pack_x lays rows out in even blocks of [k][rows], zero-padded", "[kernels]") {
   using namespace autoglm::detail;
   // Block heights: m itself up to 6, then as even as the 12-row block count allows.
@@ -397,8 +430,8 @@ TEST_CASE("pack_x lays rows out in even blocks of [k][rows], zero-padded", "[ker
   CHECK(pack_block_rows(32) == 11);
   CHECK(pack_block_rows(252) == 12);
   CHECK(pack_block_rows(253) == 12);
-  for (std::int64_t m : {1, 3, 6, 7, 13, 25, 32, 40}) {
-    for (std::int64_t k : {1, 15, 16, 17, 300}) {
+  for (std::int64_t m : {1, 3, 6, 7, 13, 24, 25, 32, 40, 253}) {
+    for (std::int64_t k : {1, 15, 16, 17, 32, 300}) {
       const std::int64_t ldx = k + 3, mr = pack_block_rows(m);
       std::vector<float> x(static_cast<std::size_t>(m * ldx));
       for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i) + 0.5f;
