@@ -76,6 +76,24 @@ inline Tensor uniform(Backend& b, Shape s, std::uint64_t seed, float scale = 1.0
   return t;
 }
 
+/// Seeded shape draws for sweep tests: integers in [lo, hi], and row counts from three ranges
+/// in turn (the few-rows path, one 252-row tile, several tiles), so a sweep crosses every row
+/// boundary of the kernels.
+class ShapeDraws {
+ public:
+  ShapeDraws(std::uint64_t seed, std::int64_t max_rows) : g_(seed), max_rows_(max_rows) {}
+  std::int64_t operator()(std::int64_t lo, std::int64_t hi) {
+    return std::uniform_int_distribution<std::int64_t>(lo, hi)(g_);
+  }
+  std::int64_t rows(int i) {
+    return i % 3 == 0 ? (*this)(1, 8) : i % 3 == 1 ? (*this)(9, 252) : (*this)(253, max_rows_);
+  }
+
+ private:
+  std::mt19937_64 g_;
+  std::int64_t max_rows_;
+};
+
 /// Host-side random values in [lo, hi) from a fixed-seed std::mt19937_64 (test data only).
 inline std::vector<float> random_floats(std::size_t n, std::uint64_t seed, float lo = -1.0f,
                                         float hi = 1.0f) {
@@ -90,8 +108,8 @@ inline std::vector<float> random_floats(std::size_t n, std::uint64_t seed, float
 
 /// A view of `t` that claims to live on another device than `b` (for device checks).
 inline TensorView on_other_device(const Backend& b, TensorView t) {
-  t.device = b.device().kind == DeviceKind::cpu ? Device{DeviceKind::cuda, 0}
-                                                : Device{DeviceKind::cpu, 0};
+  t.device =
+      b.device().kind == DeviceKind::cpu ? Device{DeviceKind::cuda, 0} : Device{DeviceKind::cpu, 0};
   return t;
 }
 
@@ -122,11 +140,11 @@ class ErrorMatcher final : public Catch::MatcherBase<Error> {
 
 /// Requires `expr` to throw autoglm::Error with ErrorCode::code and a message containing every
 /// given string (the function name in brackets and the offending value, by convention).
-#define REQUIRE_ERROR(expr, code, ...)                 \
-  REQUIRE_THROWS_MATCHES(expr, ::autoglm::Error,       \
+#define REQUIRE_ERROR(expr, code, ...)           \
+  REQUIRE_THROWS_MATCHES(expr, ::autoglm::Error, \
                          ::agt::ErrorMatcher(::autoglm::ErrorCode::code, {__VA_ARGS__}))
-#define CHECK_ERROR(expr, code, ...)                 \
-  CHECK_THROWS_MATCHES(expr, ::autoglm::Error,       \
+#define CHECK_ERROR(expr, code, ...)           \
+  CHECK_THROWS_MATCHES(expr, ::autoglm::Error, \
                        ::agt::ErrorMatcher(::autoglm::ErrorCode::code, {__VA_ARGS__}))
 
 namespace agt {

@@ -1274,14 +1274,7 @@ BACKEND_TEST("gemm and grouped_gemm over random shapes, every weight layout and 
   // kernels have (12-row blocks, 252-row tiles, 16/32-wide panels, 256-deep blocks, column
   // tiles), and check every product against the double reference.
   Backend& b = TestType::get();
-  std::mt19937_64 g(20261201);
-  auto draw = [&](std::int64_t lo, std::int64_t hi) {
-    return std::uniform_int_distribution<std::int64_t>(lo, hi)(g);
-  };
-  // M from three ranges in turn: the few-rows path, one row tile, several row tiles.
-  auto draw_rows = [&](int i) {
-    return i % 3 == 0 ? draw(1, 8) : i % 3 == 1 ? draw(9, 252) : draw(253, 600);
-  };
+  ShapeDraws draw(20261201, 600);
   struct Kind {
     Layout layout;
     DType dtype;
@@ -1306,7 +1299,7 @@ BACKEND_TEST("gemm and grouped_gemm over random shapes, every weight layout and 
   for (int i = 0; i < 24; ++i) {
     const Kind kd = kinds[static_cast<std::size_t>(i) % kinds.size()];
     // N past a 384-column tile, K past 512 (where tiles narrow) now and then.
-    const std::int64_t M = draw_rows(i), N = draw(1, 450),
+    const std::int64_t M = draw.rows(i), N = draw(1, 450),
                        K = i % 4 == 3 ? draw(513, 700) : draw(1, 320);
     const GemmParams p = i % 2 == 0 ? GemmParams{1.0f, 0.0f} : GemmParams{0.75f, -0.5f};
     DYNAMIC_SECTION("gemm #" << i << " " << dtype_name(kd.dtype) << " " << layout_name(kd.layout)
@@ -1330,7 +1323,7 @@ BACKEND_TEST("gemm and grouped_gemm over random shapes, every weight layout and 
     std::vector<std::int32_t> off{0};
     for (std::int64_t e = 0; e < E; ++e)
       off.push_back(off.back() +
-                    static_cast<std::int32_t>(draw(0, 3) == 0 ? 0 : draw_rows(i + int(e)) / 2));
+                    static_cast<std::int32_t>(draw(0, 3) == 0 ? 0 : draw.rows(i + int(e)) / 2));
     const std::int64_t R = std::max<std::int64_t>(off.back() + draw(0, 3), 1);
     DYNAMIC_SECTION("grouped_gemm #" << i << " " << dtype_name(kd.dtype) << " "
                                      << layout_name(kd.layout) << " E=" << E << " rows "

@@ -399,13 +399,7 @@ TEST_CASE("qgemm and grouped_qgemm over random shapes, both modes, per channel a
   // Shapes drawn at random across the int8 kernels' boundaries (k not a multiple of 4 or 16,
   // row counts past one row tile, many column tiles), each product against the naive
   // dequantised reference of its own codes and scales.
-  std::mt19937_64 g(20261202);
-  auto draw = [&](std::int64_t lo, std::int64_t hi) {
-    return std::uniform_int_distribution<std::int64_t>(lo, hi)(g);
-  };
-  auto draw_rows = [&](int i) {
-    return i % 3 == 0 ? draw(1, 8) : i % 3 == 1 ? draw(9, 252) : draw(253, 520);
-  };
+  ShapeDraws draw(20261202, 520);
   struct Scheme {
     std::int64_t group;
     ActivationMode mode;
@@ -434,7 +428,7 @@ TEST_CASE("qgemm and grouped_qgemm over random shapes, both modes, per channel a
   };
   for (int i = 0; i < 12; ++i) {
     const Scheme sc = schemes[i % 6];
-    const std::int64_t m = draw_rows(i), n = draw(1, 300);
+    const std::int64_t m = draw.rows(i), n = draw(1, 300);
     const std::int64_t k = sc.group == 0 ? draw(1, 600) : sc.group * draw(1, 600 / sc.group);
     const std::string what = fmt::format("qgemm #{} group {} {} m {} n {} k {}", i, sc.group,
                                          QuantSpec{sc.group, sc.mode}.mode_name(), m, n, k);
@@ -454,7 +448,7 @@ TEST_CASE("qgemm and grouped_qgemm over random shapes, both modes, per channel a
     std::vector<std::int32_t> off{0};
     for (std::int64_t e = 0; e < E; ++e)
       off.push_back(off.back() +
-                    static_cast<std::int32_t>(draw(0, 3) == 0 ? 0 : draw_rows(i + int(e)) / 2));
+                    static_cast<std::int32_t>(draw(0, 3) == 0 ? 0 : draw.rows(i + int(e)) / 2));
     const std::int64_t R = std::max<std::int64_t>(off.back() + draw(0, 3), 1);
     const std::string what =
         fmt::format("grouped_qgemm #{} group {} {} E {} rows {} n {} k {}", i, sc.group,
