@@ -1388,11 +1388,12 @@ CpuBackendOptions amx_options(int threads) {
 }
 }  // namespace
 
-TEST_CASE("CpuBackend bf16_compute: bf16 weights times bf16-rounded activations on AMX tiles",
-          "[half][amx]") {
+TEST_CASE(
+    "CpuBackend bf16_compute: bf16 weights times bf16-rounded activations (AMX or AVX512_BF16)",
+    "[half][amx]") {
   CpuBackend b1(amx_options(1)), b2(amx_options(2));
   if (!b1.bf16_compute()) {
-    WARN("no AMX-BF16 here: bf16_compute is ignored, nothing to check");
+    WARN("no AMX-BF16 or AVX512_BF16 here: bf16_compute is ignored, nothing to check");
     return;
   }
   std::uint64_t seed = 1200;
@@ -1430,7 +1431,7 @@ TEST_CASE("CpuBackend bf16_compute: bf16 weights times bf16-rounded activations 
       check_bitwise(got[0], got[1], "1 vs 2 threads");
       auto want = ref::matmul_nt(bf16_round(A), W, c.M, c.N, c.K);
       for (std::size_t i = 0; i < want.size(); ++i) want[i] = p.alpha * want[i] + p.beta * C0[i];
-      check_close(got[0], want, 1e-4, 1e-4, "AMX gemm vs bf16-rounded reference");
+      check_close(got[0], want, 1e-4, 1e-4, "bf16_compute gemm vs bf16-rounded reference");
       // Rows are independent: the last row alone gives the same bits.
       Tensor one = tensor_f32(b1, Shape{1, c.N}, std::vector<float>(C0.end() - c.N, C0.end()));
       b1.gemm(tensor_f32(b1, Shape{1, c.K}, std::vector<float>(A.end() - c.K, A.end())),
@@ -1448,7 +1449,7 @@ TEST_CASE("CpuBackend bf16_compute: bf16 weights times bf16-rounded activations 
     b2.grouped_gemm(tensor_f32(b2, Shape{R, K}, X), bf16_weight(b2, W, Shape{E, N, K}),
                     tensor_i32(b2, Shape{E + 1}, off), out);
     check_close(host_f32(b2, out), ref::grouped_matmul_nt(bf16_round(X), W, off, R, N, K), 1e-4,
-                1e-4, "AMX grouped_gemm");
+                1e-4, "bf16_compute grouped_gemm");
   }
   SECTION("f32 and f16 weights are not affected") {
     const auto W = random_floats(70 * 40, ++seed), A = random_floats(3 * 40, ++seed);

@@ -60,9 +60,10 @@ CpuBackend::CpuBackend(CpuBackendOptions options) {
                 options.threads);
   const int n = options.threads == 0 ? tbb::info::default_concurrency() : options.threads;
   impl_ = std::make_unique<Impl>(n, options.cache_bytes, options.huge_pages);
-  impl_->bf16_compute = options.bf16_compute && detail::amx_bf16_available() &&
-                        weight_layout() == Layout::panel32 &&
-                        detail::panel_kernel_reads(DType::bf16);
+  impl_->bf16_amx = detail::amx_bf16_available();
+  impl_->bf16_compute =
+      options.bf16_compute && (impl_->bf16_amx || detail::avx512_bf16_available()) &&
+      weight_layout() == Layout::panel32 && detail::panel_kernel_reads(DType::bf16);
 }
 
 bool CpuBackend::bf16_compute() const noexcept {
@@ -310,13 +311,14 @@ void expect_prepared(std::string_view fn, std::string_view arg, const TensorView
 }
 
 // CpuBackendOptions::bf16_compute: out[rows of group g] = alpha * bf16(x) * w[g]^T + beta * out
-// on AMX-BF16 tiles, w bf16 panel32 (matrix g at w + g * wstride). Each group's rows are
-// rounded and packed once; row tiles are whole 16-row blocks (256 rows).
+// on AMX-BF16 tiles (amx) or with AVX512_BF16 dot products, w bf16 panel32 (matrix g at
+// w + g * wstride). Each group's rows are rounded and packed once; row tiles are whole 16-row
+// blocks (256 rows).
 template <typename Parallel>
-void amx_products(Backend& backend, Parallel&& parallel, const float* x, std::int64_t k,
-                  const std::vector<std::int64_t>& row0, const std::vector<std::int64_t>& rows,
-                  const std::uint16_t* w, std::int64_t wstride, std::int64_t n, float* out,
-                  std::int64_t ldo, float alpha, float beta) {
+void bf16_products(Backend& backend, bool amx, Parallel&& parallel, const float* x, std::int64_t k,
+                   const std::vector<std::int64_t>& row0, const std::vector<std::int64_t>& rows,
+                   const std::uint16_t* w, std::int64_t wstride, std::int64_t n, float* out,
+                   std::int64_t ldo, float alpha, float beta) {
   const auto G = static_cast<std::int64_t>(rows.size());
   std::vector<Tile> tiles;
   std::vector<std::int64_t> start(static_cast<std::size_t>(G));
@@ -334,6 +336,13 @@ void amx_products(Backend& backend, Parallel&& parallel, const float* x, std::in
   const std::int64_t per_row = (k + detail::kAmxStepK - 1) / detail::kAmxStepK * detail::kAmxStepK;
   parallel(static_cast<std::int64_t>(tiles.size()), [&](std::int64_t i) {
     const Tile& t = tiles[static_cast<std::size_t>(i)];
+    if (!amx) {
+      detail::gemm_bf16_dp_tile(ap + start[t.e] + (t.row0 - row0[t.e]) * per_row, t.rows,
+                                w + t.e * wstride + t.col0 / kPanelRows * kPanelRows * k, k,
+                                (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
+                                out + t.row0 * ldo + t.col0, ldo, alpha, beta);
+      return;
+    }
     thread_local std::vector<std::uint16_t> bs;
     thread_local std::vector<float> cs;
     bs.resize(static_cast<std::size_t>(detail::amx_b_scratch_size(t.rows, k)));
@@ -367,9 +376,9 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
   }
   const bool panels = b.layout == Layout::panel32;
   if (panels && b.dtype == DType::bf16 && impl_->bf16_compute) {
-    amx_products(
-        *this, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, a.as<float>(), k, {0},
-        {m}, b.as<std::uint16_t>(), 0, n, c.as<float>(), n, p.alpha, p.beta);
+    bf16_products(
+        *this, impl_->bf16_amx, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); },
+        a.as<float>(), k, {0}, {m}, b.as<std::uint16_t>(), 0, n, c.as<float>(), n, p.alpha, p.beta);
     return;
   }
   std::vector<Tile> tiles;
@@ -422,9 +431,9 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   float* O = out.as<float>();
   const std::int64_t wstride = panels ? panel_elems(n, k) : n * k;
   if (panels && w.dtype == DType::bf16 && impl_->bf16_compute) {
-    amx_products(
-        *this, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, X, k, row0, rows,
-        w.as<std::uint16_t>(), wstride, n, O, n, 1.0f, 0.0f);
+    bf16_products(
+        *this, impl_->bf16_amx, [&](std::int64_t g, auto&& f) { impl_->parallel(g, 1, f); }, X, k,
+        row0, rows, w.as<std::uint16_t>(), wstride, n, O, n, 1.0f, 0.0f);
     return;
   }
   // One task list across all experts, so a heavy expert is spread over every thread and light

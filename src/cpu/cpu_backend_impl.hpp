@@ -40,7 +40,8 @@ struct CpuBackend::Impl {
   std::multimap<std::size_t, void*> free_blocks;      // cached, by size
   std::size_t cached = 0;
   std::size_t cache_limit;
-  bool bf16_compute = false;  // CpuBackendOptions::bf16_compute, where AMX-BF16 runs
+  bool bf16_compute = false;  // CpuBackendOptions::bf16_compute, where AMX- or AVX512-BF16 runs
+  bool bf16_amx = false;      // bf16_compute on AMX tiles (else AVX512_BF16 dot products)
 
   // CpuBackendOptions::huge_pages: buffers of kHugeMin bytes or more are their own 2 MiB-aligned
   // mappings, advised for transparent huge pages. Streaming gigabytes of expert weights through

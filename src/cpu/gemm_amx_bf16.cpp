@@ -208,6 +208,105 @@ void gemm_bf16_amx_tile(const std::uint16_t* ap, std::int64_t m, const std::uint
   // thread's leftover state, ours or the int8 kernel's, does no harm.
 }
 
+// ---------------------------------------------------------------------------------------------
+// Without AMX (e.g. AMD Zen 4): the same products with AVX512_BF16's VDPBF16PS, which takes a
+// (k, k+1) pair of bf16 per 32-bit lane, exactly what vpunpck[lh]wd of two panel steps gives.
+// The A operand is pack_a_bf16's, read a 32-bit pair at a time.
+
+namespace {
+
+inline std::uint32_t load_pair(const std::uint16_t* p) {
+  std::uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Rows [r0, r0 + MR) of the tile against one panel (cn <= 32 columns), over all of k.
+template <int MR>
+void dp_rows(const std::uint16_t* ap, std::int64_t a_block, std::int64_t r0,
+             const std::uint16_t* panel, std::int64_t k, std::int64_t cn, float* out,
+             std::int64_t ldo, float alpha, float beta) {
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  const std::uint16_t* rows[MR];
+  for (int i = 0; i < MR; ++i) {
+    const std::int64_t r = r0 + i;
+    rows[i] = ap + (r / kTile) * a_block + (r % kTile) * kStepK;
+  }
+  const __m512i zero = _mm512_setzero_si512();
+  for (std::int64_t kk = 0; kk < k; kk += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(panel + (kk + kAhead) * kPanel), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(panel + (kk + kAhead + 1) * kPanel), _MM_HINT_T0);
+    const __m512i w0 = _mm512_loadu_si512(panel + kk * kPanel);
+    const __m512i w1 = kk + 1 < k ? _mm512_loadu_si512(panel + (kk + 1) * kPanel) : zero;
+    const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(w0, w1);
+    const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(w0, w1);
+    // Pair kk of a row: step kk / 32, offset kk % 32 within the step's 32 values.
+    const std::int64_t at = kk / kStepK * kTile * kStepK + kk % kStepK;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_pair(rows[i] + at)));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], x, lo);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], x, hi);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  for (int h = 0; h < 2; ++h) {
+    const std::int64_t c0 = 16 * h;
+    if (c0 >= cn) break;
+    const std::int64_t cnt = imin(16, cn - c0);
+    const __mmask16 mask = static_cast<__mmask16>(cnt == 16 ? 0xffffu : (1u << cnt) - 1u);
+    for (int i = 0; i < MR; ++i) {
+      float* o = out + (r0 + i) * ldo + c0;
+      __m512 r = _mm512_mul_ps(va, acc[i][h]);
+      if (beta != 0.0f) r = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask, o), r);
+      _mm512_mask_storeu_ps(o, mask, r);
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_bf16_dp_tile(const std::uint16_t* ap, std::int64_t m, const std::uint16_t* wp,
+                       std::int64_t k, std::int64_t panels, std::int64_t cols, float* out,
+                       std::int64_t ldo, float alpha, float beta) {
+  if (m == 0 || cols == 0) return;
+  const std::int64_t a_block = (k + kStepK - 1) / kStepK * kTile * kStepK;
+  constexpr int kRows = 8;  // 16 accumulators, 2 weight vectors, a broadcast
+  for (std::int64_t p = 0; p < panels; ++p) {
+    const std::uint16_t* panel = wp + p * k * kPanel;
+    const std::int64_t c0 = p * kPanel, cn = imin(kPanel, cols - c0);
+    for (std::int64_t r0 = 0; r0 < m; r0 += kRows) {
+      switch (imin(kRows, m - r0)) {
+        case 1:
+          dp_rows<1>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
+          break;
+        case 2:
+          dp_rows<2>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
+          break;
+        case 3:
+          dp_rows<3>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
+          break;
+        case 4:
+          dp_rows<4>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
+          break;
+        case 5:
+          dp_rows<5>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
+          break;
+        case 6:
+          dp_rows<6>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
+          break;
+        case 7:
+          dp_rows<7>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
+          break;
+        default:
+          dp_rows<8>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
+          break;
+      }
+    }
+  }
+}
+
 }  // namespace autoglm::detail
 
 #else  // not x86-64: amx_bf16_available() is false, so these are never called
@@ -217,6 +316,8 @@ void pack_a_bf16(const float*, std::int64_t, std::int64_t, std::int64_t, std::ui
 void gemm_bf16_amx_tile(const std::uint16_t*, std::int64_t, const std::uint16_t*, std::int64_t,
                         std::int64_t, std::int64_t, float*, std::int64_t, float, float,
                         std::uint16_t*, float*) {}
+void gemm_bf16_dp_tile(const std::uint16_t*, std::int64_t, const std::uint16_t*, std::int64_t,
+                       std::int64_t, std::int64_t, float*, std::int64_t, float, float) {}
 }  // namespace autoglm::detail
 
 #endif

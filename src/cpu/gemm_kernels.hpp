@@ -47,6 +47,8 @@ constexpr int bf16_panel_slot(int r) noexcept {
 /// Whether this CPU and OS run the AMX-BF16 kernels below (AVX-512 with VNNI, AVX512_BF16,
 /// AMX-TILE, AMX-BF16, Linux's tile grant); decided once, in baseline code.
 bool amx_bf16_available() noexcept;
+/// Whether this CPU and OS run gemm_bf16_dp_tile (AVX-512 with VNNI, and AVX512_BF16).
+bool avx512_bf16_available() noexcept;
 /// Rows of an AMX tile, and k per tile step.
 inline constexpr std::int64_t kAmxTileRows = 16, kAmxStepK = 32;
 /// Elements pack_a_bf16 writes for m rows of depth k (16-row blocks, k padded to 32).
@@ -72,6 +74,12 @@ void gemm_bf16_amx_tile(const std::uint16_t* ap, std::int64_t m, const std::uint
                         std::int64_t k, std::int64_t panels, std::int64_t cols, float* out,
                         std::int64_t ldo, float alpha, float beta, std::uint16_t* bscratch,
                         float* cscratch);
+
+/// gemm_bf16_amx_tile's product with AVX512_BF16 dot products instead of AMX tiles (CPUs
+/// without AMX): same operands, same rounding of x, f32 accumulation in pairs of k.
+void gemm_bf16_dp_tile(const std::uint16_t* ap, std::int64_t m, const std::uint16_t* wp,
+                       std::int64_t k, std::int64_t panels, std::int64_t cols, float* out,
+                       std::int64_t ldo, float alpha, float beta);
 
 /// Row-major [n, k] -> panel32 of the same dtype dt (f32, bf16 or f16; rows past n zero).
 void to_panels(const void* src, DType dt, std::int64_t n, std::int64_t k, void* dst);

@@ -317,6 +317,20 @@ namespace autoglm::detail {
 // without it. AMX-BF16 needs the AVX-512 state the int8 path checks (hardware_isa: F, BW, VL,
 // DQ, VNNI, enabled by the OS), AVX512_BF16 for the activation rounding, AMX-TILE and
 // AMX-BF16, and Linux's grant of the tile data.
+bool avx512_bf16_available() noexcept {
+  static const bool ok = [] {
+#if AUTOGLM_Q8_X86 && (defined(__GNUC__) || defined(__clang__))
+    if (q8::hardware_isa() != q8::Isa::avx512_vnni) return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    // CPUID.(7, 1).EAX bit 5: AVX512_BF16.
+    return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 && (eax >> 5 & 1u) != 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
 bool amx_bf16_available() noexcept {
   static const bool ok = [] {
 #if AUTOGLM_Q8_X86 && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))

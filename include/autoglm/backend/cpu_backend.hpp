@@ -14,10 +14,11 @@ struct CpuBackendOptions {
   /// Bytes of freed large buffers kept for reuse (activations of the next forward pass).
   std::size_t cache_bytes = std::size_t{1} << 30;
   /// Products with bf16 weights round the activations to bf16 (nearest even) and run on
-  /// AMX-BF16 tiles with f32 accumulation, as PyTorch's bf16 matmuls do: several times the f32
-  /// FMA throughput (prefill), results within bf16 rounding of the exact ones. Off by default
-  /// (bf16 weights are then widened exactly, f32 compute). Ignored where the CPU or OS has no
-  /// AMX-BF16 (see CpuBackend::bf16_compute). Each output row depends on its own input row
+  /// AMX-BF16 tiles, or with AVX512_BF16 dot products on CPUs without AMX (AMD Zen 4), with f32
+  /// accumulation, as PyTorch's bf16 matmuls do: several times the f32 FMA throughput
+  /// (prefill), results within bf16 rounding of the exact ones. Off by default (bf16 weights
+  /// are then widened exactly, f32 compute). Ignored where the CPU or OS has neither (see
+  /// CpuBackend::bf16_compute). Each output row depends on its own input row
   /// only: cached decoding still equals recomputation, and 1 or N threads agree bit for bit.
   bool bf16_compute = false;
   /// Buffers of 16 MiB or more (weights, large activations) are 2 MiB-aligned mappings advised
