@@ -37,7 +37,7 @@ struct Args {
   std::string parts = "experts,attention,dense";  // what --quantize converts
   std::string equalize = "on";                    // column equalisation of int8 weights
   std::string weights = "stored";                 // float matrices: as stored, or f32
-  bool bf16_compute = false;                      // bf16 weights on AMX-BF16 tiles
+  bool bf16_compute = false;                      // bf16 weights on AMX-BF16 / AVX512_BF16
 };
 
 void usage() {
@@ -64,8 +64,9 @@ void usage() {
       "  columns dominate, see docs/quantization.md).\n"
       "--weights: float weight matrices as stored (default: a BF16 / F16 checkpoint stays 16-bit,\n"
       "  half the memory of f32, same logits) or f32 (widened at load).\n"
-      "--bf16-compute: bf16 weights multiply bf16-rounded activations on AMX-BF16 tiles (as\n"
-      "  PyTorch's bf16 matmuls do): faster prefill, logits within bf16 rounding of exact.\n"
+      "--bf16-compute: bf16 weights multiply bf16-rounded activations on AMX-BF16 tiles or with\n"
+      "  AVX512_BF16 dot products (as PyTorch's bf16 matmuls do): faster prefill, logits within\n"
+      "  bf16 rounding of exact.\n"
       "--save-quantized OUT_DIR: writes the int8 checkpoint (quantize_checkpoint) and runs it;\n"
       "  an int8 directory loads directly with --model, without re-quantizing.");
 }
@@ -195,7 +196,9 @@ int main(int argc, char** argv) {
     autoglm::CpuBackend backend(
         autoglm::CpuBackendOptions{.threads = a.threads, .bf16_compute = a.bf16_compute});
     if (a.bf16_compute && !backend.bf16_compute())
-      std::fputs("note: --bf16-compute ignored: this CPU / OS has no AMX-BF16\n", stderr);
+      std::fputs(
+          "note: --bf16-compute ignored: this CPU / OS has neither AMX-BF16 nor AVX512_BF16\n",
+          stderr);
     autoglm::LoadOptions lo;
     lo.progress = [](const autoglm::LoadProgress& p) {
       draw_progress(p);
@@ -275,7 +278,8 @@ int main(int argc, char** argv) {
                      ? "int8"
                      : autoglm::dtype_name(model.embeddings().table().tensor().dtype()));
     if (backend.bf16_compute())
-      fmt::print("compute: bf16 weights on AMX-BF16 tiles, activations rounded to bf16\n");
+      fmt::print(
+          "compute: bf16 weights times bf16-rounded activations (AMX-BF16 or AVX512_BF16)\n");
     autoglm::Session session(model);
     autoglm::GenerateOptions go;
     go.max_new_tokens = a.max_new;

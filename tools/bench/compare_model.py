@@ -255,7 +255,7 @@ def main() -> None:
                    help="transformers experts_implementation(s) to time (default eager,grouped_mm)")
     p.add_argument("--bf16-compute", action="store_true",
                    help="run autoglm with CpuBackendOptions::bf16_compute (bf16 weights on "
-                        "AMX-BF16 tiles, bf16-rounded activations, as transformers-bf16 computes)")
+                        "AMX-BF16 tiles or AVX512_BF16 dot products, bf16-rounded activations, as transformers-bf16 computes)")
     p.add_argument("--repetitions", type=int, default=5)
     p.add_argument("--min-time", type=float, default=0.5,
                    help="Google Benchmark seconds per autoglm repetition")
@@ -327,7 +327,7 @@ def main() -> None:
     star = lambda share: "*" if share is not None and share >= 0.05 else ""  # noqa: E731
     print(f"\n== {cfg['model_type']} x{cfg['num_hidden_layers']} layers, {args.threads} threads, "
           f"{args.dtype.upper()} checkpoint (autoglm: "
-          f"{'bf16 activations on AMX-BF16' if args.bf16_compute else 'f32 compute on the stored weights'}): "
+          f"{'bf16 activations on AMX-BF16 or AVX512_BF16' if args.bf16_compute else 'f32 compute on the stored weights'}): "
           f"prompt {args.prompt} tokens, decode {args.decode} steps ==")
     print(f"{'':38} {'prefill tok/s':>14} {'decode tok/s':>13}")
     rows = [("autoglm", ag_pf, ag_dc, ag["noise"])]
