@@ -1412,9 +1412,9 @@ TEST_CASE(
     std::int64_t M, N, K;
   };
   // Partial tiles in rows (1, 5, 17), columns (33, 70) and depth (17, 300: not a multiple of
-  // 32); one row pair (32) and several (300); K = 1.
+  // 32); one row pair (32) and several (300); K = 1; several column tiles (N = 450).
   for (Case c : {Case{1, 70, 300}, Case{5, 33, 17}, Case{16, 64, 64}, Case{17, 70, 300},
-                 Case{32, 32, 1}, Case{300, 40, 100}}) {
+                 Case{32, 32, 1}, Case{300, 40, 100}, Case{3, 450, 40}, Case{40, 450, 33}}) {
     DYNAMIC_SECTION("gemm M=" << c.M << " N=" << c.N << " K=" << c.K) {
       const auto W = bf16_round(random_floats(static_cast<std::size_t>(c.N * c.K), ++seed));
       const auto A = random_floats(static_cast<std::size_t>(c.M * c.K), ++seed);

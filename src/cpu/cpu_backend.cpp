@@ -60,7 +60,8 @@ CpuBackend::CpuBackend(CpuBackendOptions options) {
                 options.threads);
   const int n = options.threads == 0 ? tbb::info::default_concurrency() : options.threads;
   impl_ = std::make_unique<Impl>(n, options.cache_bytes, options.huge_pages);
-  impl_->bf16_amx = detail::amx_bf16_available();
+  // Asked only when wanted: the AMX check requests the tile state from Linux.
+  impl_->bf16_amx = options.bf16_compute && detail::amx_bf16_available();
   impl_->bf16_compute =
       options.bf16_compute && (impl_->bf16_amx || detail::avx512_bf16_available()) &&
       weight_layout() == Layout::panel32 && detail::panel_kernel_reads(DType::bf16);

@@ -313,10 +313,9 @@ void gemm_wonly(Isa isa, const float* x, std::int64_t ldx, std::int64_t m, const
 
 namespace autoglm::detail {
 
-// Here, in the baseline-compiled file, so that asking costs no AVX-512 instruction on CPUs
-// without it. AMX-BF16 needs the AVX-512 state the int8 path checks (hardware_isa: F, BW, VL,
-// DQ, VNNI, enabled by the OS), AVX512_BF16 for the activation rounding, AMX-TILE and
-// AMX-BF16, and Linux's grant of the tile data.
+// These two checks are here, in the baseline-compiled file, so that asking costs no AVX-512
+// instruction on CPUs without it. AVX512_BF16 dot products need the AVX-512 state the int8 path
+// checks (hardware_isa: F, BW, VL, DQ, VNNI, enabled by the OS) and AVX512_BF16.
 bool avx512_bf16_available() noexcept {
   static const bool ok = [] {
 #if AUTOGLM_Q8_X86 && (defined(__GNUC__) || defined(__clang__))
@@ -331,6 +330,9 @@ bool avx512_bf16_available() noexcept {
   return ok;
 }
 
+// AMX-BF16 needs the AVX-512 state the int8 path checks (hardware_isa: F, BW, VL,
+// DQ, VNNI, enabled by the OS), AVX512_BF16 for the activation rounding, AMX-TILE and
+// AMX-BF16, and Linux's grant of the tile data.
 bool amx_bf16_available() noexcept {
   static const bool ok = [] {
 #if AUTOGLM_Q8_X86 && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
