@@ -81,10 +81,13 @@ inline Tensor uniform(Backend& b, Shape s, std::uint64_t seed, float scale = 1.0
 /// boundary of the kernels.
 class ShapeDraws {
  public:
+  /// Draws seeded by `seed`; rows() goes up to max_rows.
   ShapeDraws(std::uint64_t seed, std::int64_t max_rows) : g_(seed), max_rows_(max_rows) {}
+  /// An integer in [lo, hi].
   std::int64_t operator()(std::int64_t lo, std::int64_t hi) {
     return std::uniform_int_distribution<std::int64_t>(lo, hi)(g_);
   }
+  /// A row count for case i: 1-8, 9-252 or 253-max_rows as i % 3 is 0, 1 or 2.
   std::int64_t rows(int i) {
     return i % 3 == 0 ? (*this)(1, 8) : i % 3 == 1 ? (*this)(9, 252) : (*this)(253, max_rows_);
   }

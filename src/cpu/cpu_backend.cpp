@@ -337,21 +337,20 @@ void bf16_products(Backend& backend, bool amx, Parallel&& parallel, const float*
   const std::int64_t per_row = (k + detail::kAmxStepK - 1) / detail::kAmxStepK * detail::kAmxStepK;
   parallel(static_cast<std::int64_t>(tiles.size()), [&](std::int64_t i) {
     const Tile& t = tiles[static_cast<std::size_t>(i)];
+    const std::uint16_t* a = ap + start[t.e] + (t.row0 - row0[t.e]) * per_row;
+    const std::uint16_t* wt = w + t.e * wstride + t.col0 / kPanelRows * kPanelRows * k;
+    const std::int64_t panels = (t.cols + kPanelRows - 1) / kPanelRows;
+    float* o = out + t.row0 * ldo + t.col0;
     if (!amx) {
-      detail::gemm_bf16_dp_tile(ap + start[t.e] + (t.row0 - row0[t.e]) * per_row, t.rows,
-                                w + t.e * wstride + t.col0 / kPanelRows * kPanelRows * k, k,
-                                (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
-                                out + t.row0 * ldo + t.col0, ldo, alpha, beta);
+      detail::gemm_bf16_dp_tile(a, t.rows, wt, k, panels, t.cols, o, ldo, alpha, beta);
       return;
     }
     thread_local std::vector<std::uint16_t> bs;
     thread_local std::vector<float> cs;
     bs.resize(static_cast<std::size_t>(detail::amx_b_scratch_size(t.rows, k)));
     cs.resize(static_cast<std::size_t>(detail::kAmxCScratch));
-    detail::gemm_bf16_amx_tile(ap + start[t.e] + (t.row0 - row0[t.e]) * per_row, t.rows,
-                               w + t.e * wstride + t.col0 / kPanelRows * kPanelRows * k, k,
-                               (t.cols + kPanelRows - 1) / kPanelRows, t.cols,
-                               out + t.row0 * ldo + t.col0, ldo, alpha, beta, bs.data(), cs.data());
+    detail::gemm_bf16_amx_tile(a, t.rows, wt, k, panels, t.cols, o, ldo, alpha, beta, bs.data(),
+                               cs.data());
   });
 }
 

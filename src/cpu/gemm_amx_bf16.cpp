@@ -265,6 +265,12 @@ void dp_rows(const std::uint16_t* ap, std::int64_t a_block, std::int64_t r0,
   }
 }
 
+// dp_rows for 1 ... 8 rows, indexed by rows - 1.
+using DpRowsFn = void (*)(const std::uint16_t*, std::int64_t, std::int64_t, const std::uint16_t*,
+                          std::int64_t, std::int64_t, float*, std::int64_t, float, float);
+constexpr DpRowsFn kDpRows[] = {dp_rows<1>, dp_rows<2>, dp_rows<3>, dp_rows<4>,
+                                dp_rows<5>, dp_rows<6>, dp_rows<7>, dp_rows<8>};
+
 }  // namespace
 
 void gemm_bf16_dp_tile(const std::uint16_t* ap, std::int64_t m, const std::uint16_t* wp,
@@ -272,37 +278,12 @@ void gemm_bf16_dp_tile(const std::uint16_t* ap, std::int64_t m, const std::uint1
                        std::int64_t ldo, float alpha, float beta) {
   if (m == 0 || cols == 0) return;
   const std::int64_t a_block = (k + kStepK - 1) / kStepK * kTile * kStepK;
-  constexpr int kRows = 8;  // 16 accumulators, 2 weight vectors, a broadcast
+  constexpr std::int64_t kRows = 8;  // 16 accumulators, 2 weight vectors, a broadcast
   for (std::int64_t p = 0; p < panels; ++p) {
     const std::uint16_t* panel = wp + p * k * kPanel;
     const std::int64_t c0 = p * kPanel, cn = imin(kPanel, cols - c0);
     for (std::int64_t r0 = 0; r0 < m; r0 += kRows) {
-      switch (imin(kRows, m - r0)) {
-        case 1:
-          dp_rows<1>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
-          break;
-        case 2:
-          dp_rows<2>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
-          break;
-        case 3:
-          dp_rows<3>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
-          break;
-        case 4:
-          dp_rows<4>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
-          break;
-        case 5:
-          dp_rows<5>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
-          break;
-        case 6:
-          dp_rows<6>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
-          break;
-        case 7:
-          dp_rows<7>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
-          break;
-        default:
-          dp_rows<8>(ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
-          break;
-      }
+      kDpRows[imin(kRows, m - r0) - 1](ap, a_block, r0, panel, k, cn, out + c0, ldo, alpha, beta);
     }
   }
 }
