@@ -4,7 +4,7 @@
 //
 //   bench_qgemm [--threads=N] [Google Benchmark flags]
 //
-// Shapes: M in {1, 8, 16, 32, 128, 512} rows x (N, K) in {(2816, 4096) GLM-4.5-Air gate_up,
+// Shapes: M in {1, 8, 12, 16, 32, 128, 512} rows x (N, K) in {(2816, 4096) GLM-4.5-Air gate_up,
 // (4096, 1408) GLM-4.5-Air down, (1536, 2048) Qwen3 gate_up, (4096, 14336) Mixtral down}.
 // Ours: tbb::parallel_for over column tiles of 128 on N threads (default 2), each tile one
 // single-threaded kernel call with all M rows, as the CPU backend calls them; the activations
@@ -61,7 +61,7 @@ const Shape kShapes[] = {{2816, 4096, "GLM-Air-gate_up"},
                          {4096, 1408, "GLM-Air-down"},
                          {1536, 2048, "Qwen3-gate_up"},
                          {4096, 14336, "Mixtral-down"}};
-const std::int64_t kRows[] = {1, 8, 16, 32, 128, 512};
+const std::int64_t kRows[] = {1, 8, 12, 16, 32, 128, 512};
 constexpr std::int64_t kTile = 128;
 
 std::size_t rotate_bytes() {

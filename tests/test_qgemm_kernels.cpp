@@ -252,12 +252,13 @@ TEST_CASE("q8 gemm_w8a8 equals exact integer sums on every path", "[q8]") {
     std::int64_t m, n, k;
   };
   std::vector<Shape> shapes;
-  for (std::int64_t m : {1, 2, 5, 13, 64})
+  // 7-12 rows: the AVX-512 path's one-pass tall tiles (2 panels).
+  for (std::int64_t m : {1, 2, 5, 8, 12, 13, 64})
     for (std::int64_t n : {1, 16, 17, 50})
       for (std::int64_t k : {4, 7, 64, 130}) shapes.push_back({m, n, k});
   // k blocking with row reuse: groups split across blocks (carry) and groups within a block;
   // AMX row blocks of 32 with partial row tiles (16, 20, 37, 50 rows).
-  for (std::int64_t m : {7, 13, 16, 20, 37, 50, 64}) shapes.push_back({m, 40, 1024});
+  for (std::int64_t m : {7, 10, 12, 13, 16, 20, 37, 50, 64}) shapes.push_back({m, 40, 1024});
   // AMX k blocks of 4096: a per-channel group carried across blocks.
   for (std::int64_t m : {20, 33}) shapes.push_back({m, 40, 4160});
   for (const Shape& s : shapes)

@@ -16,6 +16,7 @@ constexpr int kMR = 6;                       // rows of x per W8A8 micro-tile
 constexpr int kNP = 4;                       // panels (16 columns each) per micro-tile
 constexpr std::int64_t kKcQuads = 64;        // W8A8 k block when row blocks reuse the weights
 constexpr std::int64_t kPrefetchQuads = 16;  // software prefetch distance (1 KB per panel)
+constexpr int kTallMR = 12;                  // W8A8: up to this many rows in one 2-panel pass
 constexpr int kStreamRows = 4;               // wonly: up to this many rows stream the weights
 constexpr std::int64_t kDeqQuads = 32;       // wonly: k block dequantized to f32 (32 KB)
 
@@ -81,15 +82,15 @@ void w8a8_micro(const W8A8Args& a) {
   __m512i acc[MR][NP];
   for (std::int64_t s = 0; s < a.nseg; ++s) {
     if (s == 0 && a.from_carry) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int t = 0; t < NP; ++t) acc[i][t] = _mm512_loadu_si512(a.carry + i * a.ldc + 16 * t);
     } else {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int t = 0; t < NP; ++t) {
         const __m512i v = _mm512_loadu_si512(a.ns + t * a.sstride + s * 16);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) acc[i][t] = v;
       }
     }
@@ -97,7 +98,7 @@ void w8a8_micro(const W8A8Args& a) {
     const std::int8_t* wp = a.w + s * a.seg * 64;
     for (std::int64_t q = 0; q < a.seg; ++q) {
       __m512i wv[NP];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int t = 0; t < NP; ++t) {
         // Short panels (k of a few thousand) leave the hardware prefetcher little time to ramp
         // up on each of the NP streams; a line kPrefetchQuads ahead keeps memory busy.
@@ -105,25 +106,25 @@ void w8a8_micro(const W8A8Args& a) {
                      _MM_HINT_T0);
         wv[t] = _mm512_loadu_si512(wp + t * a.pstride + q * 64);
       }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
         const __m512i xb = _mm512_set1_epi32(load_i32(xp + i * a.ldq + q * 4));
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int t = 0; t < NP; ++t) acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], xb, wv[t]);
       }
     }
     const bool end = s == a.nseg - 1;
     if (end && a.to_carry) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int t = 0; t < NP; ++t) _mm512_storeu_si512(a.carry + i * a.ldc + 16 * t, acc[i][t]);
       continue;
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int t = 0; t < NP; ++t) {
       const __m512 scv = _mm512_loadu_ps(a.sc + t * a.sstride + s * 16);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
         float* o = a.out + i * a.ldo + 16 * t;
         const __m512 f = _mm512_cvtepi32_ps(acc[i][t]);
@@ -141,27 +142,22 @@ using W8A8Fn = void (*)(const W8A8Args&);
 
 template <int MR>
 constexpr W8A8Fn w8a8_pick(int np) {
-  return np == 1   ? w8a8_micro<MR, 1>
-         : np == 2 ? w8a8_micro<MR, 2>
-         : np == 3 ? w8a8_micro<MR, 3>
-                   : w8a8_micro<MR, 4>;
+  if constexpr (MR > kMR) {  // tall tiles: at most 2 panels (MR * NP accumulators <= 24)
+    return np == 1 ? w8a8_micro<MR, 1> : w8a8_micro<MR, 2>;
+  } else {
+    return np == 1   ? w8a8_micro<MR, 1>
+           : np == 2 ? w8a8_micro<MR, 2>
+           : np == 3 ? w8a8_micro<MR, 3>
+                     : w8a8_micro<MR, 4>;
+  }
 }
 
+template <int MR = 1>
 W8A8Fn w8a8_kernel(int mr, int np) {
-  switch (mr) {
-    case 1:
-      return w8a8_pick<1>(np);
-    case 2:
-      return w8a8_pick<2>(np);
-    case 3:
-      return w8a8_pick<3>(np);
-    case 4:
-      return w8a8_pick<4>(np);
-    case 5:
-      return w8a8_pick<5>(np);
-    default:
-      return w8a8_pick<6>(np);
+  if constexpr (MR < kTallMR) {
+    if (mr > MR) return w8a8_kernel<MR + 1>(mr, np);
   }
+  return w8a8_pick<MR>(np);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -368,8 +364,11 @@ void gemm_w8a8_avx512(const std::uint8_t* xq, std::int64_t ldq, const float* xs,
   const std::int64_t qpg = quads_per_group(w.k, w.group);
   const std::int64_t panels = (cols + kPanel - 1) / kPanel;
   const std::int64_t pstride = kq * 64;
-  // One row block streams the weights once: no k blocking. Several reuse a k block from L1.
-  const std::int64_t kc = m <= kMR ? kq : kKcQuads;
+  // One row block streams the weights once: no k blocking (up to kTallMR rows in 2-panel
+  // micro-tiles). More rows reuse a k block from L1 across row blocks.
+  const bool tall = m > kMR && m <= kTallMR;
+  const std::int64_t mr_max = tall ? m : kMR, np_max = tall ? 2 : kNP;
+  const std::int64_t kc = m <= kMR || tall ? kq : kKcQuads;
   const bool split = qpg > kc;
   const std::int64_t blk = split ? kc : kc / qpg * qpg;
 
@@ -384,8 +383,8 @@ void gemm_w8a8_avx512(const std::uint8_t* xq, std::int64_t ldq, const float* xs,
   const std::int64_t ldc = panels * kPanel;
 
   const std::int8_t* wbase = w.data + (col0 / kPanel) * pstride;
-  for (std::int64_t pp = 0; pp < panels; pp += kNP) {
-    const int np = static_cast<int>(imin(kNP, panels - pp));
+  for (std::int64_t pp = 0; pp < panels; pp += np_max) {
+    const int np = static_cast<int>(imin(np_max, panels - pp));
     W8A8Args a{};
     a.ldq = ldq;
     a.pstride = pstride;
@@ -415,8 +414,8 @@ void gemm_w8a8_avx512(const std::uint8_t* xq, std::int64_t ldq, const float* xs,
       a.w = wbase + pp * pstride + q0 * 64;
       a.sc = sct + (pp * ng + g0) * kPanel;
       a.ns = nst + (pp * ng + g0) * kPanel;
-      for (std::int64_t i0 = 0; i0 < m; i0 += kMR) {
-        const int mr = static_cast<int>(imin(kMR, m - i0));
+      for (std::int64_t i0 = 0; i0 < m; i0 += mr_max) {
+        const int mr = static_cast<int>(imin(mr_max, m - i0));
         a.x = xq + i0 * ldq + q0 * 4;
         a.carry = carry + i0 * ldc + pp * kPanel;
         a.out = out + i0 * ldo + pp * kPanel;
