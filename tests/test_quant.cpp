@@ -535,10 +535,10 @@ std::int64_t same_sets(const std::vector<std::int32_t>& x, const std::vector<std
 }
 
 /// The f32 stack against the same stack with the experts make_layer gives (int8, or bf16 for
-/// scale; router f32), each run on its own
-/// residual stream: the top-k sets of every token in every layer, and each int8 layer's
-/// relative L2 error on the f32 stream's input. Also the one-step agreement: layer l routed on
-/// the f32 stream's input to layer l-1 plus layer l-1's int8 output.
+/// scale; router f32), each run on its own residual stream: the top-k sets of every token in
+/// every layer, and each changed layer's relative L2 error on the f32 stream's input. Also the
+/// one-step agreement: layer l routed on the f32 stream's input to layer l-1 plus layer l-1's
+/// changed output.
 template <typename MakeLayer>
 StackResult stack_agreement(CpuBackend& b, const MoEStack& st, MakeLayer&& make_layer) {
   const std::int64_t d = st.d, T = st.T;
@@ -581,6 +581,7 @@ StackResult stack_agreement(CpuBackend& b, const MoEStack& st, MakeLayer&& make_
   return r;
 }
 
+/// The stack against its int8 copy quantized with `spec`.
 StackResult stack_agreement(CpuBackend& b, const MoEStack& st, const QuantSpec& spec) {
   return stack_agreement(b, st, [&](const MoEBlock& l) { return l.quantized(b, spec); });
 }
@@ -596,13 +597,6 @@ MoEBlock bf16_rounded(CpuBackend& b, const MoEBlock& l) {
   return MoEBlock(l.gate(), SwiGluExperts(round(l.experts().gate_up()), round(l.experts().down())));
 }
 
-const QuantSpec kStackSpecs[] = {{0, ActivationMode::w8a8},
-                                 {0, ActivationMode::weight_only},
-                                 {32, ActivationMode::w8a8},
-                                 {32, ActivationMode::weight_only}};
-
-}  // namespace
-
 /// One line of a stack's figures, for the test log.
 std::string describe(const std::string& what, const MoEStack& st, const StackResult& r) {
   return fmt::format(
@@ -611,6 +605,13 @@ std::string describe(const std::string& what, const MoEStack& st, const StackRes
       what, st.k, 100.0 * r.agree, StackResult::list(r.layer_agree),
       StackResult::list(r.step_agree), StackResult::list(r.layer_err));
 }
+
+const QuantSpec kStackSpecs[] = {{0, ActivationMode::w8a8},
+                                 {0, ActivationMode::weight_only},
+                                 {32, ActivationMode::w8a8},
+                                 {32, ActivationMode::weight_only}};
+
+}  // namespace
 
 TEST_CASE("int8 MoE stack: routing agrees with f32, small relative error", "[quant]") {
   CpuBackend& b = cpu2();
