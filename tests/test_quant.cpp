@@ -721,17 +721,9 @@ double routing_agreement(const FixtureRun& ref, const FixtureRun& got, std::int6
   REQUIRE(got.routing.size() == ref.routing.size());
   std::int64_t same = 0, total = 0;
   for (std::size_t l = 0; l < ref.routing.size(); ++l) {
-    const std::int64_t k = static_cast<std::int64_t>(ref.routing[l].size()) / T;
-    for (std::int64_t t = 0; t < T; ++t) {
-      std::vector<std::int32_t> x(ref.routing[l].begin() + t * k,
-                                  ref.routing[l].begin() + (t + 1) * k);
-      std::vector<std::int32_t> y(got.routing[l].begin() + t * k,
-                                  got.routing[l].begin() + (t + 1) * k);
-      std::sort(x.begin(), x.end());
-      std::sort(y.begin(), y.end());
-      same += x == y;
-      ++total;
-    }
+    const auto k = static_cast<int>(static_cast<std::int64_t>(ref.routing[l].size()) / T);
+    same += same_sets(ref.routing[l], got.routing[l], T, k);
+    total += T;
   }
   return total ? static_cast<double>(same) / static_cast<double>(total) : 1.0;
 }

@@ -368,7 +368,7 @@ void gemm_w8a8_avx512(const std::uint8_t* xq, std::int64_t ldq, const float* xs,
   // micro-tiles). More rows reuse a k block from L1 across row blocks.
   const bool tall = m > kMR && m <= kTallMR;
   const std::int64_t mr_max = tall ? m : kMR, np_max = tall ? 2 : kNP;
-  const std::int64_t kc = m <= kMR || tall ? kq : kKcQuads;
+  const std::int64_t kc = m <= kTallMR ? kq : kKcQuads;
   const bool split = qpg > kc;
   const std::int64_t blk = split ? kc : kc / qpg * qpg;
 

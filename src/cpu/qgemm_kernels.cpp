@@ -330,19 +330,16 @@ bool avx512_bf16_available() noexcept {
   return ok;
 }
 
-// AMX-BF16 needs the AVX-512 state the int8 path checks (hardware_isa: F, BW, VL,
-// DQ, VNNI, enabled by the OS), AVX512_BF16 for the activation rounding, AMX-TILE and
+// AMX-BF16 needs all of the above (AVX512_BF16 for the activation rounding), AMX-TILE and
 // AMX-BF16, and Linux's grant of the tile data.
 bool amx_bf16_available() noexcept {
   static const bool ok = [] {
 #if AUTOGLM_Q8_X86 && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-    if (q8::hardware_isa() != q8::Isa::avx512_vnni) return false;
+    if (!avx512_bf16_available()) return false;
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     // CPUID.(7, 0).EDX: bit 22 AMX-BF16, bit 24 AMX-TILE.
     if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) return false;
     if ((edx >> 22 & 1u) == 0 || (edx >> 24 & 1u) == 0) return false;
-    // CPUID.(7, 1).EAX bit 5: AVX512_BF16.
-    if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) == 0 || (eax >> 5 & 1u) == 0) return false;
     constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
 #else
