@@ -606,10 +606,10 @@ std::string describe(const std::string& what, const MoEStack& st, const StackRes
       StackResult::list(r.step_agree), StackResult::list(r.layer_err));
 }
 
-const QuantSpec kStackSpecs[] = {{0, ActivationMode::w8a8},
-                                 {0, ActivationMode::weight_only},
-                                 {32, ActivationMode::w8a8},
-                                 {32, ActivationMode::weight_only}};
+const QuantSpec kAccuracySpecs[] = {{0, ActivationMode::w8a8},
+                                    {0, ActivationMode::weight_only},
+                                    {32, ActivationMode::w8a8},
+                                    {32, ActivationMode::weight_only}};
 
 }  // namespace
 
@@ -618,7 +618,7 @@ TEST_CASE("int8 MoE stack: routing agrees with f32, small relative error", "[qua
   const MoEStack st = make_stack(b, 256, 128, 16, 4, 200, 4);
   WARN(describe("bf16 experts (scale)", st,
                 stack_agreement(b, st, [&](const MoEBlock& l) { return bf16_rounded(b, l); })));
-  for (const QuantSpec& spec : kStackSpecs) {
+  for (const QuantSpec& spec : kAccuracySpecs) {
     const StackResult r = stack_agreement(b, st, spec);
     const double agree = r.agree, err = r.max_err();
     WARN(describe(fmt::format("{} {}: int8 MoE stack", spec.scheme_name(), spec.mode_name()), st,
@@ -643,7 +643,7 @@ TEST_CASE("int8 MoE stack at Qwen3-30B-A3B shapes", "[.][quant][real_shape]") {
   const StackResult bf16 =
       stack_agreement(b, st, [&](const MoEBlock& l) { return bf16_rounded(b, l); });
   WARN(describe("bf16 experts (scale): Qwen3-shape stack", st, bf16));
-  for (const QuantSpec& spec : kStackSpecs) {
+  for (const QuantSpec& spec : kAccuracySpecs) {
     const StackResult r = stack_agreement(b, st, spec);
     WARN(describe(fmt::format("{} {}: Qwen3-shape stack", spec.scheme_name(), spec.mode_name()), st,
                   r));
@@ -735,10 +735,11 @@ void check_int8_fixture(const std::string& name) {
   const std::vector<std::int32_t> expected = read_ids(dir, "greedy");
   const Model f32 = load_model(b, dir);
   const FixtureRun ref = run_fixture(f32, prompt);
-  REQUIRE(ref.greedy == expected);  // the f32 baseline is transformers' continuation
-  for (ActivationMode mode : {ActivationMode::weight_only, ActivationMode::w8a8}) {
+  REQUIRE(ref.greedy == expected);                // the f32 baseline is transformers' continuation
+  for (const QuantSpec& spec : kAccuracySpecs) {  // per channel and g32, both modes
+    const ActivationMode mode = spec.mode;
     QuantConfig cfg;  // experts, attention, dense MLPs int8; router, embeddings, head f32
-    cfg.spec.mode = mode;
+    cfg.spec = spec;
     const Model q = quantize_model(f32, cfg);
     const FixtureRun got = run_fixture(q, prompt);
     const double agree = routing_agreement(ref, got, static_cast<std::int64_t>(prompt.size()));
@@ -749,14 +750,13 @@ void check_int8_fixture(const std::string& name) {
               << ": prompt routing agrees " << 100.0 * agree << " %, greedy equal for " << same
               << " of 16 tokens, mean KL " << kl);
     if (mode == ActivationMode::weight_only) {
-      // The default configuration. deepseek_v3's 8th greedy token follows a near-tie of its
-      // sigmoid group routing in the second MoE layer (experts {4, 7} vs {7, 12}), which int8
-      // weights tip: 7 equal tokens there. Random noise of 0.1 % of mean |w| on the same
-      // matrices, 7x less than int8's rounding, stops 3 of 10 draws at 7 tokens too
-      // (tools/fixtures/greedy_sensitivity.py, docs/quantization.md).
-      REQUIRE(same >= (name == "deepseek_v3" ? 7u : 8u));
+      // The default mode. The fixtures are trained on text and every greedy step of theirs has
+      // a top-1 / top-2 logit gap >= 0.05 (tools/fixtures/make_fixtures.py), so a changed token
+      // means int8 moved the logits that far. Measured: 16 of 16 tokens, routing 100 %, KL <=
+      // 0.0017 on all nine in both schemes; 5-bit codes in place of int8 fail all nine here.
+      REQUIRE(same >= 8u);
       REQUIRE(agree >= 0.99);
-      REQUIRE(kl < 0.01);
+      REQUIRE(kl < 0.005);
     } else {
       // Per-token int8 activations add their own error on these 48-64 wide models: looser.
       REQUIRE(agree >= 0.9);

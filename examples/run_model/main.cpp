@@ -3,7 +3,7 @@
 // prompt of token ids and generates a continuation with the KV cache, printing the generated ids
 // and the prefill / decode speed. A progress bar on stderr follows the load.
 //
-//   run_model --model tests/fixtures/deepseek_v3 --tokens 41,94,177,112 --max-new 16
+//   run_model --model tests/fixtures/deepseek_v3 --tokens 32,111,110,32,98,101 --max-new 16
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
