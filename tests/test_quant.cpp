@@ -672,6 +672,7 @@ struct FixtureRun {
   std::vector<float> logits;                       // prefill logits [T, V]
   std::vector<std::int32_t> greedy;                // 16-token continuation
   std::vector<std::vector<std::int32_t>> routing;  // per MoE layer: expert ids [T * k]
+  std::vector<std::vector<float>> hidden;          // per decoder layer: residual stream [T, d]
 };
 
 FixtureRun run_fixture(const Model& m, const std::vector<std::int32_t>& prompt) {
@@ -679,9 +680,12 @@ FixtureRun run_fixture(const Model& m, const std::vector<std::int32_t>& prompt) 
   Session s(m);
   s.set_routing_observer(
       [&](std::int64_t, const RoutingStats& st) { r.routing.push_back(st.expert_ids); });
+  s.set_layer_observer(
+      [&](std::int64_t, TensorView h) { r.hidden.push_back(host_f32(m.backend(), h)); });
   const Tensor logits = s.prefill(prompt, /*all_logits=*/true);
   r.logits = host_f32(m.backend(), logits);
   s.set_routing_observer({});
+  s.set_layer_observer({});
   s.reset();
   GenerateOptions g;
   g.max_new_tokens = 16;
@@ -746,9 +750,14 @@ void check_int8_fixture(const std::string& name) {
     std::size_t same = 0;
     while (same < expected.size() && got.greedy[same] == expected[same]) ++same;
     const double kl = mean_kl(ref.logits, got.logits, f32.vocab_size());
+    REQUIRE(got.hidden.size() == ref.hidden.size());
+    std::vector<double> layer_err;  // each decoder layer's output (residual stream), int8 vs f32
+    for (std::size_t l = 0; l < ref.hidden.size(); ++l)
+      layer_err.push_back(rel_l2(got.hidden[l], ref.hidden[l]));
     WARN(name << " " << cfg.spec.scheme_name() << " " << cfg.spec.mode_name()
               << ": prompt routing agrees " << 100.0 * agree << " %, greedy equal for " << same
-              << " of 16 tokens, mean KL " << kl);
+              << " of 16 tokens, mean KL " << kl << ", layer outputs' relative L2 error "
+              << StackResult::list(layer_err) << " %");
     if (mode == ActivationMode::weight_only) {
       // The default mode. The fixtures are trained on text and every greedy step of theirs has
       // a top-1 / top-2 logit gap >= 0.05 (tools/fixtures/make_fixtures.py), so a changed token
