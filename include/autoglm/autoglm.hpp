@@ -24,5 +24,6 @@
 #include "autoglm/moe/registry.hpp"
 #include "autoglm/moe/routing.hpp"
 #include "autoglm/quant/checkpoint.hpp"
+#include "autoglm/quant/gptq.hpp"
 #include "autoglm/quant/quantize.hpp"
 #include "autoglm/version.hpp"

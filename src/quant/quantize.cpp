@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "autoglm/quant/quantize.hpp"
 
+#include "autoglm/quant/gptq.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -260,7 +262,29 @@ QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::st
       equalised = true;
       detail::divide_columns(host.data(), n, k, cs.data() + e * k);
     }
-    const std::int64_t bad = detail::quantize_rows(host.data(), n, k, group, q.data(), s.data());
+    std::int64_t bad = -2;
+    if (const InputRecorder::Gram* g = detail::GptqAccess::gram(w.data, e, k)) {
+      if (!g->finite) {
+        if (w.rank() == 3)
+          detail::fail(ErrorCode::numeric, fn,
+                       "the calibration inputs of {} (matrix {}) hold a NaN or Inf", name, e);
+        detail::fail(ErrorCode::numeric, fn, "the calibration inputs of {} hold a NaN or Inf",
+                     name);
+      }
+      // An equalised matrix multiplies the inputs x * col_scale: their Gram matrix is D G D.
+      const float* cse = spec.equalize ? cs.data() + e * k : nullptr;
+      std::vector<float> scaled;
+      if (cse && std::any_of(cse, cse + k, [](float v) { return v != 1.0f; })) {
+        scaled = g->gram;
+        for (std::int64_t i = 0; i < k; ++i)
+          for (std::int64_t j = 0; j < k; ++j) scaled[i * k + j] *= cse[i] * cse[j];
+      }
+      bad = detail::gptq_rows(host.data(), n, k, group,
+                              scaled.empty() ? g->gram.data() : scaled.data(),
+                              detail::GptqAccess::options().damping, q.data(), s.data());
+    }
+    // No statistics, or a Gram matrix no damping made positive definite: round to nearest.
+    if (bad == -2) bad = detail::quantize_rows(host.data(), n, k, group, q.data(), s.data());
     if (bad >= 0) {
       const std::int64_t r = bad / k, c = bad % k;
       if (w.rank() == 3)

@@ -1,0 +1,283 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "autoglm/quant/gptq.hpp"
+
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "autoglm/models/session.hpp"
+
+namespace autoglm {
+
+namespace {
+
+using RowMatrixF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using RowMatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+thread_local const GptqScope* tl_scope = nullptr;
+
+}  // namespace
+
+// ------------------------------------------------------------------------------ InputRecorder
+
+std::int64_t InputRecorder::matrices() const noexcept {
+  std::int64_t n = 0;
+  for (const auto& [ptr, grams] : stats_)
+    for (const auto& g : grams) n += g && g->rows > 0;
+  return n;
+}
+
+const InputRecorder::Gram* InputRecorder::gram(const void* weight, std::int64_t index,
+                                               std::int64_t k) const {
+  const auto it = stats_.find(weight);
+  if (it == stats_.end() || index < 0 || index >= std::ssize(it->second)) return nullptr;
+  const Gram* g = it->second[static_cast<std::size_t>(index)].get();
+  // A matrix whose only inputs were non-finite has no rows but must still be reported.
+  if (!g || (g->rows == 0 && g->finite) || static_cast<std::int64_t>(g->gram.size()) != k * k)
+    return nullptr;
+  return g;
+}
+
+void InputRecorder::record(const void* weight, std::int64_t index, std::int64_t matrices,
+                           TensorView x, std::int64_t row0, std::int64_t rows) {
+  if (rows <= 0) return;
+  const std::int64_t k = x.dim(1);
+  auto& grams = stats_[weight];
+  if (std::ssize(grams) != matrices) {
+    grams.clear();
+    grams.resize(static_cast<std::size_t>(matrices));
+  }
+  auto& g = grams[static_cast<std::size_t>(index)];
+  if (!g || static_cast<std::int64_t>(g->gram.size()) != k * k) {
+    g = std::make_unique<Gram>();
+    g->gram.assign(static_cast<std::size_t>(k * k), 0.0f);
+  }
+  std::vector<float> host(static_cast<std::size_t>(rows * k));
+  inner_->copy_to_host(host.data(), x.slice(row0, row0 + rows));
+  for (float v : host)
+    if (!std::isfinite(v)) {
+      g->finite = false;  // reported by quantize(), which knows the weight's name
+      return;
+    }
+  const Eigen::Map<const RowMatrixF> xm(host.data(), rows, k);
+  Eigen::Map<RowMatrixF> gm(g->gram.data(), k, k);
+  gm.noalias() += xm.transpose() * xm;
+  g->rows += rows;
+}
+
+void InputRecorder::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
+  // Validation is the inner backend's: record only what it accepts.
+  inner_->gemm(a, b, c, p);
+  if (a.rank() == 2 && b.rank() == 2 && a.dtype == DType::f32 && a.dim(1) == b.dim(1))
+    record(b.data, 0, 1, a, 0, a.dim(0));
+}
+
+void InputRecorder::grouped_gemm(TensorView x, TensorView w, TensorView offsets, TensorView out) {
+  inner_->grouped_gemm(x, w, offsets, out);
+  if (x.rank() != 2 || w.rank() != 3 || x.dtype != DType::f32) return;
+  const std::int64_t E = w.dim(0);
+  std::vector<std::int32_t> off(static_cast<std::size_t>(E + 1));
+  inner_->copy_to_host(off.data(), offsets);
+  for (std::int64_t e = 0; e < E; ++e) record(w.data, e, E, x, off[e], off[e + 1] - off[e]);
+}
+
+// -------------------------------------------------------------------------------- GptqScope
+
+GptqScope::GptqScope(const InputRecorder& recorder, GptqOptions options)
+    : recorder_(&recorder), options_(options), previous_(tl_scope) {
+  AUTOGLM_CHECK(std::isfinite(options.damping) && options.damping >= 0.0, invalid_argument,
+                "GptqScope", "damping={} must be finite and >= 0", options.damping);
+  AUTOGLM_CHECK(options.min_rows >= 0, invalid_argument, "GptqScope", "min_rows={} must be >= 0",
+                options.min_rows);
+  tl_scope = this;
+}
+
+GptqScope::~GptqScope() {
+  tl_scope = previous_;
+}
+
+namespace detail {
+
+const GptqScope* GptqAccess::active() noexcept {
+  return tl_scope;
+}
+
+const InputRecorder::Gram* GptqAccess::gram(const void* weight, std::int64_t index,
+                                            std::int64_t k) {
+  const GptqScope* s = tl_scope;
+  if (!s) return nullptr;
+  const InputRecorder::Gram* g = s->recorder_->gram(weight, index, k);
+  // A non-finite record is returned whatever its row count, so that quantize() reports it.
+  if (g && g->finite && g->rows < std::max<std::int64_t>(s->options_.min_rows, 1)) return nullptr;
+  return g;
+}
+
+GptqOptions GptqAccess::options() noexcept {
+  return tl_scope ? tl_scope->options_ : GptqOptions{};
+}
+
+std::int64_t gptq_rows(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
+                       const float* gram, double damping, std::int8_t* q, float* scales) {
+  if (n <= 0 || k <= 0 || group <= 0) return -1;
+  for (std::int64_t i = 0; i < n * k; ++i)
+    if (!std::isfinite(w[i])) return i;
+  const std::int64_t groups = k / group;
+
+  // H = gram + damping * mean(diag) * I; a column no input ever touched gets
+  // the mean diagonal (its error then moves nothing: no input reads it).
+  RowMatrixD h = Eigen::Map<const RowMatrixF>(gram, k, k).cast<double>();
+  double mean_diag = 0.0;
+  for (std::int64_t c = 0; c < k; ++c) mean_diag += h(c, c);
+  mean_diag /= static_cast<double>(k);
+  if (!(mean_diag > 0.0) || !std::isfinite(mean_diag)) mean_diag = 1.0;
+  for (std::int64_t c = 0; c < k; ++c)
+    if (h(c, c) <= 0.0) {
+      h.row(c).setZero();
+      h.col(c).setZero();
+      h(c, c) = mean_diag;
+    }
+  // U: the upper Cholesky factor of H^-1 (H^-1 = U^T U). Row c of U, divided by U(c, c), is how
+  // an error in column c moves the columns after it once the columns before it are fixed.
+  Eigen::MatrixXd u;
+  for (int attempt = 0;; ++attempt) {
+    Eigen::MatrixXd hd = h;
+    hd.diagonal().array() += damping * mean_diag;
+    Eigen::LLT<Eigen::MatrixXd> llt(hd);
+    if (llt.info() == Eigen::Success) {
+      Eigen::MatrixXd inv = llt.solve(Eigen::MatrixXd::Identity(k, k));
+      Eigen::LLT<Eigen::MatrixXd> llt_inv(inv);
+      if (llt_inv.info() == Eigen::Success) {
+        u = llt_inv.matrixU();
+        break;
+      }
+    }
+    if (attempt == 3) return -2;
+    damping = std::max(damping * 10.0, 1e-4);
+  }
+
+  RowMatrixD wd = Eigen::Map<const RowMatrixF>(w, n, k).cast<double>();
+  // Columns are rounded in blocks; updates inside a block are immediate, the rest of the matrix
+  // gets one product per block. A block holds whole groups, so a group's scale is set from
+  // columns that all carry the updates of the columns before them.
+  const std::int64_t block =
+      group >= k ? std::min<std::int64_t>(k, 128) : group * std::max<std::int64_t>(1, 128 / group);
+  std::vector<float> inv(static_cast<std::size_t>(n));
+  RowMatrixD err(n, block);
+  for (std::int64_t b0 = 0; b0 < k; b0 += block) {
+    const std::int64_t b1 = std::min(k, b0 + block), width = b1 - b0;
+    for (std::int64_t c = b0; c < b1; ++c) {
+      if (c % group == 0) {
+        // The same float arithmetic as quantize_rows, so a diagonal H gives its codes exactly.
+        for (std::int64_t r = 0; r < n; ++r) {
+          float amax = 0.0f;
+          for (std::int64_t j = c; j < c + group; ++j)
+            amax = std::max(amax, std::fabs(static_cast<float>(wd(r, j))));
+          scales[r * groups + c / group] = amax / 127.0f;
+          inv[static_cast<std::size_t>(r)] = amax > 0.0f ? 127.0f / amax : 0.0f;
+        }
+      }
+      const double d = u(c, c);
+      for (std::int64_t r = 0; r < n; ++r) {
+        const float v = static_cast<float>(wd(r, c));
+        const float code =
+            std::clamp(std::nearbyint(v * inv[static_cast<std::size_t>(r)]), -127.0f, 127.0f);
+        q[r * k + c] = static_cast<std::int8_t>(code);
+        const double e =
+            (wd(r, c) - static_cast<double>(code) * scales[r * groups + c / group]) / d;
+        err(r, c - b0) = e;
+        for (std::int64_t j = c + 1; j < b1; ++j) wd(r, j) -= e * u(c, j);
+      }
+    }
+    if (b1 < k)
+      wd.rightCols(k - b1).noalias() -= err.leftCols(width) * u.block(b0, b1, width, k - b1);
+  }
+  return -1;
+}
+
+}  // namespace detail
+
+// ------------------------------------------------------------------------------ quantize_model
+
+Model quantize_model(const Model& model, const QuantConfig& config,
+                     const Calibration& calibration) {
+  constexpr std::string_view fn = "quantize_model";
+  detail::check_tied_parts(fn, model.config().tie_word_embeddings, config);
+  AUTOGLM_CHECK(!calibration.sequences.empty(), invalid_argument, fn,
+                "the calibration set holds no sequences");
+  const std::int64_t V = model.embeddings().vocab_size();
+  const std::int64_t max_context =
+      std::max<std::int64_t>(1, model.config().max_position_embeddings);
+  for (std::size_t s = 0; s < calibration.sequences.size(); ++s) {
+    const auto& seq = calibration.sequences[s];
+    AUTOGLM_CHECK(!seq.empty(), invalid_argument, fn, "calibration sequence {} is empty", s);
+    AUTOGLM_CHECK(std::ssize(seq) <= max_context, out_of_range, fn,
+                  "calibration sequence {} holds {} tokens, more than the model's context {}", s,
+                  seq.size(), max_context);
+    for (std::size_t t = 0; t < seq.size(); ++t)
+      AUTOGLM_CHECK(seq[t] >= 0 && seq[t] < V, out_of_range, fn,
+                    "calibration sequence {} has token id {} at position {}, outside the "
+                    "vocabulary [0, {})",
+                    s, seq[t], t, V);
+  }
+  {  // the option checks of GptqScope, before any work
+    InputRecorder probe(model.backend());
+    GptqScope check(probe, calibration.gptq);
+  }
+
+  Backend& b = model.backend();
+  EmbeddingEncoder embeddings =
+      config.embeddings ? model.embeddings().quantized(b, config.spec) : model.embeddings();
+
+  // The residual stream of every sequence, with its positions and key/value cache; the cache
+  // rows of a layer are written by its f32 pass and rewritten by its int8 pass.
+  struct Stream {
+    Tensor x;  // [T, d]
+    Tensor positions;
+    KvCache cache;
+  };
+  std::vector<Stream> streams;
+  streams.reserve(calibration.sequences.size());
+  for (const auto& seq : calibration.sequences) {
+    const auto T = static_cast<std::int64_t>(seq.size());
+    Tensor ids(b, DType::i32, Shape{T});
+    b.copy_from_host(ids, seq.data());
+    std::vector<std::int32_t> pos(seq.size());
+    for (std::size_t t = 0; t < pos.size(); ++t) pos[t] = static_cast<std::int32_t>(t);
+    Tensor positions(b, DType::i32, Shape{T});
+    b.copy_from_host(positions, pos.data());
+    Tensor x(b, DType::f32, Shape{T, model.hidden()});
+    embeddings.encode(b, ids, x);
+    KvCache cache(model, T);
+    cache.reserve(T);
+    streams.push_back(Stream{std::move(x), std::move(positions), std::move(cache)});
+  }
+
+  std::vector<DecoderLayer> layers;
+  layers.reserve(model.layers().size());
+  for (std::size_t l = 0; l < model.layers().size(); ++l) {
+    const DecoderLayer& layer = model.layers()[l];
+    InputRecorder recorder(b);
+    for (Stream& s : streams) {
+      const AttentionContext ctx{s.positions, model.inv_freq(), 0};
+      Tensor x(b, DType::f32, s.x.shape());
+      b.convert(s.x, x);  // the f32 pass must not move the stream
+      layer.forward(recorder, x, ctx, s.cache.layer(l));
+    }
+    {
+      GptqScope scope(recorder, calibration.gptq);
+      layers.push_back(layer.quantized(b, config));
+    }
+    for (Stream& s : streams) {
+      const AttentionContext ctx{s.positions, model.inv_freq(), 0};
+      layers.back().forward(b, s.x, ctx, s.cache.layer(l));
+    }
+  }
+  QuantSpec head_spec = config.spec;
+  if (model.config().tie_word_embeddings) head_spec.equalize = false;
+  LmHeadDecoder head = config.lm_head ? model.head().quantized(b, head_spec) : model.head();
+  return Model(b, model.config(), std::move(embeddings), std::move(layers), std::move(head));
+}
+
+}  // namespace autoglm
