@@ -296,27 +296,6 @@ TEST_CASE("GPTQ: bad input is an Error", "[gptq][errors]") {
 
 namespace {
 
-/// Bytes of the repository's LICENSE as token ids (the corpus the fixtures were trained on).
-std::vector<std::int32_t> license_ids() {
-  std::ifstream f(fixture("..") / ".." / "LICENSE", std::ios::binary);
-  std::vector<std::int32_t> ids;
-  for (char c; f.get(c);) ids.push_back(static_cast<unsigned char>(c));
-  return ids;
-}
-
-/// `count` windows of `len` ids from ids[begin, end), evenly spaced.
-std::vector<std::vector<std::int32_t>> windows(const std::vector<std::int32_t>& ids,
-                                               std::size_t begin, std::size_t end, int count,
-                                               std::size_t len) {
-  std::vector<std::vector<std::int32_t>> out;
-  const std::size_t step = (end - begin - len) / static_cast<std::size_t>(count);
-  for (int i = 0; i < count; ++i) {
-    const auto first = ids.begin() + static_cast<std::ptrdiff_t>(begin + i * step);
-    out.emplace_back(first, first + static_cast<std::ptrdiff_t>(len));
-  }
-  return out;
-}
-
 /// Held-out figures of an int8 model against its f32 model over `eval` sequences.
 struct Heldout {
   double kl = 0.0;                ///< mean KL(f32 || int8) of next-token distributions

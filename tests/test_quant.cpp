@@ -10,6 +10,8 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iterator>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -869,6 +871,101 @@ void move_to_shard(const fs::path& dir, const std::string& name, const std::stri
 }
 
 }  // namespace
+
+namespace {
+
+/// The bytes of every file in dir, by file name.
+std::map<std::string, std::string> dir_bytes(const fs::path& dir) {
+  std::map<std::string, std::string> out;
+  for (const auto& f : fs::directory_iterator(dir)) {
+    std::ifstream in(f.path(), std::ios::binary);
+    out[f.path().filename().string()] = std::string(std::istreambuf_iterator<char>(in), {});
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("save_quantized of a round-to-nearest model writes quantize_checkpoint's files",
+          "[quant][models]") {
+  CpuBackend& b = cpu2();
+  const fs::path outliers = outlier_copy("mixtral_hub_sharded", "save_outliers");
+  for (const fs::path& src :
+       {fixture("mixtral_hub_sharded"), fixture("mixtral_fused_tied"), fixture("qwen2_moe"),
+        fixture("deepseek_v3"), fixture("deepseek_v3_fused_noqlora"), fixture("glm4_moe_qknorm"),
+        fixture("glm4_moe_hub_tied"), outliers}) {
+    for (const QuantSpec spec :
+         {QuantSpec{0, ActivationMode::weight_only}, QuantSpec{32, ActivationMode::w8a8}}) {
+      QuantConfig cfg;
+      cfg.spec = spec;
+      cfg.router = spec.group == 0;
+      INFO(src.string() << " " << spec.scheme_name() << " " << spec.mode_name());
+      const fs::path a = temp_dir("save_a"), c = temp_dir("save_b");
+      const QuantizeReport ra = quantize_checkpoint(src, a, cfg);
+      const QuantizeReport rc = save_quantized(quantize_model(load_model(b, src), cfg), src, c, cfg);
+      REQUIRE(rc.quantized == ra.quantized);
+      REQUIRE(dir_bytes(a) == dir_bytes(c));  // byte for byte, column scales included
+      fs::remove_all(a);
+      fs::remove_all(c);
+    }
+  }
+  fs::remove_all(outliers);
+}
+
+TEST_CASE("save_quantized of a GPTQ model loads back to the same model", "[quant][models]") {
+  CpuBackend& b = cpu2();
+  const std::vector<std::int32_t> ids = license_ids();
+  Calibration calib;
+  calib.sequences = windows(ids, 0, ids.size(), 4, 96);
+  const fs::path outliers = outlier_copy("glm4_moe_hub_tied", "save_gptq_outliers");
+  for (const fs::path& src : {fixture("mixtral_hub_sharded"), fixture("qwen2_moe"),
+                             fixture("deepseek_v3"), fixture("glm4_moe_hub_tied"), outliers}) {
+    INFO(src.string());
+    const Model f32 = load_model(b, src);
+    QuantConfig cfg;
+    const Model gptq = quantize_model(f32, cfg, calib);
+    const fs::path dst = temp_dir("save_gptq");
+    save_quantized(gptq, src, dst, cfg);
+    const Model back = load_model(b, dst);
+    const std::vector<std::int32_t> prompt = read_ids(src, "prompt");
+    const Model rtn = quantize_model(f32, cfg);
+    Session s1(gptq), s2(back), s3(rtn);
+    const auto l1 = host_f32(b, s1.prefill(prompt, true)), l2 = host_f32(b, s2.prefill(prompt, true));
+    REQUIRE(l1 == l2);
+    REQUIRE(l1 != host_f32(b, s3.prefill(prompt, true)));  // GPTQ's codes, not RTN's, came back
+    fs::remove_all(dst);
+  }
+  fs::remove_all(outliers);
+}
+
+TEST_CASE("save_quantized: a model that does not match the checkpoint or config is an Error",
+          "[quant][errors]") {
+  CpuBackend& b = cpu2();
+  const fs::path src = fixture("qwen3_moe"), dst = temp_dir("save_errors");
+  const Model f32 = load_model(b, src);
+  const Model pc = quantize_model(f32, QuantConfig{});
+  const auto fails = [&](const Model& m, const fs::path& from, const QuantConfig& cfg,
+                         const std::string& needle) {
+    try {
+      save_quantized(m, from, dst, cfg);
+    } catch (const Error& e) {
+      INFO(e.what());
+      const std::string msg = e.what();
+      return msg.find("save_quantized") != std::string::npos &&
+             msg.find(needle) != std::string::npos;
+    }
+    return false;
+  };
+  REQUIRE(fails(f32, src, QuantConfig{}, "is f32 in the model"));
+  QuantConfig g32;
+  g32.spec.group = 32;
+  REQUIRE(fails(pc, src, g32, "int8_per_channel weight_only in the model"));
+  QuantConfig router;
+  router.router = true;
+  REQUIRE(fails(pc, src, router, "mlp.gate.weight"));
+  REQUIRE(fails(pc, fixture("deepseek_v3"), QuantConfig{}, "layers"));
+  fs::remove_all(dst);
+}
 
 TEST_CASE("quantize_checkpoint: column scales are saved, shared by gate and up, and reloaded",
           "[quant][models]") {

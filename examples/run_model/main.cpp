@@ -34,6 +34,7 @@ struct Args {
   std::string quantize;  // "" (as stored), int8, int8_g32, int8_g64, int8_g128
   std::string activations = "weight_only";        // or w8a8
   std::string save_quantized;                     // write the int8 checkpoint here, then run it
+  std::string calibrate;                          // GPTQ calibration sequences (file)
   std::string parts = "experts,attention,dense";  // what --quantize converts
   std::string equalize = "on";                    // column equalisation of int8 weights
   std::string weights = "stored";                 // float matrices: as stored, or f32
@@ -48,7 +49,7 @@ void usage() {
       "                 [--quantize int8|int8_g32|int8_g64|int8_g128] [--activations "
       "weight_only|w8a8]\n"
       "                 [--save-quantized OUT_DIR] [--quantize-parts LIST] [--equalize on|off]\n"
-      "                 [--weights stored|f32] [--bf16-compute]\n"
+      "                 [--weights stored|f32] [--bf16-compute] [--calibrate FILE]\n"
       "DIR holds config.json and model.safetensors (or a sharded index). Greedy by default.\n"
       "--group-mask: value of discarded expert groups (DeepSeek-V3 / GLM group-limited routing):\n"
       "  neg_inf (default: transformers 5.x, DeepSeek reference, llama.cpp, vLLM), zero\n"
@@ -68,7 +69,10 @@ void usage() {
       "  AVX512_BF16 dot products (as PyTorch's bf16 matmuls do): faster prefill, logits within\n"
       "  bf16 rounding of exact.\n"
       "--save-quantized OUT_DIR: writes the int8 checkpoint (quantize_checkpoint) and runs it;\n"
-      "  an int8 directory loads directly with --model, without re-quantizing.");
+      "  an int8 directory loads directly with --model, without re-quantizing.\n"
+      "--calibrate FILE: with --quantize, GPTQ rounding calibrated on FILE's token sequences (one\n"
+      "  per line, ids separated by spaces or commas) instead of round-to-nearest; in memory only\n"
+      "  (not with --save-quantized).");
 }
 
 [[noreturn]] void bad(std::string_view msg) {
@@ -151,6 +155,8 @@ Args parse(int argc, char** argv) {
       a.equalize = v;
     else if (f == "--weights")
       a.weights = v;
+    else if (f == "--calibrate")
+      a.calibrate = v;
     else
       bad(fmt::format("unknown flag {}; see --help", f));
   }
@@ -164,7 +170,10 @@ Args parse(int argc, char** argv) {
     bad(fmt::format("--equalize {} must be on or off", a.equalize));
   if (a.weights != "stored" && a.weights != "f32")
     bad(fmt::format("--weights {} must be stored or f32", a.weights));
+  if (!a.calibrate.empty() && !a.save_quantized.empty())
+    bad("--calibrate: GPTQ models are not saved yet; use one of --calibrate, --save-quantized");
   if (!a.save_quantized.empty() && a.quantize.empty()) a.quantize = "int8";
+  if (!a.calibrate.empty() && a.quantize.empty()) bad("--calibrate needs --quantize");
   if (!a.quantize.empty()) autoglm::QuantSpec::parse(a.quantize, a.activations);  // validates
   return a;
 }
@@ -252,8 +261,13 @@ int main(int argc, char** argv) {
       dir = a.save_quantized;
     }
     // Quantized while loading, a layer at a time: the f32 model is never whole in memory.
-    if (!a.quantize.empty() && a.save_quantized.empty()) lo.quantize = qc;
+    if (!a.quantize.empty() && a.save_quantized.empty() && a.calibrate.empty()) lo.quantize = qc;
     autoglm::Model model = autoglm::load_model(backend, dir, lo);
+    if (!a.calibrate.empty()) {  // GPTQ runs the f32 model over the sequences, a layer at a time
+      autoglm::Calibration cal;
+      cal.sequences = autoglm::Calibration::read_sequences(a.calibrate);
+      model = autoglm::quantize_model(model, qc, cal);
+    }
     const double load_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const autoglm::ModelConfig& c = model.config();

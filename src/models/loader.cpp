@@ -23,6 +23,7 @@
 #include "autoglm/models/model.hpp"
 #include "autoglm/quant/checkpoint.hpp"
 #include "common/checks.hpp"
+#include "models/weight_sources.hpp"
 
 namespace autoglm {
 namespace {
@@ -820,3 +821,78 @@ Model load_model(Backend& backend, const std::filesystem::path& dir, const LoadO
 }
 
 }  // namespace autoglm
+
+namespace autoglm::detail {
+
+std::map<std::string, WeightRows> decoder_weight_sources(const Model& model,
+                                                         const std::filesystem::path& dir) {
+  constexpr std::string_view fn = "save_quantized";
+  const ModelConfig c = load_model_config(dir);
+  AUTOGLM_CHECK(c.num_hidden_layers == model.num_layers() && c.hidden_size == model.hidden(),
+                invalid_argument, fn,
+                "{}: the checkpoint has {} layers of width {}, the model {} of width {}",
+                dir.string(), c.num_hidden_layers, c.hidden_size, model.num_layers(),
+                model.hidden());
+  Checkpoint ck(model.backend(), SafeTensorsModel::open(dir), dir.string(), nullptr, std::nullopt,
+                WeightStorage::as_stored);
+  std::map<std::string, WeightRows> out;
+  const auto put = [&](const std::string& name, const Weight& w, std::int64_t matrix = -1,
+                       std::int64_t row0 = 0) {
+    if (!name.empty() && !w.empty()) out[name] = WeightRows{&w, matrix, row0};
+  };
+  const auto put_mlp = [&](const MlpNames& n, const SwiGluExperts& x) {
+    put(n.gate, x.gate_up(), 0, 0);
+    put(n.up, x.gate_up(), 0, x.ffn());
+    put(n.down, x.down(), 0, 0);
+  };
+  for (int i = 0; i < static_cast<int>(c.num_hidden_layers); ++i) {
+    const LayerNames n = plan_layer(ck, c, i);
+    const DecoderLayer& l = model.layers()[static_cast<std::size_t>(i)];
+    const bool gqa = family_traits(c.family).attention == AttentionKind::gqa;
+    AUTOGLM_CHECK(gqa == std::holds_alternative<GqaAttention>(l.attention()) && n.moe == l.is_moe(),
+                  invalid_argument, fn,
+                  "{}: layer {} of the model does not have the checkpoint's attention / FFN kind",
+                  dir.string(), i);
+    if (const auto* g = std::get_if<GqaAttention>(&l.attention())) {
+      const GqaWeights& w = g->weights();
+      put(n.q, w.q_proj);
+      put(n.k, w.k_proj);
+      put(n.v, w.v_proj);
+      put(n.o, w.o_proj);
+    } else {
+      const MlaWeights& w = std::get<MlaAttention>(l.attention()).weights();
+      put(n.q, w.q_proj);
+      put(n.q_a, w.q_a_proj);
+      put(n.q_b, w.q_b_proj);
+      put(n.kv_a, w.kv_a_proj);
+      put(n.kv_b, w.kv_b_proj);
+      put(n.o, w.o_proj);
+    }
+    if (!n.moe) {
+      put_mlp(n.dense, std::get<DenseMlp>(l.ffn()).mlp());
+      continue;
+    }
+    const MoEBlock& m = std::get<MoEBlock>(l.ffn());
+    put(n.router, m.gate().weight());
+    const SwiGluExperts& x = m.experts();
+    if (n.experts.fused) {
+      put(n.experts.gate_up, x.gate_up());
+      put(n.experts.down, x.down());
+    } else {
+      for (std::size_t e = 0; e < n.experts.gate.size(); ++e) {
+        const auto ei = static_cast<std::int64_t>(e);
+        put(n.experts.gate[e], x.gate_up(), ei, 0);
+        put(n.experts.up[e], x.gate_up(), ei, x.ffn());
+        put(n.experts.downs[e], x.down(), ei, 0);
+      }
+    }
+    if (n.shared.defined()) {
+      AUTOGLM_CHECK(m.aggregator().shared().has_value(), invalid_argument, fn,
+                    "{}: layer {} of the model has no shared expert", dir.string(), i);
+      put_mlp(n.shared, m.aggregator().shared()->mlp());
+    }
+  }
+  return out;
+}
+
+}  // namespace autoglm::detail

@@ -15,6 +15,9 @@
 #include "autoglm/io/safetensors.hpp"
 #include "autoglm/quant/checkpoint.hpp"
 
+#include "autoglm/models/model.hpp"
+#include "models/weight_sources.hpp"
+
 namespace autoglm {
 
 namespace fs = std::filesystem;
@@ -117,23 +120,77 @@ std::string pair_key(const std::string& name, const std::string& partner) {
 
 }  // namespace
 
-QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
-                                   const QuantConfig& config) {
+namespace {
+
+/// The host copy of the model weight save_quantized reads rows from, kept while consecutive
+/// tensors (the experts of one bank) come from it.
+struct ModelRows {
+  const Weight* weight = nullptr;
+  std::vector<std::int8_t> data;
+  std::vector<float> scales, col_scales;
+};
+
+// q: [mats * n * k], sc: [mats * n * groups], cs: [mats * k] (filled when equalised).
+/// The int8 rows of checkpoint tensor `name` (shape s) from the model weight `src` points at.
+/// Returns whether the weight has column scales.
+bool rows_from_model(std::string_view fn, const detail::WeightRows& src, const std::string& name,
+                     const Shape& s, const QuantSpec& spec, ModelRows& cache,
+                     std::vector<std::int8_t>& q, std::vector<float>& sc, std::vector<float>& cs) {
+  const Weight& w = *src.weight;
+  AUTOGLM_CHECK(w.is_quantized(), invalid_argument, fn,
+                "tensor '{}' is f32 in the model, but the config quantizes it", name);
+  const QuantizedTensor& qt = w.quantized();
+  AUTOGLM_CHECK(qt.spec() == spec, invalid_argument, fn,
+                "tensor '{}' is {} {} in the model, the config says {} {}", name,
+                qt.spec().scheme_name(), qt.spec().mode_name(), spec.scheme_name(),
+                spec.mode_name());
+  const Shape& ws = qt.shape();
+  const std::int64_t k = s[s.rank() - 1], n = s[s.rank() - 2], mats = s.rank() == 3 ? s[0] : 1;
+  const std::int64_t wn = ws[ws.rank() - 2], wk = ws[ws.rank() - 1];
+  const bool whole = src.matrix < 0;
+  AUTOGLM_CHECK(whole ? ws == s
+                      : (ws.rank() == 3 && mats == 1 && s.rank() == 2 && src.matrix < ws[0] &&
+                         wk == k && src.row0 + n <= wn),
+                shape_mismatch, fn, "tensor '{}' {} does not fit the model's weight {}", name,
+                s.str(), ws.str());
+  if (cache.weight != &w) {
+    Backend& b = *qt.backend();
+    const std::int64_t groups = qt.groups();
+    cache.data.resize(static_cast<std::size_t>(ws.numel()));
+    cache.scales.resize(static_cast<std::size_t>(ws.numel() / wk * groups));
+    b.quantized_to_host(qt, cache.data.data(), cache.scales.data());
+    cache.col_scales.resize(qt.has_col_scales() ? static_cast<std::size_t>(qt.col_scales().numel())
+                                                : 0);
+    if (qt.has_col_scales()) b.copy_to_host(cache.col_scales.data(), qt.col_scales());
+    cache.weight = &w;
+  }
+  const std::int64_t groups = qt.groups();
+  const std::int64_t m = whole ? 0 : src.matrix;
+  const std::int64_t first = whole ? 0 : m * wn + src.row0, rows = mats * n;
+  std::copy_n(cache.data.begin() + first * k, rows * k, q.begin());
+  std::copy_n(cache.scales.begin() + first * groups, rows * groups, sc.begin());
+  if (cache.col_scales.empty()) return false;
+  cs.assign(cache.col_scales.begin() + m * k, cache.col_scales.begin() + m * k + mats * k);
+  return true;
+}
+
+QuantizeReport write_checkpoint(std::string_view fn, const fs::path& src, const fs::path& dst,
+                                const QuantConfig& config, const Model* model) {
   const ModelConfig mc = load_model_config(src);  // validates the family and the sizes
-  detail::check_tied_parts(kFn, mc.tie_word_embeddings, config);
-  AUTOGLM_CHECK(mc.quantization.method.empty(), unsupported, kFn,
+  detail::check_tied_parts(fn, mc.tie_word_embeddings, config);
+  AUTOGLM_CHECK(mc.quantization.method.empty(), unsupported, fn,
                 "{}: the checkpoint is already quantized (quant_method '{}')", mc.source,
                 mc.quantization.method);
   AUTOGLM_CHECK(config.spec.group == 0 || config.spec.group == 32 || config.spec.group == 64 ||
                     config.spec.group == 128,
-                invalid_argument, kFn, "group {} must be 0 (per channel), 32, 64 or 128",
+                invalid_argument, fn, "group {} must be 0 (per channel), 32, 64 or 128",
                 config.spec.group);
   std::error_code ec;
   AUTOGLM_CHECK(fs::weakly_canonical(src, ec) != fs::weakly_canonical(dst, ec), invalid_argument,
-                kFn, "source and destination are the same directory {}", src.string());
+                fn, "source and destination are the same directory {}", src.string());
   const SafeTensorsModel st = SafeTensorsModel::open(src);
   fs::create_directories(dst, ec);
-  AUTOGLM_CHECK(!ec, io, kFn, "cannot create {}: {}", dst.string(), ec.message());
+  AUTOGLM_CHECK(!ec, io, fn, "cannot create {}: {}", dst.string(), ec.message());
 
   QuantizeReport report;
   std::map<std::string, std::string> metadata{
@@ -144,6 +201,10 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
   // Column scales chosen for a gate/up pair whose partner is still to come (keyed by the gate's
   // name): chosen?, scales [k].
   std::map<std::string, std::pair<bool, std::vector<float>>> pair_scales;
+  // save_quantized: the int8 rows of decoder-layer tensors come from the model.
+  const std::map<std::string, detail::WeightRows> sources =
+      model ? detail::decoder_weight_sources(*model, src) : std::map<std::string, detail::WeightRows>();
+  ModelRows model_rows;
   nlohmann::json weight_map = nlohmann::json::object();
   for (std::size_t si = 0; si < shards.size(); ++si) {
     const SafeTensorsFile& shard = shards[si];
@@ -160,6 +221,31 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
     std::vector<std::string> names = shard.names();
     codes.reserve(names.size());
     scales.reserve(names.size());
+    col_scales.reserve(names.size());  // entries point into these vectors: no reallocation
+    // Entries of an int8 tensor: codes, scales and (when equalised) column scales.
+    const auto write_int8 = [&](const std::string& name, const Shape& s,
+                                const std::vector<std::int8_t>& q, const std::vector<float>& sc,
+                                std::vector<float>* cs) {
+      std::vector<std::int64_t> shape, sshape;
+      for (int i = 0; i < s.rank(); ++i) shape.push_back(s[i]);
+      sshape = shape;
+      const std::int64_t k = s[s.rank() - 1], mats = s.rank() == 3 ? s[0] : 1;
+      sshape.back() = k / config.spec.group_of(k);
+      entries.push_back(SafeTensorsEntry{name, "I8", shape, q.data(), q.size()});
+      entries.push_back(
+          SafeTensorsEntry{scale_name(name), "F32", sshape, sc.data(), sc.size() * sizeof(float)});
+      weight_map[name] = out_name;
+      weight_map[scale_name(name)] = out_name;
+      if (cs) {
+        std::vector<float>& kept_cs = col_scales.emplace_back(std::move(*cs));
+        std::vector<std::int64_t> cshape{k};
+        if (mats > 1 || s.rank() == 3) cshape = {mats, k};
+        entries.push_back(SafeTensorsEntry{col_scale_name(name), "F32", cshape, kept_cs.data(),
+                                           kept_cs.size() * sizeof(float)});
+        weight_map[col_scale_name(name)] = out_name;
+      }
+      ++report.quantized;
+    };
     for (const std::string& name : names) {
       const TensorInfo& info = shard.at(name);
       const WeightRole role = weight_role(name);
@@ -187,6 +273,13 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
       const std::int64_t group = config.spec.group_of(k), groups = k / group;
       std::vector<std::int8_t>& q = codes.emplace_back(static_cast<std::size_t>(mats * n * k));
       std::vector<float>& sc = scales.emplace_back(static_cast<std::size_t>(mats * n * groups));
+      if (const auto it = sources.find(name); it != sources.end()) {
+        std::vector<float> cs;
+        const bool equalised =
+            rows_from_model(fn, it->second, name, s, config.spec, model_rows, q, sc, cs);
+        write_int8(name, s, q, sc, equalised ? &cs : nullptr);
+        continue;
+      }
       const HostTensor h = shard.host_view(name);
       // Column scales [mats, k]: searched per matrix, or once over a fused gate/up pair (kept
       // until the partner takes them); embedding tables are looked up, never equalised, and
@@ -248,28 +341,11 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
         const std::int64_t bad = detail::quantize_rows(src_rows, n, k, group, q.data() + off,
                                                        sc.data() + e * n * groups);
         if (bad >= 0)
-          detail::fail(ErrorCode::numeric, kFn, "{}: tensor '{}' has a non-finite weight {}",
+          detail::fail(ErrorCode::numeric, fn, "{}: tensor '{}' has a non-finite weight {}",
                        shard.source(), name, src_rows[bad]);
       }
       shard.release(name);
-      std::vector<std::int64_t> shape, sshape;
-      for (int i = 0; i < s.rank(); ++i) shape.push_back(s[i]);
-      sshape = shape;
-      sshape.back() = groups;
-      entries.push_back(SafeTensorsEntry{name, "I8", shape, q.data(), q.size()});
-      entries.push_back(
-          SafeTensorsEntry{scale_name(name), "F32", sshape, sc.data(), sc.size() * sizeof(float)});
-      weight_map[name] = out_name;
-      weight_map[scale_name(name)] = out_name;
-      if (equalised) {
-        std::vector<float>& kept_cs = col_scales.emplace_back(std::move(cs));
-        std::vector<std::int64_t> cshape{k};
-        if (mats > 1 || s.rank() == 3) cshape = {mats, k};
-        entries.push_back(SafeTensorsEntry{col_scale_name(name), "F32", cshape, kept_cs.data(),
-                                           kept_cs.size() * sizeof(float)});
-        weight_map[col_scale_name(name)] = out_name;
-      }
-      ++report.quantized;
+      write_int8(name, s, q, sc, equalised ? &cs : nullptr);
     }
     save_safetensors(dst / out_name, entries, metadata);
     report.bytes_out += fs::file_size(dst / out_name, ec);
@@ -279,24 +355,36 @@ QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
                             {"weight_map", weight_map}};
     std::ofstream f(dst / "model.safetensors.index.json");
     f << index.dump(2) << "\n";
-    AUTOGLM_CHECK(f.good(), io, kFn, "cannot write {}",
+    AUTOGLM_CHECK(f.good(), io, fn, "cannot write {}",
                   (dst / "model.safetensors.index.json").string());
   }
   // config.json with the scheme, so load_model knows the int8 tensors are meant.
   std::ifstream cf(src / "config.json");
   nlohmann::json cfg = nlohmann::json::parse(cf, nullptr, /*allow_exceptions=*/false);
-  AUTOGLM_CHECK(!cfg.is_discarded(), io, kFn, "cannot re-read {}", (src / "config.json").string());
+  AUTOGLM_CHECK(!cfg.is_discarded(), io, fn, "cannot re-read {}", (src / "config.json").string());
   cfg["quantization_config"] = {{"quant_method", kAutoglmQuantMethod},
                                 {"scheme", config.spec.scheme_name()},
                                 {"activations", config.spec.mode_name()},
                                 {"group_size", config.spec.group}};
   std::ofstream out(dst / "config.json");
   out << cfg.dump(2) << "\n";
-  AUTOGLM_CHECK(out.good(), io, kFn, "cannot write {}", (dst / "config.json").string());
+  AUTOGLM_CHECK(out.good(), io, fn, "cannot write {}", (dst / "config.json").string());
   for (const char* extra : {"generation_config.json", "tokenizer.json", "tokenizer_config.json"})
     if (fs::exists(src / extra))
       fs::copy_file(src / extra, dst / extra, fs::copy_options::overwrite_existing, ec);
   return report;
+}
+
+}  // namespace
+
+QuantizeReport quantize_checkpoint(const fs::path& src, const fs::path& dst,
+                                   const QuantConfig& config) {
+  return write_checkpoint(kFn, src, dst, config, nullptr);
+}
+
+QuantizeReport save_quantized(const Model& model, const fs::path& src, const fs::path& dst,
+                              const QuantConfig& config) {
+  return write_checkpoint("save_quantized", src, dst, config, &model);
 }
 
 }  // namespace autoglm

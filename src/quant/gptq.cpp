@@ -4,7 +4,10 @@
 #include <Eigen/Cholesky>
 #include <Eigen/Core>
 #include <algorithm>
+#include <charconv>
 #include <cmath>
+#include <fstream>
+#include <string>
 #include <vector>
 
 #include "autoglm/models/session.hpp"
@@ -199,6 +202,39 @@ std::int64_t gptq_rows(const float* w, std::int64_t n, std::int64_t k, std::int6
 }  // namespace detail
 
 // ------------------------------------------------------------------------------ quantize_model
+
+std::vector<std::vector<std::int32_t>> Calibration::read_sequences(
+    const std::filesystem::path& path) {
+  constexpr std::string_view fn = "Calibration::read_sequences";
+  std::ifstream f(path);
+  AUTOGLM_CHECK(f.good(), io, fn, "cannot read {}", path.string());
+  std::vector<std::vector<std::int32_t>> out;
+  std::string line;
+  for (std::int64_t n = 1; std::getline(f, line); ++n) {
+    std::vector<std::int32_t> seq;
+    std::size_t i = 0;
+    while (i < line.size()) {
+      if (line[i] == ' ' || line[i] == ',' || line[i] == '\t' || line[i] == '\r') {
+        ++i;
+        continue;
+      }
+      std::size_t j = i;
+      while (j < line.size() && line[j] != ' ' && line[j] != ',' && line[j] != '\t' &&
+             line[j] != '\r')
+        ++j;
+      std::int32_t v = -1;
+      const auto [end, ec] = std::from_chars(line.data() + i, line.data() + j, v);
+      AUTOGLM_CHECK(ec == std::errc() && end == line.data() + j && v >= 0, io, fn,
+                    "{} line {}: '{}' is not a token id", path.string(), n,
+                    line.substr(i, std::min<std::size_t>(j - i, 32)));
+      seq.push_back(v);
+      i = j;
+    }
+    if (!seq.empty()) out.push_back(std::move(seq));
+  }
+  AUTOGLM_CHECK(!out.empty(), io, fn, "{} holds no token sequences", path.string());
+  return out;
+}
 
 Model quantize_model(const Model& model, const QuantConfig& config,
                      const Calibration& calibration) {

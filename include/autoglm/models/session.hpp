@@ -101,6 +101,8 @@ class Session {
  public:
   /// A session with an empty cache.
   explicit Session(const Model& model, SessionOptions options = {});
+  /// A session keeps a reference to its model: a temporary one would dangle.
+  Session(const Model&& model, SessionOptions options = {}) = delete;
   // One cache per session: sessions are moved, never copied.
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;

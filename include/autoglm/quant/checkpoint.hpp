@@ -18,6 +18,8 @@
 
 namespace autoglm {
 
+class Model;
+
 /// quant_method of config.json for an autoglm int8 checkpoint.
 inline constexpr std::string_view kAutoglmQuantMethod = "autoglm_int8";
 
@@ -58,5 +60,15 @@ struct QuantizeReport {
 /// destination.
 QuantizeReport quantize_checkpoint(const std::filesystem::path& src,
                                    const std::filesystem::path& dst, const QuantConfig& config);
+
+/// Writes `model` -- quantized with `config` from a model loaded from the checkpoint directory
+/// `src`, by quantize_model with or without calibration (GPTQ) -- as an int8 checkpoint in
+/// `dst`, in quantize_checkpoint's format: the decoder layers' int8 codes, scales and column
+/// scales are the model's, bit for bit; the embedding table and LM head, when `config`
+/// quantizes them, are rounded to nearest as quantize_model does. load_model(dst) gives the same
+/// model. An Error naming the tensor when the model does not hold `src`'s layers, or holds f32 or
+/// another scheme where `config` asks for int8; quantize_checkpoint's Errors otherwise.
+QuantizeReport save_quantized(const Model& model, const std::filesystem::path& src,
+                              const std::filesystem::path& dst, const QuantConfig& config);
 
 }  // namespace autoglm

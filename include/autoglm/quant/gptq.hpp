@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 #include <unordered_map>
 #include <vector>
@@ -192,6 +193,11 @@ struct Calibration {
   std::vector<std::vector<std::int32_t>> sequences;
   /// GPTQ's numeric options.
   GptqOptions gptq{};
+
+  /// Token id sequences from a text file, one per line, ids separated by spaces or commas
+  /// (blank lines skipped). An unreadable file, a field that is not an id in [0, 2^31) or a
+  /// file without sequences is an Error naming the file and line.
+  static std::vector<std::vector<std::int32_t>> read_sequences(const std::filesystem::path& path);
 };
 
 /// quantize_model with GPTQ: the calibration sequences run through the model one decoder layer
