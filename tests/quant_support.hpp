@@ -95,8 +95,8 @@ inline std::vector<std::int32_t> license_ids() {
 
 /// `count` windows of `len` ids from ids[begin, end), evenly spaced.
 inline std::vector<std::vector<std::int32_t>> windows(const std::vector<std::int32_t>& ids,
-                                               std::size_t begin, std::size_t end, int count,
-                                               std::size_t len) {
+                                                      std::size_t begin, std::size_t end, int count,
+                                                      std::size_t len) {
   std::vector<std::vector<std::int32_t>> out;
   const std::size_t step = (end - begin - len) / static_cast<std::size_t>(count);
   for (int i = 0; i < count; ++i) {

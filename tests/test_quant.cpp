@@ -902,7 +902,8 @@ TEST_CASE("save_quantized of a round-to-nearest model writes quantize_checkpoint
       INFO(src.string() << " " << spec.scheme_name() << " " << spec.mode_name());
       const fs::path a = temp_dir("save_a"), c = temp_dir("save_b");
       const QuantizeReport ra = quantize_checkpoint(src, a, cfg);
-      const QuantizeReport rc = save_quantized(quantize_model(load_model(b, src), cfg), src, c, cfg);
+      const QuantizeReport rc =
+          save_quantized(quantize_model(load_model(b, src), cfg), src, c, cfg);
       REQUIRE(rc.quantized == ra.quantized);
       REQUIRE(dir_bytes(a) == dir_bytes(c));  // byte for byte, column scales included
       fs::remove_all(a);
@@ -919,7 +920,7 @@ TEST_CASE("save_quantized of a GPTQ model loads back to the same model", "[quant
   calib.sequences = windows(ids, 0, ids.size(), 4, 96);
   const fs::path outliers = outlier_copy("glm4_moe_hub_tied", "save_gptq_outliers");
   for (const fs::path& src : {fixture("mixtral_hub_sharded"), fixture("qwen2_moe"),
-                             fixture("deepseek_v3"), fixture("glm4_moe_hub_tied"), outliers}) {
+                              fixture("deepseek_v3"), fixture("glm4_moe_hub_tied"), outliers}) {
     INFO(src.string());
     const Model f32 = load_model(b, src);
     QuantConfig cfg;
@@ -930,7 +931,8 @@ TEST_CASE("save_quantized of a GPTQ model loads back to the same model", "[quant
     const std::vector<std::int32_t> prompt = read_ids(src, "prompt");
     const Model rtn = quantize_model(f32, cfg);
     Session s1(gptq), s2(back), s3(rtn);
-    const auto l1 = host_f32(b, s1.prefill(prompt, true)), l2 = host_f32(b, s2.prefill(prompt, true));
+    const auto l1 = host_f32(b, s1.prefill(prompt, true)),
+               l2 = host_f32(b, s2.prefill(prompt, true));
     REQUIRE(l1 == l2);
     REQUIRE(l1 != host_f32(b, s3.prefill(prompt, true)));  // GPTQ's codes, not RTN's, came back
     fs::remove_all(dst);

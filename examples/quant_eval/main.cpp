@@ -74,7 +74,7 @@ Args parse(int argc, char** argv) {
 
 /// What one model gives over the evaluation sequences.
 struct Run {
-  std::vector<std::vector<float>> logits;                      // per sequence [T, V]
+  std::vector<std::vector<float>> logits;                       // per sequence [T, V]
   std::vector<std::vector<std::vector<std::int32_t>>> routing;  // per sequence, MoE layer
   std::vector<std::vector<std::vector<float>>> hidden;          // per sequence, layer
 };
@@ -85,9 +85,8 @@ Run run(const autoglm::Model& m, const std::vector<std::vector<std::int32_t>>& s
     autoglm::Session s(m, autoglm::SessionOptions{static_cast<std::int64_t>(seq.size())});
     std::vector<std::vector<std::int32_t>> routes;
     std::vector<std::vector<float>> hidden;
-    s.set_routing_observer([&](std::int64_t, const autoglm::RoutingStats& st) {
-      routes.push_back(st.expert_ids);
-    });
+    s.set_routing_observer(
+        [&](std::int64_t, const autoglm::RoutingStats& st) { routes.push_back(st.expert_ids); });
     s.set_layer_observer([&](std::int64_t, autoglm::TensorView x) {
       std::vector<float> h(static_cast<std::size_t>(x.numel()));
       m.backend().copy_to_host(h.data(), x);
@@ -141,8 +140,7 @@ void report(const std::string& name, const Run& ref, const Run& got,
         return mx + std::log(sum);
       };
       const double lp = lse(p), lq = lse(q);
-      for (std::int64_t v = 0; v < V; ++v)
-        kl += std::exp(p[v] - lp) * ((p[v] - lp) - (q[v] - lq));
+      for (std::int64_t v = 0; v < V; ++v) kl += std::exp(p[v] - lp) * ((p[v] - lp) - (q[v] - lq));
       ++positions;
     }
   }
@@ -189,14 +187,15 @@ int main(int argc, char** argv) {
       else
         bad("--parts: unknown part '" + p + "' (experts, attention, dense, router)");
     }
-    fmt::print("{}: {} layers, {} evaluation sequences ({} tokens); {} {}\n", a.model,
-               f32.num_layers(), eval.size(),
-               [&] {
-                 std::size_t n = 0;
-                 for (const auto& s : eval) n += s.size();
-                 return n;
-               }(),
-               qc.spec.scheme_name(), qc.spec.mode_name());
+    fmt::print(
+        "{}: {} layers, {} evaluation sequences ({} tokens); {} {}\n", a.model, f32.num_layers(),
+        eval.size(),
+        [&] {
+          std::size_t n = 0;
+          for (const auto& s : eval) n += s.size();
+          return n;
+        }(),
+        qc.spec.scheme_name(), qc.spec.mode_name());
     const Run ref = run(f32, eval);
     using clock = std::chrono::steady_clock;
     auto t0 = clock::now();

@@ -203,7 +203,8 @@ QuantizeReport write_checkpoint(std::string_view fn, const fs::path& src, const 
   std::map<std::string, std::pair<bool, std::vector<float>>> pair_scales;
   // save_quantized: the int8 rows of decoder-layer tensors come from the model.
   const std::map<std::string, detail::WeightRows> sources =
-      model ? detail::decoder_weight_sources(*model, src) : std::map<std::string, detail::WeightRows>();
+      model ? detail::decoder_weight_sources(*model, src)
+            : std::map<std::string, detail::WeightRows>();
   ModelRows model_rows;
   nlohmann::json weight_map = nlohmann::json::object();
   for (std::size_t si = 0; si < shards.size(); ++si) {
