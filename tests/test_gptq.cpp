@@ -5,6 +5,8 @@
 // quantize_model with calibration on the fixture models against round-to-nearest; bad input.
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -175,6 +177,58 @@ TEST_CASE("gptq_rows equals a column-by-column GPTQ reference", "[gptq]") {
   }
 }
 
+TEST_CASE("gptq_rows: what it cannot round is left to round-to-nearest (-2)", "[gptq][errors]") {
+  const std::int64_t n = 4, k = 64;
+  const std::vector<float> w = trained_like(n, k, 61, 0.05f);
+  std::vector<float> gram(static_cast<std::size_t>(k * k), 0.0f);
+  for (std::int64_t c = 0; c < k; ++c) gram[c * k + c] = 1.0f;
+  std::vector<std::int8_t> q(w.size());
+  std::vector<float> s(static_cast<std::size_t>(n * 2));
+  REQUIRE(detail::gptq_rows(w.data(), n, k, 48, gram.data(), 0.01, q.data(), s.data()) == -2);
+  REQUIRE(detail::gptq_rows(w.data(), n, k, 0, gram.data(), 0.01, q.data(), s.data()) == -2);
+  std::vector<float> bad = gram;
+  bad[3 * k + 5] = bad[5 * k + 3] = std::numeric_limits<float>::infinity();
+  REQUIRE(detail::gptq_rows(w.data(), n, k, 32, bad.data(), 0.01, q.data(), s.data()) == -2);
+  bad = gram;
+  bad[7 * k + 7] = std::nanf("");
+  REQUIRE(detail::gptq_rows(w.data(), n, k, 32, bad.data(), 0.01, q.data(), s.data()) == -2);
+  std::vector<float> wn = w;
+  wn[2 * k + 9] = std::nanf("");  // a non-finite weight is reported by its index
+  REQUIRE(detail::gptq_rows(wn.data(), n, k, 32, gram.data(), 0.01, q.data(), s.data()) ==
+          2 * k + 9);
+}
+
+TEST_CASE("GptqScope: nested scopes, the innermost wins, any destruction order", "[gptq]") {
+  CpuBackend& b = cpu2();
+  const std::int64_t n = 16, k = 64, rows = 128;
+  const Tensor w = tensor_f32(b, Shape{n, k}, trained_like(n, k, 71, 0.05f));
+  InputRecorder r1(b), r2(b);
+  Tensor out(b, DType::f32, Shape{rows, n});
+  r1.gemm(tensor_f32(b, Shape{rows, k}, correlated_rows(rows, k, 72, 73)), w, out);
+  r2.gemm(tensor_f32(b, Shape{rows, k}, correlated_rows(rows, k, 74, 75)), w, out);
+  const auto codes = [&] { return host_f32(b, dequantize(b, quantize(b, w, QuantSpec{}))); };
+  const std::vector<float> rtn = codes();
+  std::vector<float> with1, with2;
+  {
+    GptqScope s1(r1);
+    with1 = codes();
+  }
+  {
+    GptqScope s2(r2);
+    with2 = codes();
+  }
+  REQUIRE(with1 != rtn);
+  REQUIRE(with2 != with1);
+  auto outer = std::make_unique<GptqScope>(r1);
+  auto inner = std::make_unique<GptqScope>(r2);
+  REQUIRE(codes() == with2);
+  outer.reset();  // out of order: the inner scope stays active
+  REQUIRE(codes() == with2);
+  inner.reset();
+  REQUIRE(detail::GptqAccess::active() == nullptr);
+  REQUIRE(codes() == rtn);
+}
+
 TEST_CASE("InputRecorder: Gram matrices of gemm and grouped_gemm inputs, outputs unchanged",
           "[gptq]") {
   CpuBackend& b = cpu2();
@@ -269,6 +323,7 @@ TEST_CASE("GPTQ: bad input is an Error", "[gptq][errors]") {
                            }));
   }
   REQUIRE_THROWS_AS(GptqScope(rec, GptqOptions{-1.0}), Error);
+  REQUIRE_THROWS_AS(GptqScope(rec, GptqOptions{1e300}), Error);
   REQUIRE_THROWS_AS(GptqScope(rec, GptqOptions{std::nan(""), 8}), Error);
   REQUIRE_THROWS_AS(GptqScope(rec, GptqOptions{0.01, -1}), Error);
 

@@ -965,7 +965,13 @@ TEST_CASE("save_quantized: a model that does not match the checkpoint or config 
   QuantConfig router;
   router.router = true;
   REQUIRE(fails(pc, src, router, "mlp.gate.weight"));
-  REQUIRE(fails(pc, fixture("deepseek_v3"), QuantConfig{}, "layers"));
+  REQUIRE(fails(quantize_model(f32, router), src, QuantConfig{},
+                "is int8 in the model, but the config keeps it as stored"));
+  QuantConfig head;
+  head.lm_head = true;
+  REQUIRE(fails(quantize_model(f32, head), src, QuantConfig{}, "LM head"));
+  REQUIRE(fails(pc, fixture("deepseek_v3"), QuantConfig{}, "is not the model's"));
+  REQUIRE_FALSE(fs::exists(dst / "model.safetensors"));  // checked before anything is written
   fs::remove_all(dst);
 }
 

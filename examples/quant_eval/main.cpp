@@ -153,12 +153,14 @@ void report(const std::string& name, const Run& ref, const Run& got,
                              100.0 * static_cast<double>(same[l]) / static_cast<double>(total[l]));
   }
   for (std::size_t l = 0; l < layers; ++l)
-    errs += fmt::format("{}{:.3f}", l ? " / " : "", 100.0 * std::sqrt(num[l] / den[l]));
+    errs += fmt::format("{}{:.3f}", l ? " / " : "",
+                        den[l] > 0.0 ? 100.0 * std::sqrt(num[l] / den[l]) : 0.0);
   fmt::print(
       "{:<12} top-k sets equal {:.2f} % (per MoE layer {}); mean KL {:.3g}; layer outputs' "
       "relative L2 error {} %; quantized in {:.1f} s\n",
-      name, 100.0 * static_cast<double>(all_same) / static_cast<double>(all), per_layer,
-      kl / static_cast<double>(positions), errs, seconds);
+      name, all ? 100.0 * static_cast<double>(all_same) / static_cast<double>(all) : 100.0,
+      moe_layers ? per_layer : std::string("no MoE layers"), kl / static_cast<double>(positions),
+      errs, seconds);
 }
 
 }  // namespace

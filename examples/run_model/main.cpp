@@ -68,11 +68,12 @@ void usage() {
       "--bf16-compute: bf16 weights multiply bf16-rounded activations on AMX-BF16 tiles or with\n"
       "  AVX512_BF16 dot products (as PyTorch's bf16 matmuls do): faster prefill, logits within\n"
       "  bf16 rounding of exact.\n"
-      "--save-quantized OUT_DIR: writes the int8 checkpoint (quantize_checkpoint) and runs it;\n"
-      "  an int8 directory loads directly with --model, without re-quantizing.\n"
-      "--calibrate FILE: with --quantize, GPTQ rounding calibrated on FILE's token sequences (one\n"
-      "  per line, ids separated by spaces or commas) instead of round-to-nearest; in memory only\n"
-      "  (not with --save-quantized).");
+      "--save-quantized OUT_DIR: writes the int8 checkpoint (quantize_checkpoint, or\n"
+      "  save_quantized with --calibrate) and runs it; an int8 directory loads directly with\n"
+      "  --model, without re-quantizing.\n"
+      "--calibrate FILE: with --quantize or --save-quantized, GPTQ rounding calibrated on FILE's\n"
+      "  token sequences (one per line, ids separated by spaces or commas) instead of\n"
+      "  round-to-nearest (the f32 model is loaded whole first).");
 }
 
 [[noreturn]] void bad(std::string_view msg) {
@@ -170,10 +171,9 @@ Args parse(int argc, char** argv) {
     bad(fmt::format("--equalize {} must be on or off", a.equalize));
   if (a.weights != "stored" && a.weights != "f32")
     bad(fmt::format("--weights {} must be stored or f32", a.weights));
-  if (!a.calibrate.empty() && !a.save_quantized.empty())
-    bad("--calibrate: GPTQ models are not saved yet; use one of --calibrate, --save-quantized");
   if (!a.save_quantized.empty() && a.quantize.empty()) a.quantize = "int8";
-  if (!a.calibrate.empty() && a.quantize.empty()) bad("--calibrate needs --quantize");
+  if (!a.calibrate.empty() && a.quantize.empty())
+    bad("--calibrate needs --quantize or --save-quantized");
   if (!a.quantize.empty()) autoglm::QuantSpec::parse(a.quantize, a.activations);  // validates
   return a;
 }
@@ -252,7 +252,16 @@ int main(int argc, char** argv) {
     }
     std::string dir = a.model;
     if (!a.save_quantized.empty()) {
-      const autoglm::QuantizeReport r = autoglm::quantize_checkpoint(a.model, a.save_quantized, qc);
+      autoglm::QuantizeReport r;
+      if (a.calibrate.empty()) {
+        r = autoglm::quantize_checkpoint(a.model, a.save_quantized, qc);
+      } else {  // GPTQ in memory, then the model's codes written out
+        autoglm::Calibration cal;
+        cal.sequences = autoglm::Calibration::read_sequences(a.calibrate);
+        const autoglm::Model f32 = autoglm::load_model(backend, a.model, lo);
+        r = autoglm::save_quantized(autoglm::quantize_model(f32, qc, cal), a.model,
+                                    a.save_quantized, qc);
+      }
       fmt::print(
           "quantized {} -> {}: {} int8 tensors, {} kept; {:.1f} MiB -> {:.1f} MiB ({:.1f} %)\n",
           a.model, a.save_quantized, r.quantized, r.kept,
@@ -263,7 +272,7 @@ int main(int argc, char** argv) {
     // Quantized while loading, a layer at a time: the f32 model is never whole in memory.
     if (!a.quantize.empty() && a.save_quantized.empty() && a.calibrate.empty()) lo.quantize = qc;
     autoglm::Model model = autoglm::load_model(backend, dir, lo);
-    if (!a.calibrate.empty()) {  // GPTQ runs the f32 model over the sequences, a layer at a time
+    if (!a.calibrate.empty() && a.save_quantized.empty()) {  // GPTQ, a layer at a time
       autoglm::Calibration cal;
       cal.sequences = autoglm::Calibration::read_sequences(a.calibrate);
       model = autoglm::quantize_model(model, qc, cal);

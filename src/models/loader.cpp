@@ -828,22 +828,38 @@ std::map<std::string, WeightRows> decoder_weight_sources(const Model& model,
                                                          const std::filesystem::path& dir) {
   constexpr std::string_view fn = "save_quantized";
   const ModelConfig c = load_model_config(dir);
-  AUTOGLM_CHECK(c.num_hidden_layers == model.num_layers() && c.hidden_size == model.hidden(),
+  const ModelConfig& mc = model.config();
+  const auto sizes = [](const ModelConfig& x) {
+    return std::vector<std::int64_t>{static_cast<std::int64_t>(x.family),
+                                     x.vocab_size,
+                                     x.hidden_size,
+                                     x.num_hidden_layers,
+                                     x.num_attention_heads,
+                                     x.num_key_value_heads,
+                                     x.head_dim,
+                                     x.intermediate_size,
+                                     x.moe_intermediate_size,
+                                     x.num_experts,
+                                     x.num_experts_per_tok,
+                                     x.shared_expert_intermediate_size};
+  };
+  AUTOGLM_CHECK(sizes(c) == sizes(mc) && c.num_hidden_layers == model.num_layers(),
                 invalid_argument, fn,
-                "{}: the checkpoint has {} layers of width {}, the model {} of width {}",
-                dir.string(), c.num_hidden_layers, c.hidden_size, model.num_layers(),
-                model.hidden());
+                "{}: the checkpoint's config (sizes {}) is not the model's ({}, from {})",
+                dir.string(), fmt::join(sizes(c), ","), fmt::join(sizes(mc), ","), mc.source);
   Checkpoint ck(model.backend(), SafeTensorsModel::open(dir), dir.string(), nullptr, std::nullopt,
                 WeightStorage::as_stored);
   std::map<std::string, WeightRows> out;
   const auto put = [&](const std::string& name, const Weight& w, std::int64_t matrix = -1,
-                       std::int64_t row0 = 0) {
-    if (!name.empty() && !w.empty()) out[name] = WeightRows{&w, matrix, row0};
+                       std::int64_t row0 = 0, std::int64_t rows = 0) {
+    if (!name.empty() && !w.empty()) out[name] = WeightRows{&w, matrix, row0, rows};
   };
-  const auto put_mlp = [&](const MlpNames& n, const SwiGluExperts& x) {
-    put(n.gate, x.gate_up(), 0, 0);
-    put(n.up, x.gate_up(), 0, x.ffn());
-    put(n.down, x.down(), 0, 0);
+  // A gate / up / down triple of one expert (or a shared / dense MLP): gate rows first.
+  const auto put_swiglu = [&](const std::string& gate, const std::string& up,
+                              const std::string& down, const SwiGluExperts& x, std::int64_t e) {
+    put(gate, x.gate_up(), e, 0, x.ffn());
+    put(up, x.gate_up(), e, x.ffn(), x.ffn());
+    put(down, x.down(), e, 0, x.hidden());
   };
   for (int i = 0; i < static_cast<int>(c.num_hidden_layers); ++i) {
     const LayerNames n = plan_layer(ck, c, i);
@@ -869,7 +885,7 @@ std::map<std::string, WeightRows> decoder_weight_sources(const Model& model,
       put(n.o, w.o_proj);
     }
     if (!n.moe) {
-      put_mlp(n.dense, std::get<DenseMlp>(l.ffn()).mlp());
+      put_swiglu(n.dense.gate, n.dense.up, n.dense.down, std::get<DenseMlp>(l.ffn()).mlp(), 0);
       continue;
     }
     const MoEBlock& m = std::get<MoEBlock>(l.ffn());
@@ -879,17 +895,14 @@ std::map<std::string, WeightRows> decoder_weight_sources(const Model& model,
       put(n.experts.gate_up, x.gate_up());
       put(n.experts.down, x.down());
     } else {
-      for (std::size_t e = 0; e < n.experts.gate.size(); ++e) {
-        const auto ei = static_cast<std::int64_t>(e);
-        put(n.experts.gate[e], x.gate_up(), ei, 0);
-        put(n.experts.up[e], x.gate_up(), ei, x.ffn());
-        put(n.experts.downs[e], x.down(), ei, 0);
-      }
+      for (std::size_t e = 0; e < n.experts.gate.size(); ++e)
+        put_swiglu(n.experts.gate[e], n.experts.up[e], n.experts.downs[e], x,
+                   static_cast<std::int64_t>(e));
     }
     if (n.shared.defined()) {
       AUTOGLM_CHECK(m.aggregator().shared().has_value(), invalid_argument, fn,
                     "{}: layer {} of the model has no shared expert", dir.string(), i);
-      put_mlp(n.shared, m.aggregator().shared()->mlp());
+      put_swiglu(n.shared.gate, n.shared.up, n.shared.down, m.aggregator().shared()->mlp(), 0);
     }
   }
   return out;

@@ -122,20 +122,10 @@ std::string pair_key(const std::string& name, const std::string& partner) {
 
 namespace {
 
-/// The host copy of the model weight save_quantized reads rows from, kept while consecutive
-/// tensors (the experts of one bank) come from it.
-struct ModelRows {
-  const Weight* weight = nullptr;
-  std::vector<std::int8_t> data;
-  std::vector<float> scales, col_scales;
-};
-
-// q: [mats * n * k], sc: [mats * n * groups], cs: [mats * k] (filled when equalised).
-/// The int8 rows of checkpoint tensor `name` (shape s) from the model weight `src` points at.
-/// Returns whether the weight has column scales.
-bool rows_from_model(std::string_view fn, const detail::WeightRows& src, const std::string& name,
-                     const Shape& s, const QuantSpec& spec, ModelRows& cache,
-                     std::vector<std::int8_t>& q, std::vector<float>& sc, std::vector<float>& cs) {
+/// Checks that the model weight `src` points at can supply checkpoint tensor `name` (shape s)
+/// in `spec`: int8 in that scheme, and the tensor's rows fit.
+void check_model_rows(std::string_view fn, const detail::WeightRows& src, const std::string& name,
+                      const Shape& s, const QuantSpec& spec) {
   const Weight& w = *src.weight;
   AUTOGLM_CHECK(w.is_quantized(), invalid_argument, fn,
                 "tensor '{}' is f32 in the model, but the config quantizes it", name);
@@ -145,33 +135,100 @@ bool rows_from_model(std::string_view fn, const detail::WeightRows& src, const s
                 qt.spec().scheme_name(), qt.spec().mode_name(), spec.scheme_name(),
                 spec.mode_name());
   const Shape& ws = qt.shape();
-  const std::int64_t k = s[s.rank() - 1], n = s[s.rank() - 2], mats = s.rank() == 3 ? s[0] : 1;
-  const std::int64_t wn = ws[ws.rank() - 2], wk = ws[ws.rank() - 1];
-  const bool whole = src.matrix < 0;
-  AUTOGLM_CHECK(whole ? ws == s
-                      : (ws.rank() == 3 && mats == 1 && s.rank() == 2 && src.matrix < ws[0] &&
-                         wk == k && src.row0 + n <= wn),
+  const std::int64_t k = s[s.rank() - 1], n = s[s.rank() - 2];
+  AUTOGLM_CHECK(src.matrix < 0 ? ws == s
+                               : (ws.rank() == 3 && s.rank() == 2 && src.matrix < ws[0] &&
+                                  ws[2] == k && n == src.rows && src.row0 + n <= ws[1]),
                 shape_mismatch, fn, "tensor '{}' {} does not fit the model's weight {}", name,
                 s.str(), ws.str());
-  if (cache.weight != &w) {
+}
+
+/// Host copies of the model weights save_quantized reads rows from. Per-expert tensors come
+/// bank by bank in name order (gate, up and down of each expert), so a layer's few banks stay.
+class ModelRows {
+ public:
+  struct Host {
+    std::vector<std::int8_t> data;
+    std::vector<float> scales, col_scales;
+  };
+  const Host& of(const Weight& w) {
+    if (auto it = cache_.find(&w); it != cache_.end()) return it->second;
+    if (cache_.size() >= 4) cache_.clear();
+    const QuantizedTensor& qt = w.quantized();
     Backend& b = *qt.backend();
-    const std::int64_t groups = qt.groups();
-    cache.data.resize(static_cast<std::size_t>(ws.numel()));
-    cache.scales.resize(static_cast<std::size_t>(ws.numel() / wk * groups));
-    b.quantized_to_host(qt, cache.data.data(), cache.scales.data());
-    cache.col_scales.resize(qt.has_col_scales() ? static_cast<std::size_t>(qt.col_scales().numel())
-                                                : 0);
-    if (qt.has_col_scales()) b.copy_to_host(cache.col_scales.data(), qt.col_scales());
-    cache.weight = &w;
+    Host& h = cache_[&w];
+    const Shape& ws = qt.shape();
+    h.data.resize(static_cast<std::size_t>(ws.numel()));
+    h.scales.resize(static_cast<std::size_t>(ws.numel() / ws[ws.rank() - 1] * qt.groups()));
+    b.quantized_to_host(qt, h.data.data(), h.scales.data());
+    if (qt.has_col_scales()) {
+      h.col_scales.resize(static_cast<std::size_t>(qt.col_scales().numel()));
+      b.copy_to_host(h.col_scales.data(), qt.col_scales());
+    }
+    return h;
   }
-  const std::int64_t groups = qt.groups();
+
+ private:
+  std::map<const Weight*, Host> cache_;
+};
+
+// q: [mats * n * k], sc: [mats * n * groups], cs: [mats * k] (filled when equalised).
+/// The int8 rows of checkpoint tensor `name` (shape s, checked by check_model_rows) from the
+/// model weight `src` points at. Returns whether the weight has column scales.
+bool rows_from_model(const detail::WeightRows& src, const Shape& s, ModelRows& cache,
+                     std::vector<std::int8_t>& q, std::vector<float>& sc, std::vector<float>& cs) {
+  const QuantizedTensor& qt = src.weight->quantized();
+  const ModelRows::Host& h = cache.of(*src.weight);
+  const std::int64_t k = s[s.rank() - 1], n = s[s.rank() - 2], mats = s.rank() == 3 ? s[0] : 1;
+  const std::int64_t wn = qt.shape()[qt.shape().rank() - 2], groups = qt.groups();
+  const bool whole = src.matrix < 0;
   const std::int64_t m = whole ? 0 : src.matrix;
   const std::int64_t first = whole ? 0 : m * wn + src.row0, rows = mats * n;
-  std::copy_n(cache.data.begin() + first * k, rows * k, q.begin());
-  std::copy_n(cache.scales.begin() + first * groups, rows * groups, sc.begin());
-  if (cache.col_scales.empty()) return false;
-  cs.assign(cache.col_scales.begin() + m * k, cache.col_scales.begin() + m * k + mats * k);
+  std::copy_n(h.data.begin() + first * k, rows * k, q.begin());
+  std::copy_n(h.scales.begin() + first * groups, rows * groups, sc.begin());
+  if (h.col_scales.empty()) return false;
+  cs.assign(h.col_scales.begin() + m * k, h.col_scales.begin() + m * k + mats * k);
   return true;
+}
+
+/// Whether the writer stores tensor `name` as int8: a float matrix (or stack) of a part the
+/// config selects whose K the group divides.
+bool converts(const QuantConfig& config, const std::string& name, const TensorInfo& info) {
+  const bool rank_ok = info.shape && (info.shape->rank() == 2 || info.shape->rank() == 3);
+  const std::int64_t k = rank_ok ? (*info.shape)[info.shape->rank() - 1] : 0;
+  return quantizes(config, weight_role(name)) && rank_ok && info.dtype &&
+         is_float_dtype(*info.dtype) && k > 0 && k % config.spec.group_of(k) == 0;
+}
+
+/// save_quantized's checks, before anything is written: every decoder-layer tensor the config
+/// converts is int8 in `spec` in the model, no other one is, and the head and embedding table
+/// are int8 exactly where the config converts them (their codes are re-rounded from the file,
+/// as quantize_model rounds them).
+void check_model_matches(std::string_view fn, const Model& model, const SafeTensorsModel& st,
+                         const std::map<std::string, detail::WeightRows>& sources,
+                         const QuantConfig& config) {
+  for (const SafeTensorsFile& shard : st.shards())
+    for (const std::string& name : shard.names()) {
+      const TensorInfo& info = shard.at(name);
+      const bool convert = converts(config, name, info);
+      if (const auto it = sources.find(name); it != sources.end()) {
+        if (convert)
+          check_model_rows(fn, it->second, name, *info.shape, config.spec);
+        else
+          AUTOGLM_CHECK(!it->second.weight->is_quantized(), invalid_argument, fn,
+                        "tensor '{}' is int8 in the model, but the config keeps it as stored",
+                        name);
+      }
+    }
+  const std::int64_t d = model.hidden();
+  const bool fits = d % config.spec.group_of(d) == 0;
+  AUTOGLM_CHECK(model.head().head().is_quantized() == (config.lm_head && fits), invalid_argument,
+                fn, "the model's LM head is {}, the config's lm_head is {}",
+                model.head().head().is_quantized() ? "int8" : "float", config.lm_head);
+  AUTOGLM_CHECK(model.embeddings().table().is_quantized() == (config.embeddings && fits),
+                invalid_argument, fn,
+                "the model's embedding table is {}, the config's embeddings is {}",
+                model.embeddings().table().is_quantized() ? "int8" : "float", config.embeddings);
 }
 
 QuantizeReport write_checkpoint(std::string_view fn, const fs::path& src, const fs::path& dst,
@@ -189,6 +246,11 @@ QuantizeReport write_checkpoint(std::string_view fn, const fs::path& src, const 
   AUTOGLM_CHECK(fs::weakly_canonical(src, ec) != fs::weakly_canonical(dst, ec), invalid_argument,
                 fn, "source and destination are the same directory {}", src.string());
   const SafeTensorsModel st = SafeTensorsModel::open(src);
+  // save_quantized: the int8 rows of decoder-layer tensors come from the model, checked first.
+  const std::map<std::string, detail::WeightRows> sources =
+      model ? detail::decoder_weight_sources(*model, src)
+            : std::map<std::string, detail::WeightRows>();
+  if (model) check_model_matches(fn, *model, st, sources, config);
   fs::create_directories(dst, ec);
   AUTOGLM_CHECK(!ec, io, fn, "cannot create {}: {}", dst.string(), ec.message());
 
@@ -201,10 +263,6 @@ QuantizeReport write_checkpoint(std::string_view fn, const fs::path& src, const 
   // Column scales chosen for a gate/up pair whose partner is still to come (keyed by the gate's
   // name): chosen?, scales [k].
   std::map<std::string, std::pair<bool, std::vector<float>>> pair_scales;
-  // save_quantized: the int8 rows of decoder-layer tensors come from the model.
-  const std::map<std::string, detail::WeightRows> sources =
-      model ? detail::decoder_weight_sources(*model, src)
-            : std::map<std::string, detail::WeightRows>();
   ModelRows model_rows;
   nlohmann::json weight_map = nlohmann::json::object();
   for (std::size_t si = 0; si < shards.size(); ++si) {
@@ -250,11 +308,8 @@ QuantizeReport write_checkpoint(std::string_view fn, const fs::path& src, const 
     for (const std::string& name : names) {
       const TensorInfo& info = shard.at(name);
       const WeightRole role = weight_role(name);
-      const bool rank_ok = info.shape && (info.shape->rank() == 2 || info.shape->rank() == 3);
-      const std::int64_t k = rank_ok ? (*info.shape)[info.shape->rank() - 1] : 0;
-      const bool quantize_it = quantizes(config, role) && rank_ok && info.dtype &&
-                               is_float_dtype(*info.dtype) && k > 0 &&
-                               k % config.spec.group_of(k) == 0;
+      const bool quantize_it = converts(config, name, info);
+      const std::int64_t k = quantize_it ? (*info.shape)[info.shape->rank() - 1] : 0;
       if (!quantize_it) {
         HostTensor h = shard.host_view(name);
         SafeTensorsEntry e;
@@ -276,8 +331,7 @@ QuantizeReport write_checkpoint(std::string_view fn, const fs::path& src, const 
       std::vector<float>& sc = scales.emplace_back(static_cast<std::size_t>(mats * n * groups));
       if (const auto it = sources.find(name); it != sources.end()) {
         std::vector<float> cs;
-        const bool equalised =
-            rows_from_model(fn, it->second, name, s, config.spec, model_rows, q, sc, cs);
+        const bool equalised = rows_from_model(it->second, s, model_rows, q, sc, cs);
         write_int8(name, s, q, sc, equalised ? &cs : nullptr);
         continue;
       }

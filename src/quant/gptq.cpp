@@ -10,8 +10,6 @@
 #include <string>
 #include <vector>
 
-#include "autoglm/models/session.hpp"
-
 namespace autoglm {
 
 namespace {
@@ -19,7 +17,7 @@ namespace {
 using RowMatrixF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using RowMatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-thread_local const GptqScope* tl_scope = nullptr;
+thread_local GptqScope* tl_scope = nullptr;
 
 }  // namespace
 
@@ -43,10 +41,15 @@ const InputRecorder::Gram* InputRecorder::gram(const void* weight, std::int64_t 
   return g;
 }
 
+std::vector<float> InputRecorder::snapshot(TensorView x) const {
+  std::vector<float> host(static_cast<std::size_t>(x.numel()));
+  inner_->copy_to_host(host.data(), x);
+  return host;
+}
+
 void InputRecorder::record(const void* weight, std::int64_t index, std::int64_t matrices,
-                           TensorView x, std::int64_t row0, std::int64_t rows) {
+                           const float* x, std::int64_t rows, std::int64_t k) {
   if (rows <= 0) return;
-  const std::int64_t k = x.dim(1);
   auto& grams = stats_[weight];
   if (std::ssize(grams) != matrices) {
     grams.clear();
@@ -57,48 +60,66 @@ void InputRecorder::record(const void* weight, std::int64_t index, std::int64_t 
     g = std::make_unique<Gram>();
     g->gram.assign(static_cast<std::size_t>(k * k), 0.0f);
   }
-  std::vector<float> host(static_cast<std::size_t>(rows * k));
-  inner_->copy_to_host(host.data(), x.slice(row0, row0 + rows));
-  for (float v : host)
-    if (!std::isfinite(v)) {
+  if (!g->finite) return;
+  for (std::int64_t i = 0; i < rows * k; ++i)
+    if (!std::isfinite(x[i])) {
       g->finite = false;  // reported by quantize(), which knows the weight's name
       return;
     }
-  const Eigen::Map<const RowMatrixF> xm(host.data(), rows, k);
+  const Eigen::Map<const RowMatrixF> xm(x, rows, k);
   Eigen::Map<RowMatrixF> gm(g->gram.data(), k, k);
   gm.noalias() += xm.transpose() * xm;
   g->rows += rows;
+  // |G_ij| <= sqrt(G_ii G_jj): finite diagonal sums mean no entry overflowed.
+  for (std::int64_t c = 0; c < k; ++c)
+    if (!std::isfinite(gm(c, c))) g->finite = false;
 }
 
 void InputRecorder::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
-  // Validation is the inner backend's: record only what it accepts.
+  // The inputs are read before the call (c may alias a) and summed after it succeeded; what
+  // the inner backend rejects is not recorded.
+  const bool take = a.rank() == 2 && b.rank() == 2 && a.dtype == DType::f32 && a.dim(1) == b.dim(1);
+  const std::vector<float> x = take ? snapshot(a) : std::vector<float>();
   inner_->gemm(a, b, c, p);
-  if (a.rank() == 2 && b.rank() == 2 && a.dtype == DType::f32 && a.dim(1) == b.dim(1))
-    record(b.data, 0, 1, a, 0, a.dim(0));
+  if (take) record(b.data, 0, 1, x.data(), a.dim(0), a.dim(1));
 }
 
 void InputRecorder::grouped_gemm(TensorView x, TensorView w, TensorView offsets, TensorView out) {
-  inner_->grouped_gemm(x, w, offsets, out);
-  if (x.rank() != 2 || w.rank() != 3 || x.dtype != DType::f32) return;
-  const std::int64_t E = w.dim(0);
+  const bool take = x.rank() == 2 && w.rank() == 3 && x.dtype == DType::f32 &&
+                    offsets.rank() == 1 && offsets.dtype == DType::i32 &&
+                    offsets.dim(0) == w.dim(0) + 1;
+  const std::vector<float> xh = take ? snapshot(x) : std::vector<float>();
+  inner_->grouped_gemm(x, w, offsets, out);  // validates the offsets against x
+  if (!take) return;
+  const std::int64_t E = w.dim(0), k = x.dim(1);
   std::vector<std::int32_t> off(static_cast<std::size_t>(E + 1));
   inner_->copy_to_host(off.data(), offsets);
-  for (std::int64_t e = 0; e < E; ++e) record(w.data, e, E, x, off[e], off[e + 1] - off[e]);
+  for (std::int64_t e = 0; e < E; ++e)
+    record(w.data, e, E, xh.data() + off[e] * k, off[e + 1] - off[e], k);
 }
 
 // -------------------------------------------------------------------------------- GptqScope
 
 GptqScope::GptqScope(const InputRecorder& recorder, GptqOptions options)
     : recorder_(&recorder), options_(options), previous_(tl_scope) {
-  AUTOGLM_CHECK(std::isfinite(options.damping) && options.damping >= 0.0, invalid_argument,
-                "GptqScope", "damping={} must be finite and >= 0", options.damping);
+  AUTOGLM_CHECK(options.damping >= 0.0 && options.damping <= kMaxDamping, invalid_argument,
+                "GptqScope", "damping={} must be in [0, {}]", options.damping, kMaxDamping);
   AUTOGLM_CHECK(options.min_rows >= 0, invalid_argument, "GptqScope", "min_rows={} must be >= 0",
                 options.min_rows);
   tl_scope = this;
 }
 
 GptqScope::~GptqScope() {
-  tl_scope = previous_;
+  // Scopes held out of order (in optionals, on the heap) are unlinked wherever they sit.
+  if (tl_scope == this) {
+    tl_scope = previous_;
+    return;
+  }
+  for (GptqScope* s = tl_scope; s; s = s->previous_)
+    if (s->previous_ == this) {
+      s->previous_ = previous_;
+      return;
+    }
 }
 
 namespace detail {
@@ -123,7 +144,8 @@ GptqOptions GptqAccess::options() noexcept {
 
 std::int64_t gptq_rows(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
                        const float* gram, double damping, std::int8_t* q, float* scales) {
-  if (n <= 0 || k <= 0 || group <= 0) return -1;
+  if (n <= 0 || k <= 0) return -1;
+  if (group <= 0 || k % group != 0) return -2;
   for (std::int64_t i = 0; i < n * k; ++i)
     if (!std::isfinite(w[i])) return i;
   const std::int64_t groups = k / group;
@@ -134,7 +156,8 @@ std::int64_t gptq_rows(const float* w, std::int64_t n, std::int64_t k, std::int6
   double mean_diag = 0.0;
   for (std::int64_t c = 0; c < k; ++c) mean_diag += h(c, c);
   mean_diag /= static_cast<double>(k);
-  if (!(mean_diag > 0.0) || !std::isfinite(mean_diag)) mean_diag = 1.0;
+  if (!h.allFinite()) return -2;
+  if (!(mean_diag > 0.0)) mean_diag = 1.0;
   for (std::int64_t c = 0; c < k; ++c)
     if (h(c, c) <= 0.0) {
       h.row(c).setZero();
@@ -153,11 +176,12 @@ std::int64_t gptq_rows(const float* w, std::int64_t n, std::int64_t k, std::int6
       Eigen::LLT<Eigen::MatrixXd> llt_inv(inv);
       if (llt_inv.info() == Eigen::Success) {
         u = llt_inv.matrixU();
-        break;
+        // LLT passes NaN pivots as success: only a finite factor with a positive diagonal counts.
+        if (u.allFinite() && (u.diagonal().array() > 0.0).all()) break;
       }
     }
     if (attempt == 3) return -2;
-    damping = std::max(damping * 10.0, 1e-4);
+    damping = std::min(std::max(damping * 10.0, 1e-4), kMaxDamping);
   }
 
   RowMatrixD wd = Eigen::Map<const RowMatrixF>(w, n, k).cast<double>();
@@ -184,6 +208,7 @@ std::int64_t gptq_rows(const float* w, std::int64_t n, std::int64_t k, std::int6
       const double d = u(c, c);
       for (std::int64_t r = 0; r < n; ++r) {
         const float v = static_cast<float>(wd(r, c));
+        if (!std::isfinite(v)) return -2;  // the updates overflowed: the caller rounds to nearest
         const float code =
             std::clamp(std::nearbyint(v * inv[static_cast<std::size_t>(r)]), -127.0f, 127.0f);
         q[r * k + c] = static_cast<std::int8_t>(code);
@@ -266,13 +291,12 @@ Model quantize_model(const Model& model, const QuantConfig& config,
   EmbeddingEncoder embeddings =
       config.embeddings ? model.embeddings().quantized(b, config.spec) : model.embeddings();
 
-  // The residual stream of every sequence, with its positions and key/value cache; the cache
-  // rows of a layer are written by its f32 pass and rewritten by its int8 pass.
+  // The residual stream of every sequence, with its positions.
   struct Stream {
     Tensor x;  // [T, d]
     Tensor positions;
-    KvCache cache;
   };
+  std::int64_t longest = 0;
   std::vector<Stream> streams;
   streams.reserve(calibration.sequences.size());
   for (const auto& seq : calibration.sequences) {
@@ -285,21 +309,24 @@ Model quantize_model(const Model& model, const QuantConfig& config,
     b.copy_from_host(positions, pos.data());
     Tensor x(b, DType::f32, Shape{T, model.hidden()});
     embeddings.encode(b, ids, x);
-    KvCache cache(model, T);
-    cache.reserve(T);
-    streams.push_back(Stream{std::move(x), std::move(positions), std::move(cache)});
+    streams.push_back(Stream{std::move(x), std::move(positions)});
+    longest = std::max(longest, T);
   }
 
   std::vector<DecoderLayer> layers;
   layers.reserve(model.layers().size());
   for (std::size_t l = 0; l < model.layers().size(); ++l) {
     const DecoderLayer& layer = model.layers()[l];
+    // Every pass starts at position 0 and writes the cache rows it reads: one cache as long as
+    // the longest sequence serves every sequence and both passes of this layer.
+    KvLayer cache{Tensor(b, DType::f32, Shape{longest, layer.kv_heads(), layer.key_dim()}),
+                  Tensor(b, DType::f32, Shape{longest, layer.kv_heads(), layer.value_dim()})};
     InputRecorder recorder(b);
     for (Stream& s : streams) {
       const AttentionContext ctx{s.positions, model.inv_freq(), 0};
       Tensor x(b, DType::f32, s.x.shape());
       b.convert(s.x, x);  // the f32 pass must not move the stream
-      layer.forward(recorder, x, ctx, s.cache.layer(l));
+      layer.forward(recorder, x, ctx, cache);
     }
     {
       GptqScope scope(recorder, calibration.gptq);
@@ -307,7 +334,7 @@ Model quantize_model(const Model& model, const QuantConfig& config,
     }
     for (Stream& s : streams) {
       const AttentionContext ctx{s.positions, model.inv_freq(), 0};
-      layers.back().forward(b, s.x, ctx, s.cache.layer(l));
+      layers.back().forward(b, s.x, ctx, cache);
     }
   }
   QuantSpec head_spec = config.spec;

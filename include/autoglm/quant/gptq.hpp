@@ -30,6 +30,10 @@ namespace detail {
 struct GptqAccess;
 }  // namespace detail
 
+/// The largest GptqOptions::damping accepted (a share of the mean diagonal: 1000 is already
+/// round-to-nearest for any practical purpose).
+inline constexpr double kMaxDamping = 1e3;
+
 /// Numeric options of GPTQ.
 struct GptqOptions {
   /// Added to the diagonal of each input Gram matrix, as a share of its mean diagonal: keeps the
@@ -42,10 +46,10 @@ struct GptqOptions {
 };
 
 /// A Backend that forwards every call to another one and, for each weight that gemm and
-/// grouped_gemm multiply (keyed by the weight's storage), accumulates the Gram matrix x^T x of
-/// its input rows: one [K, K] matrix per weight matrix, per expert of a bank (the rows
-/// `offsets` gives it). Memory: 4 K^2 bytes per recorded matrix. Tensors a forward pass makes
-/// through the recorder must not outlive it.
+/// grouped_gemm multiply (keyed by the weight's storage address, so the weights must outlive
+/// the recorder's use), accumulates the Gram matrix x^T x of its input rows: one [K, K] matrix
+/// per weight matrix, per expert of a bank (the rows `offsets` gives it). Memory: 4 K^2 bytes
+/// per recorded matrix. Tensors a forward pass makes through the recorder must not outlive it.
 class InputRecorder final : public Backend {
  public:
   /// Records on top of `inner`, which must outlive the recorder.
@@ -157,9 +161,11 @@ class InputRecorder final : public Backend {
   }
 
  private:
-  // x: [rows, K] f32 on the inner backend.
-  void record(const void* weight, std::int64_t index, std::int64_t matrices, TensorView x,
-              std::int64_t row0, std::int64_t rows);
+  // x: host copy of a view on the inner backend.
+  std::vector<float> snapshot(TensorView x) const;
+  // x: [rows, k] f32 on the host.
+  void record(const void* weight, std::int64_t index, std::int64_t matrices, const float* x,
+              std::int64_t rows, std::int64_t k);
 
   Backend* inner_;
   // Per weight storage: one Gram per matrix of the weight (experts of a bank), made on demand.
@@ -171,6 +177,8 @@ class InputRecorder final : public Backend {
 /// inputs) instead of round-to-nearest; other weights, and matrices with fewer than
 /// options.min_rows rows, are rounded to nearest as before. Scopes nest; the innermost wins.
 /// A recorded input that held a NaN or Inf is an Error naming the weight when it is quantized.
+/// A scope belongs to the thread that made it and must end there; the recorder must not record
+/// while a scope reads it.
 class GptqScope {
  public:
   /// Activates `recorder`'s statistics (the recorder must outlive the scope).
@@ -182,7 +190,7 @@ class GptqScope {
  private:
   const InputRecorder* recorder_;
   GptqOptions options_;
-  const GptqScope* previous_;
+  GptqScope* previous_;
   friend struct detail::GptqAccess;
 };
 
@@ -227,8 +235,9 @@ struct GptqAccess {
 /// GPTQ rounding of w's rows with the column Gram matrix `gram` (the scales of each group are
 /// set from its columns as the updates left them when the group is reached; per channel
 /// (group == k) from the original row). Equals quantize_rows when gram is diagonal. Returns
-/// the index of the first non-finite weight, or -1; returns -2 (q, scales untouched) when the
-/// damped Gram matrix is not positive definite.
+/// the index of the first non-finite weight, or -1; returns -2 (q and scales then unspecified:
+/// round to nearest instead) for a group that does not divide k, a non-finite Gram matrix, one
+/// no damping makes positive definite, or updates that overflow.
 std::int64_t gptq_rows(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
                        const float* gram, double damping, std::int8_t* q, float* scales);
 
