@@ -303,6 +303,34 @@ TEST_CASE("GPTQ through quantize(): lower output error than round-to-nearest on 
   }
 }
 
+TEST_CASE("GPTQ on an expert bank: per-expert Gram matrices, the same codes on 1 or 3 threads",
+          "[gptq]") {
+  CpuBackend& b = cpu2();
+  const std::int64_t E = 5, n = 24, k = 64, rows = 400;
+  const Tensor w = tensor_f32(b, Shape{E, n, k}, trained_like(E * n, k, 81, 0.05f));
+  InputRecorder rec(b);
+  // Expert 1 gets no rows and expert 3 too few (min_rows): both keep round-to-nearest.
+  const std::vector<std::int32_t> off{0, 150, 150, 300, 304, 400};
+  Tensor out(b, DType::f32, Shape{rows, n});
+  rec.grouped_gemm(tensor_f32(b, Shape{rows, k}, correlated_rows(rows, k, 82, 83)), w,
+                   tensor_i32(b, Shape{E + 1}, off), out);
+  const QuantSpec spec{32, ActivationMode::weight_only};
+  const std::vector<float> rtn = host_f32(b, dequantize(b, quantize(b, w, spec)));
+  std::vector<float> by_threads[2];
+  for (int i = 0; i < 2; ++i) {
+    GptqOptions o;
+    o.threads = i == 0 ? 1 : 3;
+    GptqScope scope(rec, o);
+    by_threads[i] = host_f32(b, dequantize(b, quantize(b, w, spec)));
+  }
+  REQUIRE(by_threads[0] == by_threads[1]);
+  const auto expert = [&](const std::vector<float>& v, std::int64_t e) {
+    return std::vector<float>(v.begin() + e * n * k, v.begin() + (e + 1) * n * k);
+  };
+  for (std::int64_t e : {0, 2, 4}) REQUIRE(expert(by_threads[0], e) != expert(rtn, e));
+  for (std::int64_t e : {1, 3}) REQUIRE(expert(by_threads[0], e) == expert(rtn, e));
+}
+
 TEST_CASE("GPTQ: bad input is an Error", "[gptq][errors]") {
   CpuBackend& b = cpu2();
   const std::int64_t k = 32;
@@ -326,6 +354,7 @@ TEST_CASE("GPTQ: bad input is an Error", "[gptq][errors]") {
   REQUIRE_THROWS_AS(GptqScope(rec, GptqOptions{1e300}), Error);
   REQUIRE_THROWS_AS(GptqScope(rec, GptqOptions{std::nan(""), 8}), Error);
   REQUIRE_THROWS_AS(GptqScope(rec, GptqOptions{0.01, -1}), Error);
+  REQUIRE_THROWS_AS(GptqScope(rec, GptqOptions{0.01, 8, -2}), Error);
 
   const Model m = load_model(b, fixture("qwen3_moe"));
   const auto fails = [&](const Calibration& c, const std::string& needle) {

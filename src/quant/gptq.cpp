@@ -6,8 +6,11 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <exception>
 #include <fstream>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 namespace autoglm {
@@ -106,6 +109,8 @@ GptqScope::GptqScope(const InputRecorder& recorder, GptqOptions options)
                 "GptqScope", "damping={} must be in [0, {}]", options.damping, kMaxDamping);
   AUTOGLM_CHECK(options.min_rows >= 0, invalid_argument, "GptqScope", "min_rows={} must be >= 0",
                 options.min_rows);
+  AUTOGLM_CHECK(options.threads >= 0 && options.threads <= 1024, invalid_argument, "GptqScope",
+                "threads={} must be in [0, 1024]", options.threads);
   tl_scope = this;
 }
 
@@ -140,6 +145,34 @@ const InputRecorder::Gram* GptqAccess::gram(const void* weight, std::int64_t ind
 
 GptqOptions GptqAccess::options() noexcept {
   return tl_scope ? tl_scope->options_ : GptqOptions{};
+}
+
+int GptqAccess::threads() noexcept {
+  const int t = tl_scope ? tl_scope->options_.threads : 1;
+  return t > 0 ? t : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+void parallel_for(std::int64_t count, const std::function<void(std::int64_t)>& f) {
+  std::vector<std::exception_ptr> errors(
+      static_cast<std::size_t>(std::max<std::int64_t>(count, 0)));
+  const auto run = [&](std::int64_t i) {
+    try {
+      f(i);
+    } catch (...) {
+      errors[static_cast<std::size_t>(i)] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> pool;
+  std::int64_t started = 1;
+  try {
+    for (; started < count; ++started) pool.emplace_back(run, started);
+  } catch (const std::system_error&) {  // no more threads: the rest runs here
+  }
+  if (count > 0) run(0);
+  for (std::int64_t i = started; i < count; ++i) run(i);
+  for (std::thread& t : pool) t.join();
+  for (const std::exception_ptr& e : errors)
+    if (e) std::rethrow_exception(e);
 }
 
 std::int64_t gptq_rows(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,

@@ -241,62 +241,93 @@ QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::st
   const std::int64_t group = spec.group_of(k), groups = k == 0 ? 0 : k / group;
   Tensor data(backend, DType::i8, w.shape);
   Tensor scales(backend, DType::f32, w.rank() == 2 ? Shape{n, groups} : Shape{mats, n, groups});
-  // One matrix at a time: the host copy of a whole expert stack would double its memory.
-  std::vector<float> host(static_cast<std::size_t>(n * k));
-  std::vector<std::uint16_t> half(w.dtype == DType::f32 ? 0 : host.size());
-  std::vector<std::int8_t> q(host.size());
-  std::vector<float> s(static_cast<std::size_t>(n * groups));
+  // Matrices in flight: one normally (a host copy of a whole expert stack would double its
+  // memory); under a GptqScope, whose rounding costs ~K^3 flops a matrix, one per thread.
+  const std::int64_t batch =
+      std::clamp<std::int64_t>(detail::GptqAccess::active() ? detail::GptqAccess::threads() : 1, 1,
+                               std::max<std::int64_t>(mats, 1));
+  struct Slot {
+    std::vector<float> host;  // [n, k], equalised
+    std::vector<std::int8_t> q;
+    std::vector<float> s;
+    const InputRecorder::Gram* gram = nullptr;
+    std::int64_t bad = -2;
+  };
+  std::vector<Slot> slots(static_cast<std::size_t>(batch));
+  for (Slot& sl : slots) {
+    sl.host.resize(static_cast<std::size_t>(n * k));
+    sl.q.resize(sl.host.size());
+    sl.s.resize(static_cast<std::size_t>(n * groups));
+  }
+  std::vector<std::uint16_t> half(w.dtype == DType::f32 ? 0 : static_cast<std::size_t>(n * k));
   // Column scales of every matrix, kept only if one of them chose any.
   std::vector<float> cs(spec.equalize ? static_cast<std::size_t>(mats * k) : 0, 1.0f);
   bool equalised = false;
-  for (std::int64_t e = 0; e < mats; ++e) {
-    const TensorView src = w.rank() == 3 ? w[e] : w;
-    if (half.empty()) {
-      backend.copy_to_host(host.data(), src);
-    } else {  // 16-bit storage widens exactly, so the codes equal those of the f32 weights
-      backend.copy_to_host(half.data(), src);
-      for (std::size_t i = 0; i < half.size(); ++i) host[i] = half_to_float(half[i], w.dtype);
-    }
-    if (spec.equalize &&
-        detail::column_scales(host.data(), n, k, group, spec.mode, cs.data() + e * k)) {
-      equalised = true;
-      detail::divide_columns(host.data(), n, k, cs.data() + e * k);
-    }
-    std::int64_t bad = -2;
-    if (const InputRecorder::Gram* g = detail::GptqAccess::gram(w.data, e, k)) {
-      if (!g->finite) {
+  const double damping = detail::GptqAccess::options().damping;
+  for (std::int64_t e0 = 0; e0 < mats; e0 += batch) {
+    const std::int64_t e1 = std::min(mats, e0 + batch);
+    // Host copies, column scales and the checks that name the weight: in order, on this thread.
+    for (std::int64_t e = e0; e < e1; ++e) {
+      Slot& sl = slots[static_cast<std::size_t>(e - e0)];
+      const TensorView src = w.rank() == 3 ? w[e] : w;
+      if (half.empty()) {
+        backend.copy_to_host(sl.host.data(), src);
+      } else {  // 16-bit storage widens exactly, so the codes equal those of the f32 weights
+        backend.copy_to_host(half.data(), src);
+        for (std::size_t i = 0; i < half.size(); ++i) sl.host[i] = half_to_float(half[i], w.dtype);
+      }
+      if (spec.equalize &&
+          detail::column_scales(sl.host.data(), n, k, group, spec.mode, cs.data() + e * k)) {
+        equalised = true;
+        detail::divide_columns(sl.host.data(), n, k, cs.data() + e * k);
+      }
+      sl.gram = detail::GptqAccess::gram(w.data, e, k);
+      if (sl.gram && !sl.gram->finite) {
         if (w.rank() == 3)
           detail::fail(ErrorCode::numeric, fn,
                        "the calibration inputs of {} (matrix {}) hold a NaN or Inf", name, e);
         detail::fail(ErrorCode::numeric, fn, "the calibration inputs of {} hold a NaN or Inf",
                      name);
       }
-      // An equalised matrix multiplies the inputs x * col_scale: their Gram matrix is D G D.
-      const float* cse = spec.equalize ? cs.data() + e * k : nullptr;
-      std::vector<float> scaled;
-      if (cse && std::any_of(cse, cse + k, [](float v) { return v != 1.0f; })) {
-        scaled = g->gram;
-        for (std::int64_t i = 0; i < k; ++i)
-          for (std::int64_t j = 0; j < k; ++j) scaled[i * k + j] *= cse[i] * cse[j];
+    }
+    // Rounding: each matrix on its own, so results do not depend on the thread count.
+    detail::parallel_for(e1 - e0, [&](std::int64_t i) {
+      Slot& sl = slots[static_cast<std::size_t>(i)];
+      const std::int64_t e = e0 + i;
+      sl.bad = -2;
+      if (sl.gram) {
+        // An equalised matrix multiplies the inputs x * col_scale: their Gram matrix is D G D.
+        const float* cse = spec.equalize ? cs.data() + e * k : nullptr;
+        std::vector<float> scaled;
+        if (cse && std::any_of(cse, cse + k, [](float v) { return v != 1.0f; })) {
+          scaled = sl.gram->gram;
+          for (std::int64_t r = 0; r < k; ++r)
+            for (std::int64_t c = 0; c < k; ++c) scaled[r * k + c] *= cse[r] * cse[c];
+        }
+        sl.bad = detail::gptq_rows(sl.host.data(), n, k, group,
+                                   scaled.empty() ? sl.gram->gram.data() : scaled.data(), damping,
+                                   sl.q.data(), sl.s.data());
       }
-      bad = detail::gptq_rows(host.data(), n, k, group,
-                              scaled.empty() ? g->gram.data() : scaled.data(),
-                              detail::GptqAccess::options().damping, q.data(), s.data());
+      // No statistics, or a Gram matrix GPTQ cannot use: round to nearest.
+      if (sl.bad == -2)
+        sl.bad = detail::quantize_rows(sl.host.data(), n, k, group, sl.q.data(), sl.s.data());
+    });
+    for (std::int64_t e = e0; e < e1; ++e) {
+      const Slot& sl = slots[static_cast<std::size_t>(e - e0)];
+      if (sl.bad >= 0) {
+        const std::int64_t r = sl.bad / k, c = sl.bad % k;
+        const float v = sl.host[static_cast<std::size_t>(sl.bad)];
+        if (w.rank() == 3)
+          detail::fail(ErrorCode::numeric, fn, "{} has a non-finite weight {} at [{}, {}, {}]",
+                       name, v, e, r, c);
+        detail::fail(ErrorCode::numeric, fn, "{} has a non-finite weight {} at [{}, {}]", name, v,
+                     r, c);
+      }
+      const TensorView dq = w.rank() == 3 ? data.view()[e] : data.view();
+      const TensorView ds = w.rank() == 3 ? scales.view()[e] : scales.view();
+      backend.copy_from_host(dq, sl.q.data());
+      backend.copy_from_host(ds, sl.s.data());
     }
-    // No statistics, or a Gram matrix no damping made positive definite: round to nearest.
-    if (bad == -2) bad = detail::quantize_rows(host.data(), n, k, group, q.data(), s.data());
-    if (bad >= 0) {
-      const std::int64_t r = bad / k, c = bad % k;
-      if (w.rank() == 3)
-        detail::fail(ErrorCode::numeric, fn, "{} has a non-finite weight {} at [{}, {}, {}]", name,
-                     host[static_cast<std::size_t>(bad)], e, r, c);
-      detail::fail(ErrorCode::numeric, fn, "{} has a non-finite weight {} at [{}, {}]", name,
-                   host[static_cast<std::size_t>(bad)], r, c);
-    }
-    const TensorView dq = w.rank() == 3 ? data.view()[e] : data.view();
-    const TensorView ds = w.rank() == 3 ? scales.view()[e] : scales.view();
-    backend.copy_from_host(dq, q.data());
-    backend.copy_from_host(ds, s.data());
   }
   Tensor col_scales;
   if (equalised) {

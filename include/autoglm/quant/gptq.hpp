@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <unordered_map>
 #include <vector>
@@ -43,6 +44,9 @@ struct GptqOptions {
   /// Matrices whose weight rows saw fewer calibration rows than this keep round-to-nearest: a
   /// Gram matrix of a handful of tokens fits those tokens, not the expert's inputs in general.
   std::int64_t min_rows = 8;
+  /// Matrices (experts of a bank) rounded at once, one thread each; 0 = the hardware's threads.
+  /// Each matrix is rounded on its own, so the codes do not depend on it.
+  int threads = 0;
 };
 
 /// A Backend that forwards every call to another one and, for each weight that gemm and
@@ -228,7 +232,13 @@ struct GptqAccess {
   static const InputRecorder::Gram* gram(const void* weight, std::int64_t index, std::int64_t k);
   /// The active scope's options (defaults when none is active).
   static GptqOptions options() noexcept;
+  /// The active scope's thread count, 0 resolved to the hardware's (at least 1).
+  static int threads() noexcept;
 };
+
+/// f(0) ... f(count - 1), each on its own thread (the calling thread takes f(0)); the first
+/// exception thrown is rethrown after all have finished.
+void parallel_for(std::int64_t count, const std::function<void(std::int64_t)>& f);
 
 // w: [n, k] f32 row-major on the host; gram: [k, k] symmetric row-major; q: [n, k];
 // scales: [n, k / group].
