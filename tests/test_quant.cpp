@@ -1193,3 +1193,17 @@ TEST_CASE("int8 checkpoint errors name the tensor", "[quant][errors]") {
     fs::remove_all(dst);
   }
 }
+
+TEST_CASE("QuantConfig::set_parts selects exactly the named parts", "[quant]") {
+  QuantConfig c;
+  c.set_parts("router,head,embeddings");
+  REQUIRE((!c.experts && !c.attention && !c.dense_mlp && c.lm_head && c.embeddings && c.router));
+  c.set_parts("experts,dense");
+  REQUIRE((c.experts && !c.attention && c.dense_mlp && !c.lm_head && !c.embeddings && !c.router));
+  c.set_parts("");
+  REQUIRE((!c.experts && !c.attention && !c.dense_mlp && !c.lm_head && !c.embeddings && !c.router));
+  c.set_parts("attention");
+  REQUIRE_THROWS_WITH(c.set_parts("experts,gate"),
+                      Catch::Matchers::Contains("unknown part 'gate'"));
+  REQUIRE((!c.experts && c.attention));  // unchanged after the Error
+}

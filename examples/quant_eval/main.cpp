@@ -12,7 +12,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -44,7 +43,8 @@ Args parse(int argc, char** argv) {
           "                  [--activations weight_only|w8a8] [--parts LIST] [--threads T] "
           "[--damping X]\n"
           "FILE: one sequence of token ids per line. --calibrate adds a GPTQ variant calibrated\n"
-          "on that file's sequences. --parts: comma list of experts, attention, dense, router.");
+          "on that file's sequences. --parts: comma list of experts, attention, dense, head,\n"
+          "embeddings, router.");
       std::exit(0);
     }
     if (i + 1 >= argc) bad(f + " needs a value (or is unknown); see --help");
@@ -175,20 +175,7 @@ int main(int argc, char** argv) {
     const auto eval = autoglm::Calibration::read_sequences(a.eval);
     autoglm::QuantConfig qc;
     qc.spec = autoglm::QuantSpec::parse(a.scheme, a.activations);
-    qc.experts = qc.attention = qc.dense_mlp = qc.router = false;
-    std::stringstream parts(a.parts);
-    for (std::string p; std::getline(parts, p, ',');) {
-      if (p == "experts")
-        qc.experts = true;
-      else if (p == "attention")
-        qc.attention = true;
-      else if (p == "dense")
-        qc.dense_mlp = true;
-      else if (p == "router")
-        qc.router = true;
-      else
-        bad("--parts: unknown part '" + p + "' (experts, attention, dense, router)");
-    }
+    qc.set_parts(a.parts);
     fmt::print(
         "{}: {} layers, {} evaluation sequences ({} tokens); {} {}\n", a.model, f32.num_layers(),
         eval.size(),

@@ -225,30 +225,7 @@ int main(int argc, char** argv) {
     if (!a.quantize.empty()) {
       qc.spec = autoglm::QuantSpec::parse(a.quantize, a.activations);
       qc.spec.equalize = a.equalize == "on";
-      qc.experts = qc.attention = qc.dense_mlp = qc.lm_head = qc.embeddings = qc.router = false;
-      std::string_view rest = a.parts;
-      while (!rest.empty()) {
-        const std::size_t comma = rest.find(',');
-        const std::string_view part = rest.substr(0, comma);
-        if (part == "experts")
-          qc.experts = true;
-        else if (part == "attention")
-          qc.attention = true;
-        else if (part == "dense")
-          qc.dense_mlp = true;
-        else if (part == "head")
-          qc.lm_head = true;
-        else if (part == "embeddings")
-          qc.embeddings = true;
-        else if (part == "router")
-          qc.router = true;
-        else
-          bad(
-              fmt::format("--quantize-parts: unknown part '{}' (experts, attention, dense, "
-                          "head, embeddings, router)",
-                          part));
-        rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
-      }
+      qc.set_parts(a.parts);
     }
     std::string dir = a.model;
     if (!a.save_quantized.empty()) {

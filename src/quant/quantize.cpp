@@ -41,6 +41,33 @@ QuantSpec QuantSpec::parse(std::string_view scheme, std::string_view mode) {
   return s;
 }
 
+void QuantConfig::set_parts(std::string_view list) {
+  QuantConfig c = *this;
+  c.experts = c.attention = c.dense_mlp = c.lm_head = c.embeddings = c.router = false;
+  while (!list.empty()) {
+    const std::size_t comma = list.find(',');
+    const std::string_view part = list.substr(0, comma);
+    if (part == "experts")
+      c.experts = true;
+    else if (part == "attention")
+      c.attention = true;
+    else if (part == "dense")
+      c.dense_mlp = true;
+    else if (part == "head")
+      c.lm_head = true;
+    else if (part == "embeddings")
+      c.embeddings = true;
+    else if (part == "router")
+      c.router = true;
+    else
+      detail::fail(ErrorCode::not_found, "QuantConfig::set_parts",
+                   "unknown part '{}' (known: experts, attention, dense, head, embeddings, router)",
+                   part);
+    list = comma == std::string_view::npos ? std::string_view() : list.substr(comma + 1);
+  }
+  *this = c;
+}
+
 namespace {
 
 void check_spec(std::string_view fn, const QuantSpec& spec, std::int64_t k) {

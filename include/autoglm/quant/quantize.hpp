@@ -38,6 +38,11 @@ struct QuantConfig {
   bool lm_head = false;     ///< the output head
   bool embeddings = false;  ///< the token embedding table (dequantised row by row on lookup)
   bool router = false;      ///< MoE router weights: f32 by default, as llama.cpp keeps them
+
+  /// Selects exactly the parts a comma list names (experts, attention, dense, head,
+  /// embeddings, router), all others off: "experts,attention". An unknown part is an Error
+  /// naming it and listing the valid ones; the config is then unchanged.
+  void set_parts(std::string_view list);
 };
 
 namespace detail {
