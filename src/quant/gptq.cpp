@@ -105,12 +105,7 @@ void InputRecorder::grouped_gemm(TensorView x, TensorView w, TensorView offsets,
 
 GptqScope::GptqScope(const InputRecorder& recorder, GptqOptions options)
     : recorder_(&recorder), options_(options), previous_(tl_scope) {
-  AUTOGLM_CHECK(options.damping >= 0.0 && options.damping <= kMaxDamping, invalid_argument,
-                "GptqScope", "damping={} must be in [0, {}]", options.damping, kMaxDamping);
-  AUTOGLM_CHECK(options.min_rows >= 0, invalid_argument, "GptqScope", "min_rows={} must be >= 0",
-                options.min_rows);
-  AUTOGLM_CHECK(options.threads >= 0 && options.threads <= 1024, invalid_argument, "GptqScope",
-                "threads={} must be in [0, 1024]", options.threads);
+  detail::check_gptq_options("GptqScope", options);
   tl_scope = this;
 }
 
@@ -128,6 +123,15 @@ GptqScope::~GptqScope() {
 }
 
 namespace detail {
+
+void check_gptq_options(std::string_view fn, const GptqOptions& options) {
+  AUTOGLM_CHECK(options.damping >= 0.0 && options.damping <= kMaxDamping, invalid_argument, fn,
+                "damping={} must be in [0, {}]", options.damping, kMaxDamping);
+  AUTOGLM_CHECK(options.min_rows >= 0, invalid_argument, fn, "min_rows={} must be >= 0",
+                options.min_rows);
+  AUTOGLM_CHECK(options.threads >= 0 && options.threads <= 1024, invalid_argument, fn,
+                "threads={} must be in [0, 1024]", options.threads);
+}
 
 const GptqScope* GptqAccess::active() noexcept {
   return tl_scope;
@@ -315,10 +319,7 @@ Model quantize_model(const Model& model, const QuantConfig& config,
                     "vocabulary [0, {})",
                     s, seq[t], t, V);
   }
-  {  // the option checks of GptqScope, before any work
-    InputRecorder probe(model.backend());
-    GptqScope check(probe, calibration.gptq);
-  }
+  detail::check_gptq_options(fn, calibration.gptq);
 
   Backend& b = model.backend();
   EmbeddingEncoder embeddings =
@@ -370,10 +371,10 @@ Model quantize_model(const Model& model, const QuantConfig& config,
       layers.back().forward(b, s.x, ctx, cache);
     }
   }
-  QuantSpec head_spec = config.spec;
-  if (model.config().tie_word_embeddings) head_spec.equalize = false;
-  LmHeadDecoder head = config.lm_head ? model.head().quantized(b, head_spec) : model.head();
-  return Model(b, model.config(), std::move(embeddings), std::move(layers), std::move(head));
+  // The layers and the embedding table are int8 already (quantize_weight keeps int8 weights):
+  // this rounds the head as quantize_model without calibration does.
+  return quantize_model(
+      Model(b, model.config(), std::move(embeddings), std::move(layers), model.head()), config);
 }
 
 }  // namespace autoglm

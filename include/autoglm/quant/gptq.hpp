@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -235,6 +236,9 @@ struct GptqAccess {
   /// The active scope's thread count, 0 resolved to the hardware's (at least 1).
   static int threads() noexcept;
 };
+
+/// GptqOptions in range, else an Error naming fn and the option.
+void check_gptq_options(std::string_view fn, const GptqOptions& options);
 
 /// f(0) ... f(count - 1), each on its own thread (the calling thread takes f(0)); the first
 /// exception thrown is rethrown after all have finished.
