@@ -106,4 +106,25 @@ inline std::vector<std::vector<std::int32_t>> windows(const std::vector<std::int
   return out;
 }
 
+/// Equal top-k sets per token of two routings [T * k].
+inline std::int64_t same_sets(const std::vector<std::int32_t>& x,
+                              const std::vector<std::int32_t>& y, std::int64_t T, int k) {
+  std::int64_t same = 0;
+  for (std::int64_t t = 0; t < T; ++t) {
+    std::vector<std::int32_t> a(x.begin() + t * k, x.begin() + (t + 1) * k);
+    std::vector<std::int32_t> c(y.begin() + t * k, y.begin() + (t + 1) * k);
+    std::sort(a.begin(), a.end());
+    std::sort(c.begin(), c.end());
+    same += a == c;
+  }
+  return same;
+}
+
+/// "a / b / ..." of shares, in per cent with `decimals` digits.
+inline std::string percent_list(const std::vector<double>& v, int decimals) {
+  std::string out;
+  for (double x : v) out += fmt::format("{}{:.{}f}", out.empty() ? "" : " / ", 100.0 * x, decimals);
+  return out;
+}
+
 }  // namespace agt

@@ -413,28 +413,14 @@ Heldout heldout(const Model& f32, const Model& q,
         den[l] += static_cast<double>(hidden[0][l][j]) * hidden[0][l][j];
       }
     for (std::size_t l = 0; l < routing[0].size(); ++l) {
-      const auto k = static_cast<std::int64_t>(routing[0][l].size()) / T;
-      for (std::int64_t t = 0; t < T; ++t) {
-        std::vector<std::int32_t> a(routing[0][l].begin() + t * k,
-                                    routing[0][l].begin() + (t + 1) * k);
-        std::vector<std::int32_t> c(routing[1][l].begin() + t * k,
-                                    routing[1][l].begin() + (t + 1) * k);
-        std::sort(a.begin(), a.end());
-        std::sort(c.begin(), c.end());
-        same += a == c;
-        ++total;
-      }
+      same += same_sets(routing[0][l], routing[1][l], T,
+                        static_cast<int>(static_cast<std::int64_t>(routing[0][l].size()) / T));
+      total += T;
     }
   }
   for (std::size_t l = 0; l < num.size(); ++l) h.layer_err.push_back(std::sqrt(num[l] / den[l]));
   h.agree = total ? static_cast<double>(same) / static_cast<double>(total) : 1.0;
   return h;
-}
-
-std::string percent_list(const std::vector<double>& v) {
-  std::string out;
-  for (double x : v) out += fmt::format("{}{:.3f}", out.empty() ? "" : " / ", 100.0 * x);
-  return out;
 }
 
 /// The attention and routed-expert (or dense MLP) weights of a layer, in a fixed order.
@@ -529,11 +515,11 @@ void check_gptq_fixture(const std::string& name) {
     const std::vector<double> ratio = heldout_matrix_error(f32, rtn, gptq, eval);
     const Heldout hr = heldout(f32, rtn, eval), hg = heldout(f32, gptq, eval);
     WARN(name << " " << spec.scheme_name() << " " << spec.mode_name()
-              << " held out: weight output error GPTQ / RTN per layer " << percent_list(ratio)
+              << " held out: weight output error GPTQ / RTN per layer " << percent_list(ratio, 3)
               << " %; next-token KL RTN " << hr.kl << ", GPTQ " << hg.kl
               << "; top-k sets equal RTN " << 100.0 * hr.agree << " %, GPTQ " << 100.0 * hg.agree
-              << " %; layer outputs' relative L2 error RTN " << percent_list(hr.layer_err)
-              << " %, GPTQ " << percent_list(hg.layer_err) << " %");
+              << " %; layer outputs' relative L2 error RTN " << percent_list(hr.layer_err, 3)
+              << " %, GPTQ " << percent_list(hg.layer_err, 3) << " %");
     // What GPTQ minimises, on text it did not see: measured 0.34-0.86 of RTN's per layer.
     for (double r : ratio) REQUIRE(r < 0.95);
     // End to end, a few near-tied routing decisions that flip either way dominate these tiny

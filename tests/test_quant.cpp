@@ -484,26 +484,8 @@ struct StackResult {
   /// The largest layer error.
   double max_err() const { return *std::max_element(layer_err.begin(), layer_err.end()); }
   /// "a / b / ..." of the per-layer values, in per cent.
-  static std::string list(const std::vector<double>& v) {
-    std::string out;
-    for (double x : v) out += fmt::format("{}{:.2f}", out.empty() ? "" : " / ", 100.0 * x);
-    return out;
-  }
+  static std::string list(const std::vector<double>& v) { return percent_list(v, 2); }
 };
-
-/// Equal top-k sets per token of two routings [T * k].
-std::int64_t same_sets(const std::vector<std::int32_t>& x, const std::vector<std::int32_t>& y,
-                       std::int64_t T, int k) {
-  std::int64_t same = 0;
-  for (std::int64_t t = 0; t < T; ++t) {
-    std::vector<std::int32_t> a(x.begin() + t * k, x.begin() + (t + 1) * k);
-    std::vector<std::int32_t> c(y.begin() + t * k, y.begin() + (t + 1) * k);
-    std::sort(a.begin(), a.end());
-    std::sort(c.begin(), c.end());
-    same += a == c;
-  }
-  return same;
-}
 
 /// The f32 stack against the same stack with the experts make_layer gives (int8, or bf16 for
 /// scale; router f32), each run on its own residual stream: the top-k sets of every token in
