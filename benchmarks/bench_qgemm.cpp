@@ -116,9 +116,9 @@ void bench_ours(benchmark::State& state, Mode mode, std::int64_t m, Shape s, std
   for (auto& v : x) v = val(rng);
   const std::int64_t ldq = q8::padded_depth(k);
   std::vector<std::uint8_t> xq(static_cast<std::size_t>(m * ldq));
-  std::vector<float> xs(static_cast<std::size_t>(m));
+  std::vector<float> xs(static_cast<std::size_t>(m * ng));
   const q8::Isa isa = q8::best_isa();
-  q8::quantize_activations(isa, x.data(), k, m, k, xq.data(), ldq, xs.data());
+  q8::quantize_activations(isa, x.data(), k, m, k, group, xq.data(), ldq, xs.data());
   auto out = aligned_array<float>(static_cast<std::size_t>(m * n));
 
   tbb::task_arena arena(g_threads);

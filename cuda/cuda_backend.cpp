@@ -403,12 +403,15 @@ void run_products(CudaBackend& backend, Impl& m, const QuantizedTensor& w,
   }
   const std::int64_t ldq = cuda_detail::quantized_row_stride(k);
   Tensor xq(backend, DType::i8, Shape{rows, ldq});
-  Tensor xs(backend, DType::f32, Shape{rows});
-  kern::quantize_activations(x, rows, k, xq.data<std::int8_t>(), ldq, xs.data<float>(), m.stream);
+  // One activation scale per (row, weight group), as on the CPU.
+  const std::int64_t groups = w.groups(), group = k / groups;
+  Tensor xs(backend, DType::f32, Shape{rows, groups});
+  kern::quantize_activations(x, rows, k, group, xq.data<std::int8_t>(), ldq, xs.data<float>(),
+                             m.stream);
   Impl::launched("quantize_activations");
   for (const QProduct& p : products) {
-    kern::qgemm_w8a8(xq.data<std::int8_t>() + p.row0 * ldq, ldq, xs.data<float>() + p.row0, p.rows,
-                     p.w, out + p.row0 * p.w.n, p.plan, m.stream);
+    kern::qgemm_w8a8(xq.data<std::int8_t>() + p.row0 * ldq, ldq, xs.data<float>() + p.row0 * groups,
+                     p.rows, p.w, out + p.row0 * p.w.n, p.plan, m.stream);
     Impl::launched("qgemm_w8a8");
   }
 }

@@ -111,17 +111,18 @@ struct QMatrix {
   const float* scales;
   i64 n, k, group, groups;
 };
-/// W8A8 activations, one block per row of x [m, k]: xs[i] = max|x[i, :]| / 127 and
-/// xq[i, c] = clamp(round_half_even(x[i, c] / xs[i]), -127, 127) (0 when xs[i] == 0), columns
-/// k ... ldq zero -- the CPU's quantize_activations less its +128 offset.
-void quantize_activations(const float* x, i64 m, i64 k, std::int8_t* xq, i64 ldq, float* xs,
-                          cudaStream_t s);
+/// W8A8 activations, one block per (row, group of `group` columns) of x [m, k], G = k / group:
+/// xs[i * G + g] = max|x[i, g's columns]| / 127 and xq[i, c] = clamp(round_half_even(x[i, c] /
+/// xs[i * G + g]), -127, 127) (0 when the scale is 0), columns k ... ldq zero -- the CPU's
+/// quantize_activations less its +128 offset.
+void quantize_activations(const float* x, i64 m, i64 k, i64 group, std::int8_t* xq, i64 ldq,
+                          float* xs, cudaStream_t s);
 // out: [m, w.n] row-major (row stride w.n); x: [m, w.k]; plan from cuda_detail::plan_qgemm.
 /// Weight-only: out[i, j] = sum_g scale[j, g] * sum_{c in g} x[i, c] * w[j, c], f32 sums.
 void qgemm_weight_only(const float* x, i64 m, const QMatrix& w, float* out,
                        const cuda_detail::QGemmPlan& plan, cudaStream_t s);
-/// W8A8 on quantize_activations' output (row stride ldq): out[i, j] = xs[i] * sum_g
-/// scale[j, g] * (exact int32 sum over g of xq[i, c] * w[j, c]).
+/// W8A8 on quantize_activations' output (row stride ldq; xs [m, w.groups]): out[i, j] =
+/// sum_g (scale[j, g] * xs[i, g]) * (exact int32 sum over g of xq[i, c] * w[j, c]).
 void qgemm_w8a8(const std::int8_t* xq, i64 ldq, const float* xs, i64 m, const QMatrix& w,
                 float* out, const cuda_detail::QGemmPlan& plan, cudaStream_t s);
 /// out[r, c] = x[r, c] * col_scale[c] for r < rows: the activations of an equalised int8 matrix.

@@ -270,11 +270,11 @@ __global__ void __launch_bounds__(256) qrows_wonly_kernel(const float* __restric
 }
 
 // W8A8, decode: int32 dot products (__dp4a, four int8 pairs per instruction) summed exactly
-// over each scale group, then scaled. A group of g columns spans L = g / V lanes of one pass
-// (V = 16: 2, 4 or 8 lanes; V = 1: 32) or P = g / (32 V) whole passes; its lanes' sums are
-// added with shuffles (exact) and one lane applies the scale. One group per row (per channel,
-// or a grouped k == g) sums the whole row: int32 per lane, int64 across lanes, then one
-// conversion, exactly the CPU's value.
+// over each scale group, then scaled by the weight's and the activation row's group scales. A group
+// of g columns spans L = g / V lanes of one pass (V = 16: 2, 4 or 8 lanes; V = 1: 32) or P = g /
+// (32 V) whole passes; its lanes' sums are added with shuffles (exact) and one lane applies the
+// scale. One group per row (per channel, or a grouped k == g) sums the whole row: int32 per lane,
+// int64 across lanes, then one conversion, exactly the CPU's value.
 template <int V, int MR>
 __global__ void __launch_bounds__(256)
     qrows_w8a8_kernel(const std::int8_t* __restrict__ xq, dev::i64 ldq,
@@ -322,12 +322,14 @@ __global__ void __launch_bounds__(256)
     }
     if (!whole && (it + 1) % P == 0) {  // the groups of this pass are complete
       const bool leader = (lane & (L - 1)) == 0 && c < k;
-      const float s = leader ? __ldg(sj + c / group) : 0.0f;
+      const dev::i64 g = c / group;
+      const float s = leader ? __ldg(sj + g) : 0.0f;
 #pragma unroll
       for (int r = 0; r < MR; ++r) {
         int v = isum[r];
         for (int o = 1; o < L; o <<= 1) v += __shfl_xor_sync(kFullMask, v, o);
-        if (leader) acc[r] = fmaf(__int2float_rn(v), s, acc[r]);
+        if (leader && r < m)
+          acc[r] = fmaf(__int2float_rn(v), __fmul_rn(s, __ldg(xs + r * w.groups + g)), acc[r]);
         isum[r] = 0;
       }
     }
@@ -338,22 +340,33 @@ __global__ void __launch_bounds__(256)
     if (whole) {
       long long v = isum[r];
       for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-      total = __fmul_rn(__ll2float_rn(v), __ldg(sj));
+      total = r < m ? __fmul_rn(__ll2float_rn(v), __fmul_rn(__ldg(sj), __ldg(xs + r))) : 0.0f;
     } else {
       total = dev::warp_sum(acc[r]);
     }
-    if (lane == 0 && r < m) out[r * w.n + j] = __fmul_rn(total, __ldg(xs + r));
+    if (lane == 0 && r < m) out[r * w.n + j] = total;
   }
 }
 
 // The tiled kernels' group step: when the depth tile ending at `end` closes a scale group (or
-// k), each thread's 4 x 4 partial sums (columns col0 + tx + 16 jj) are added into acc times
-// their group's scale and cleared.
+// k), each thread's 4 x 4 partial sums (rows row0 + ty + 16 i, columns col0 + tx + 16 jj) are
+// added into acc times their group's scale (W8A8: times the row's activation scale of the
+// group, xs [m, w.groups]) and cleared.
 template <typename T>
 __device__ __forceinline__ void fold_group(T (&part)[4][4], float (&acc)[4][4], const QMatrix& w,
-                                           dev::i64 col0, int tx, dev::i64 end, dev::i64 k) {
+                                           dev::i64 col0, int tx, dev::i64 end, dev::i64 k,
+                                           const float* xs = nullptr, dev::i64 row0 = 0, int ty = 0,
+                                           dev::i64 m = 0) {
   if (end != k && end % w.group != 0) return;
   const dev::i64 g = (end - 1) / w.group;
+  float sx[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+  if (xs != nullptr) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const dev::i64 row = row0 + ty + 16 * i;
+      sx[i] = row < m ? xs[row * w.groups + g] : 0.0f;
+    }
+  }
 #pragma unroll
   for (int jj = 0; jj < 4; ++jj) {
     const dev::i64 col = col0 + tx + 16 * jj;
@@ -361,7 +374,8 @@ __device__ __forceinline__ void fold_group(T (&part)[4][4], float (&acc)[4][4], 
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       // int -> float rounds to nearest (__int2float_rn) for the W8A8 sums.
-      acc[i][jj] = fmaf(static_cast<float>(part[i][jj]), s, acc[i][jj]);
+      const float st = xs != nullptr ? __fmul_rn(s, sx[i]) : s;
+      acc[i][jj] = fmaf(static_cast<float>(part[i][jj]), st, acc[i][jj]);
       part[i][jj] = T(0);
     }
   }
@@ -428,8 +442,8 @@ __device__ __forceinline__ int load_quad(const std::int8_t* p, dev::i64 avail, b
 }
 
 // W8A8, prefill: the tiling of qtile_wonly_kernel on int8 words (four columns each), __dp4a
-// products summed exactly in int32 over a group, converted and scaled in group order (the
-// CPU's order), times the row's activation scale at the end. xq rows are zero-padded to ldq,
+// products summed exactly in int32 over a group, converted and scaled (weight times activation
+// group scale) in group order, the CPU's order. xq rows are zero-padded to ldq,
 // a multiple of kTileK, so activation words are read without bounds on k.
 __global__ void __launch_bounds__(256)
     qtile_w8a8_kernel(const std::int8_t* __restrict__ xq, dev::i64 ldq,
@@ -473,36 +487,37 @@ __global__ void __launch_bounds__(256)
         for (int jj = 0; jj < 4; ++jj) isum[i][jj] = __dp4a(a[i], b[jj], isum[i][jj]);
     }
     __syncthreads();
-    fold_group(isum, acc, w, col0, tx, k0 + kTileK < k ? k0 + kTileK : k, k);
+    fold_group(isum, acc, w, col0, tx, k0 + kTileK < k ? k0 + kTileK : k, k, xs, row0, ty, m);
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const dev::i64 row = row0 + ty + 16 * i;
     if (row >= m) continue;
-    const float sx = xs[row];
 #pragma unroll
     for (int jj = 0; jj < 4; ++jj) {
       const dev::i64 col = col0 + tx + 16 * jj;
-      if (col < w.n) out[row * w.n + col] = __fmul_rn(acc[i][jj], sx);
+      if (col < w.n) out[row * w.n + col] = acc[i][jj];
     }
   }
 }
 
-// One block per row. Division and round-half-even as the CPU's nearbyint(x / s), so the
-// int8 activations are identical to the CPU's.
-__global__ void quantize_activations_kernel(const float* __restrict__ x, dev::i64 k,
+// One block per (row, group). Division and round-half-even as the CPU's nearbyint(x / s), so
+// the int8 activations are identical to the CPU's. The last group's block also zeroes the row's
+// padding (columns k ... ldq).
+__global__ void quantize_activations_kernel(const float* __restrict__ x, dev::i64 k, dev::i64 group,
                                             std::int8_t* __restrict__ xq, dev::i64 ldq,
                                             float* __restrict__ xs) {
   __shared__ float red[32];
-  const dev::i64 i = blockIdx.x;
+  const dev::i64 i = blockIdx.x, g = blockIdx.y, groups = gridDim.y;
+  const dev::i64 c0 = g * group, c1 = c0 + group, end = g == groups - 1 ? ldq : c1;
   const float* xi = x + i * k;
   float amax = 0.0f;
-  for (dev::i64 c = threadIdx.x; c < k; c += blockDim.x) amax = fmaxf(amax, fabsf(xi[c]));
+  for (dev::i64 c = c0 + threadIdx.x; c < c1; c += blockDim.x) amax = fmaxf(amax, fabsf(xi[c]));
   amax = dev::block_max(amax, red);
   const float s = __fdiv_rn(amax, 127.0f);
-  if (threadIdx.x == 0) xs[i] = s;
+  if (threadIdx.x == 0) xs[i * groups + g] = s;
   std::int8_t* qi = xq + i * ldq;
-  for (dev::i64 c = threadIdx.x; c < ldq; c += blockDim.x) {
+  for (dev::i64 c = c0 + threadIdx.x; c < end; c += blockDim.x) {
     int q = 0;
     if (c < k && s != 0.0f) q = min(max(__float2int_rn(__fdiv_rn(xi[c], s)), -127), 127);
     qi[c] = static_cast<std::int8_t>(q);
@@ -611,11 +626,13 @@ void attention(const float* q, const float* k, const float* v, const std::int32_
       q, k, v, pos, Hq, S, Hkv, D, Dv, scale, causal, window, out);
 }
 
-void quantize_activations(const float* x, i64 m, i64 k, std::int8_t* xq, i64 ldq, float* xs,
-                          cudaStream_t s) {
-  if (m <= 0) return;
-  quantize_activations_kernel<<<static_cast<unsigned>(m), cuda_detail::row_block(ldq), 0, s>>>(
-      x, k, xq, ldq, xs);
+void quantize_activations(const float* x, i64 m, i64 k, i64 group, std::int8_t* xq, i64 ldq,
+                          float* xs, cudaStream_t s) {
+  if (m <= 0 || group <= 0) return;
+  const i64 groups = k / group;
+  const std::uint32_t block = cuda_detail::row_block(groups == 1 ? ldq : group);
+  quantize_activations_kernel<<<dim3(static_cast<unsigned>(m), static_cast<unsigned>(groups)),
+                                block, 0, s>>>(x, k, group, xq, ldq, xs);
 }
 void qgemm_weight_only(const float* x, i64 m, const QMatrix& w, float* out,
                        const cuda_detail::QGemmPlan& plan, cudaStream_t s) {

@@ -104,18 +104,18 @@ struct Activations {
   std::vector<float> xs;
 };
 
-Activations random_activations(std::int64_t m, std::int64_t k, std::mt19937& rng,
-                               bool extreme = false) {
+// xs: one scale per (row, group) of `groups` groups.
+Activations random_activations(std::int64_t m, std::int64_t k, std::int64_t groups,
+                               std::mt19937& rng, bool extreme = false) {
   Activations a{m, k, q8::padded_depth(k) + 8, {}, {}};
   std::uniform_int_distribution<int> byte(0, 255), pick(0, 1);
   std::uniform_real_distribution<float> scale(0.01f, 0.1f);
   a.xq.assign(static_cast<std::size_t>(m * a.ldq), 128);
-  a.xs.resize(static_cast<std::size_t>(m));
-  for (std::int64_t i = 0; i < m; ++i) {
+  a.xs.resize(static_cast<std::size_t>(m * groups));
+  for (std::int64_t i = 0; i < m; ++i)
     for (std::int64_t c = 0; c < k; ++c)
       a.xq[i * a.ldq + c] = static_cast<std::uint8_t>(extreme ? (pick(rng) ? 255 : 0) : byte(rng));
-    a.xs[i] = extreme ? 1.0f : scale(rng);
-  }
+  for (float& v : a.xs) v = extreme ? 1.0f : scale(rng);
   return a;
 }
 
@@ -133,12 +133,12 @@ void w8a8_reference(const Activations& a, const QMat& w, std::int64_t col0, std:
         std::int64_t isum = 0;
         for (std::int64_t c = g * w.group; c < (g + 1) * w.group; ++c)
           isum += (std::int64_t{a.xq[i * a.ldq + c]} - 128) * w.w[j * w.k + c];
-        const double t = static_cast<double>(isum) * w.scales[j * ng + g];
+        const double t = static_cast<double>(isum) * w.scales[j * ng + g] * a.xs[i * ng + g];
         s += t;
         b += std::fabs(t);
       }
-      ref[i * cols + jj] = s * a.xs[i];
-      bound[i * cols + jj] = b * a.xs[i];
+      ref[i * cols + jj] = s;
+      bound[i * cols + jj] = b;
     }
 }
 
@@ -213,36 +213,45 @@ TEST_CASE("q8 quantize_activations matches a naive loop", "[q8]") {
   std::mt19937 rng(3);
   std::uniform_real_distribution<float> val(-3.0f, 3.0f);
   for (q8::Isa isa : runnable_isas())
-    for (std::int64_t k : {1, 5, 7, 16, 33, 130}) {
-      CAPTURE(q8::isa_name(isa), k);
-      const std::int64_t m = 5, ldx = k + 3, kp = q8::padded_depth(k), ldq = kp + 6;
-      std::vector<float> x(static_cast<std::size_t>(m * ldx), 1e9f);
-      for (std::int64_t i = 0; i < m; ++i)
-        for (std::int64_t c = 0; c < k; ++c) x[i * ldx + c] = i == 2 ? 0.0f : val(rng);
-      // Exact halves: with max |x| = 127, x / s lands on .5 and must round to even.
-      for (std::int64_t c = 0; c < k; ++c) x[3 * ldx + c] = c == 0 ? -127.0f : 0.5f + c % 5;
-      std::vector<std::uint8_t> xq(static_cast<std::size_t>(m * ldq), 7);
-      std::vector<float> xs(static_cast<std::size_t>(m), -1.0f);
-      q8::quantize_activations(isa, x.data(), ldx, m, k, xq.data(), ldq, xs.data());
-      for (std::int64_t i = 0; i < m; ++i) {
-        float amax = 0.0f;
-        for (std::int64_t c = 0; c < k; ++c) amax = std::max(amax, std::fabs(x[i * ldx + c]));
-        const float s = amax / 127.0f;
-        REQUIRE(xs[i] == s);
-        for (std::int64_t c = 0; c < k; ++c) {
-          int want = 128;
-          if (s != 0.0f) {
-            const float r = std::nearbyint(x[i * ldx + c] / s);
-            want = static_cast<int>(std::clamp(r, -127.0f, 127.0f)) + 128;
+    for (std::int64_t k : {1, 5, 7, 16, 33, 130})
+      for (std::int64_t group = 1; group <= k; ++group) {
+        if (k % group != 0 || (group < 3 && group != k)) continue;
+        CAPTURE(q8::isa_name(isa), k, group);
+        const std::int64_t m = 5, ldx = k + 3, kp = q8::padded_depth(k), ldq = kp + 6;
+        const std::int64_t ng = k / group;
+        std::vector<float> x(static_cast<std::size_t>(m * ldx), 1e9f);
+        for (std::int64_t i = 0; i < m; ++i)
+          for (std::int64_t c = 0; c < k; ++c) x[i * ldx + c] = i == 2 ? 0.0f : val(rng);
+        // Exact halves: with max |x| = 127, x / s lands on .5 and must round to even.
+        for (std::int64_t c = 0; c < k; ++c) x[3 * ldx + c] = c == 0 ? -127.0f : 0.5f + c % 5;
+        // One large value in row 4's first group: the other groups keep their own scales.
+        x[4 * ldx] = 1000.0f;
+        std::vector<std::uint8_t> xq(static_cast<std::size_t>(m * ldq), 7);
+        std::vector<float> xs(static_cast<std::size_t>(m * ng), -1.0f);
+        q8::quantize_activations(isa, x.data(), ldx, m, k, group, xq.data(), ldq, xs.data());
+        for (std::int64_t i = 0; i < m; ++i) {
+          for (std::int64_t g = 0; g < ng; ++g) {
+            float amax = 0.0f;
+            for (std::int64_t c = g * group; c < (g + 1) * group; ++c)
+              amax = std::max(amax, std::fabs(x[i * ldx + c]));
+            const float s = amax / 127.0f;
+            REQUIRE(xs[i * ng + g] == s);
+            for (std::int64_t c = g * group; c < (g + 1) * group; ++c) {
+              int want = 128;
+              if (s != 0.0f) {
+                const float r = std::nearbyint(x[i * ldx + c] / s);
+                want = static_cast<int>(std::clamp(r, -127.0f, 127.0f)) + 128;
+              }
+              REQUIRE(int{xq[i * ldq + c]} == want);
+            }
           }
-          REQUIRE(int{xq[i * ldq + c]} == want);
+          for (std::int64_t c = k; c < kp; ++c) REQUIRE(int{xq[i * ldq + c]} == 128);
+          for (std::int64_t c = kp; c < ldq; ++c) REQUIRE(int{xq[i * ldq + c]} == 7);
         }
-        for (std::int64_t c = k; c < kp; ++c) REQUIRE(int{xq[i * ldq + c]} == 128);
-        for (std::int64_t c = kp; c < ldq; ++c) REQUIRE(int{xq[i * ldq + c]} == 7);
+        if (group == k && k > 1) REQUIRE(int{xq[3 * ldq + 1]} == 128 + 2);  // 1.5 -> 2
+        if (group == k && k > 2) REQUIRE(int{xq[3 * ldq + 2]} == 128 + 2);  // 2.5 -> 2
+        if (ng > 1) REQUIRE(xs[4 * ng + 1] < 3.0f / 127.0f);                // not 1000 / 127
       }
-      if (k > 1) REQUIRE(int{xq[3 * ldq + 1]} == 128 + 2);  // 1.5 -> 2
-      if (k > 2) REQUIRE(int{xq[3 * ldq + 2]} == 128 + 2);  // 2.5 -> 2
-    }
 }
 
 TEST_CASE("q8 gemm_w8a8 equals exact integer sums on every path", "[q8]") {
@@ -264,7 +273,7 @@ TEST_CASE("q8 gemm_w8a8 equals exact integer sums on every path", "[q8]") {
   for (const Shape& s : shapes)
     for (std::int64_t group : groups_for(s.k)) {
       QMat w(s.n, s.k, group, rng);
-      const Activations a = random_activations(s.m, s.k, rng);
+      const Activations a = random_activations(s.m, s.k, s.k / group, rng);
       for (auto [col0, cols] : tiles_for(s.n)) {
         CAPTURE(s.m, s.n, s.k, group, col0, cols);
         std::vector<double> ref, bound;
@@ -295,7 +304,7 @@ TEST_CASE("q8 gemm_w8a8 is exact at extreme values", "[q8]") {
     for (std::int64_t m : {1, 7, 40}) {
       const std::int64_t n = 33, k = 2048;
       QMat w(n, k, k, rng, true);
-      const Activations a = random_activations(m, k, rng, true);
+      const Activations a = random_activations(m, k, 1, rng, true);
       CAPTURE(path.name(), m);
       const auto out = run_tile(
           m, n, [&](float* o, std::int64_t ldo) { run_w8a8(path, a, m, w, 0, n, o, ldo); });
@@ -313,7 +322,7 @@ TEST_CASE("q8 gemm_w8a8 with groups that split a k-quad falls back correctly", "
   std::mt19937 rng(6);
   const std::int64_t m = 3, n = 20, k = 6, group = 2;
   QMat w(n, k, group, rng);
-  const Activations a = random_activations(m, k, rng);
+  const Activations a = random_activations(m, k, k / group, rng);
   std::vector<double> ref, bound;
   w8a8_reference(a, w, 0, n, ref, bound);
   for (q8::Isa isa : runnable_isas()) {

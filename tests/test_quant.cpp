@@ -27,28 +27,34 @@ using namespace agt;
 
 namespace {
 
-/// Naive W8A8 of one row: per-row activation scale, round half to even, int64 dot per group.
+/// Naive W8A8: one activation scale per (row, weight group), round half to even, int64 dot
+/// per group.
 std::vector<double> naive_w8a8(const std::vector<float>& x, std::int64_t m, std::int64_t k,
                                const std::vector<std::int8_t>& q, const std::vector<float>& s,
                                std::int64_t n, std::int64_t group) {
   std::vector<double> out(static_cast<std::size_t>(m * n));
   const std::int64_t groups = k / group;
   for (std::int64_t i = 0; i < m; ++i) {
-    float amax = 0.0f;
-    for (std::int64_t c = 0; c < k; ++c) amax = std::max(amax, std::fabs(x[i * k + c]));
-    const float xs = amax / 127.0f;
     std::vector<int> xq(static_cast<std::size_t>(k), 0);
-    if (amax > 0.0f)
-      for (std::int64_t c = 0; c < k; ++c)
-        xq[c] = static_cast<int>(std::clamp(std::nearbyint(x[i * k + c] / xs), -127.0f, 127.0f));
+    std::vector<float> xs(static_cast<std::size_t>(groups), 0.0f);
+    for (std::int64_t g = 0; g < groups; ++g) {
+      float amax = 0.0f;
+      for (std::int64_t c = g * group; c < (g + 1) * group; ++c)
+        amax = std::max(amax, std::fabs(x[i * k + c]));
+      xs[g] = amax / 127.0f;
+      if (amax > 0.0f)
+        for (std::int64_t c = g * group; c < (g + 1) * group; ++c)
+          xq[c] =
+              static_cast<int>(std::clamp(std::nearbyint(x[i * k + c] / xs[g]), -127.0f, 127.0f));
+    }
     for (std::int64_t j = 0; j < n; ++j) {
       double acc = 0.0;
       for (std::int64_t g = 0; g < groups; ++g) {
         long long dot = 0;
         for (std::int64_t c = g * group; c < (g + 1) * group; ++c) dot += xq[c] * q[j * k + c];
-        acc += static_cast<double>(s[j * groups + g]) * static_cast<double>(dot);
+        acc += static_cast<double>(s[j * groups + g]) * xs[g] * static_cast<double>(dot);
       }
-      out[static_cast<std::size_t>(i * n + j)] = acc * xs;
+      out[static_cast<std::size_t>(i * n + j)] = acc;
     }
   }
   return out;

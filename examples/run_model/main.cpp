@@ -58,7 +58,7 @@ void usage() {
       "--quantize: int8 experts, attention and dense MLPs after loading (per channel, or one "
       "scale\n"
       "  per 32/64/128 inputs); router, embeddings and LM head stay f32. --activations w8a8 also\n"
-      "  quantizes activations per token (faster at long prompts, less accurate).\n"
+      "  quantizes activations per token and group (faster at long prompts, less accurate).\n"
       "--quantize-parts: comma list of experts, attention, dense, head, embeddings, router\n"
       "  (default experts,attention,dense).\n"
       "--equalize off: no column scales for weight-only int8 (on: where a few large input\n"

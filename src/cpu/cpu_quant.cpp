@@ -122,17 +122,19 @@ void run_qtiles(Backend& backend, Parallel&& parallel, const float* x, std::int6
   if (w.spec().mode == ActivationMode::w8a8) {
     const std::int64_t ldq = (q8::padded_depth(k) + 63) / 64 * 64;
     Tensor xq(backend, DType::i8, Shape{rows, ldq});
-    Tensor xs(backend, DType::f32, Shape{rows});
+    const std::int64_t ng = g.groups;
+    Tensor xs(backend, DType::f32, Shape{rows, ng});
     auto* q = reinterpret_cast<std::uint8_t*>(xq.data<std::int8_t>());
     constexpr std::int64_t kRowsPerTask = 16;
     parallel((rows + kRowsPerTask - 1) / kRowsPerTask, [&](std::int64_t b) {
       const std::int64_t r0 = b * kRowsPerTask, m = std::min(kRowsPerTask, rows - r0);
-      q8::quantize_activations(isa, x + r0 * k, k, m, k, q + r0 * ldq, ldq, xs.data<float>() + r0);
+      q8::quantize_activations(isa, x + r0 * k, k, m, k, k / ng, q + r0 * ldq, ldq,
+                               xs.data<float>() + r0 * ng);
     });
     parallel(static_cast<std::int64_t>(tiles.size()), [&](std::int64_t i) {
       const QTile& t = tiles[static_cast<std::size_t>(i)];
-      q8::gemm_w8a8(isa, q + t.row0 * ldq, ldq, xs.data<float>() + t.row0, t.rows, g.matrix(w, t.e),
-                    t.col0, t.cols, out + t.row0 * n + t.col0, n);
+      q8::gemm_w8a8(isa, q + t.row0 * ldq, ldq, xs.data<float>() + t.row0 * ng, t.rows,
+                    g.matrix(w, t.e), t.col0, t.cols, out + t.row0 * n + t.col0, n);
     });
   } else {
     parallel(static_cast<std::int64_t>(tiles.size()), [&](std::int64_t i) {

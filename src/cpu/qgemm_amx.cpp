@@ -50,7 +50,7 @@ struct Block {
   const std::int32_t* ns[2];
   float* out;  // row i0, panel p's first column
   std::int64_t ldo;
-  const float* xs;    // row i0
+  const float* xs;    // activation scales of row i0, group 0 (row stride `groups`)
   std::int64_t rows;  // valid rows in this block (<= 32)
   __mmask16 mask[2];
 };
@@ -62,12 +62,13 @@ struct Pending {
   const std::int32_t* cbuf = nullptr;
   float* out = nullptr;
   std::int64_t ldo = 0;
-  const float* xs = nullptr;
+  const float* xs = nullptr;  // activation scales of the block's first row, its group
+  std::int64_t xstride = 0;   // elements between rows in xs
   const std::int32_t* ns[2] = {};
   const float* sc[2] = {};
   __mmask16 mask[2] = {};
   int panels = 0;
-  bool first = false, last = false;
+  bool first = false;
   std::int64_t rows = 0, done = 0;
 };
 
@@ -79,10 +80,11 @@ inline void drain(Pending& p, std::int64_t n) {
       float* o = p.out + i * p.ldo + 16 * t;
       const __m512 f = _mm512_cvtepi32_ps(
           _mm512_add_epi32(_mm512_loadu_si512(c + 256 * t), _mm512_loadu_si512(p.ns[t])));
-      const __m512 scv = _mm512_loadu_ps(p.sc[t]);
-      __m512 v = p.first ? _mm512_mul_ps(f, scv)
-                         : _mm512_fmadd_ps(f, scv, _mm512_maskz_loadu_ps(p.mask[t], o));
-      if (p.last) v = _mm512_mul_ps(v, _mm512_set1_ps(p.xs[i]));
+      // The weight scales times this row's activation scale of the group.
+      const __m512 st =
+          _mm512_mul_ps(_mm512_loadu_ps(p.sc[t]), _mm512_set1_ps(p.xs[i * p.xstride]));
+      const __m512 v = p.first ? _mm512_mul_ps(f, st)
+                               : _mm512_fmadd_ps(f, st, _mm512_maskz_loadu_ps(p.mask[t], o));
       _mm512_mask_storeu_ps(o, p.mask[t], v);
     }
   }
@@ -139,7 +141,8 @@ void amx_block(const Block& b, std::int32_t* cbufs, Pending& pend, int& parity) 
     pend.cbuf = cb;
     pend.out = b.out;
     pend.ldo = b.ldo;
-    pend.xs = b.xs;
+    pend.xs = b.xs + g;
+    pend.xstride = b.groups;
     pend.panels = TwoB ? 2 : 1;
     for (int t = 0; t < 2; ++t) {
       pend.ns[t] = b.ns[t] + g * 16;
@@ -147,7 +150,6 @@ void amx_block(const Block& b, std::int32_t* cbufs, Pending& pend, int& parity) 
       pend.mask[t] = b.mask[t];
     }
     pend.first = g == 0;
-    pend.last = g == b.groups - 1;
     pend.rows = b.rows;
     pend.done = 0;
   }
@@ -243,7 +245,7 @@ void gemm_w8a8_amx(const std::uint8_t* xq, std::int64_t ldq, const float* xs, st
       b.a1 = r1.p;
       // The two row tiles share one stride unless the second is the padded copy.
       const bool same_stride = rows > kTileRows && r1.ld == r0.ld;
-      b.xs = xs + i0;
+      b.xs = xs + i0 * ng;
       b.rows = rows;
       for (std::int64_t p = 0; p < panels; p += 2) {
         const bool two_b = p + 1 < panels;
@@ -272,7 +274,7 @@ void gemm_w8a8_amx(const std::uint8_t* xq, std::int64_t ldq, const float* xs, st
           bt.lda = rr.ld;
           bt.rows = imin(kTileRows, rows - r);
           bt.out = b.out + r * ldo;
-          bt.xs = b.xs + r;
+          bt.xs = b.xs + r * ng;
           bt.carry = b.carry + r * ldc;
           if (two_b)
             amx_block<false, true>(bt, cbuf, pend, parity);

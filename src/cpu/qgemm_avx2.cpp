@@ -44,10 +44,11 @@ void transpose_scales(const QWeights& w, std::int64_t col0, std::int64_t panels,
     }
 }
 
-// Stores r (8 columns) to o, only lanes of m, adding o's old value unless first.
-inline void finish8(float* o, __m256i m, __m256 f, __m256 scv, bool first, float xsv, bool last) {
-  __m256 r = first ? _mm256_mul_ps(f, scv) : _mm256_fmadd_ps(f, scv, _mm256_maskload_ps(o, m));
-  if (last) r = _mm256_mul_ps(r, _mm256_set1_ps(xsv));
+// Stores f times the weight scales scv times the activation scale xsv (8 columns) to o, only
+// lanes of m, adding o's old value unless first.
+inline void finish8(float* o, __m256i m, __m256 f, __m256 scv, bool first, float xsv) {
+  const __m256 st = _mm256_mul_ps(scv, _mm256_set1_ps(xsv));
+  const __m256 r = first ? _mm256_mul_ps(f, st) : _mm256_fmadd_ps(f, st, _mm256_maskload_ps(o, m));
   _mm256_maskstore_ps(o, m, r);
 }
 
@@ -84,9 +85,9 @@ void w8a8_micro(const std::int16_t* x16, std::int64_t kp, const std::int8_t* wp,
       const __m256i lo = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[i][0], acc[i][1]), 0xD8);
       const __m256i hi = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[i][2], acc[i][3]), 0xD8);
       float* o = out + i * ldo;
-      const bool last = s == nseg - 1;
-      finish8(o, m0, _mm256_cvtepi32_ps(lo), sc0, s == 0, xs[i], last);
-      finish8(o + 8, m1, _mm256_cvtepi32_ps(hi), sc1, s == 0, xs[i], last);
+      const float xsv = xs[i * nseg + s];  // one segment per group: nseg groups per row
+      finish8(o, m0, _mm256_cvtepi32_ps(lo), sc0, s == 0, xsv);
+      finish8(o + 8, m1, _mm256_cvtepi32_ps(hi), sc1, s == 0, xsv);
     }
   }
 }
@@ -156,46 +157,49 @@ inline __m256 widen_byte(__m256i v, int j) {
 }  // namespace
 
 void quantize_avx2(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k,
-                   std::uint8_t* xq, std::int64_t ldq, float* xs) {
-  const std::int64_t kp = padded_depth(k);
+                   std::int64_t group, std::uint8_t* xq, std::int64_t ldq, float* xs) {
+  const std::int64_t kp = padded_depth(k), ng = k / group;
   const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  const __m256i off = _mm256_set1_epi32(128);
   for (std::int64_t i = 0; i < m; ++i) {
     const float* xi = x + i * ldx;
     std::uint8_t* qi = xq + i * ldq;
-    __m256 vmax = _mm256_setzero_ps();
-    std::int64_t c = 0;
-    for (; c + 8 <= k; c += 8)
-      vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xi + c)));
-    float lanes[8];
-    _mm256_storeu_ps(lanes, vmax);
-    float amax = 0.0f;
-    for (float v : lanes) amax = amax < v ? v : amax;
-    for (; c < k; ++c) amax = amax < std::fabs(xi[c]) ? std::fabs(xi[c]) : amax;
-    const float s = amax / 127.0f;
-    xs[i] = s;
-    if (s == 0.0f) {
-      std::memset(qi, 128, static_cast<std::size_t>(kp));
-      continue;
+    for (std::int64_t g = 0; g < ng; ++g) {
+      const std::int64_t c0 = g * group, c1 = c0 + group;
+      __m256 vmax = _mm256_setzero_ps();
+      std::int64_t c = c0;
+      for (; c + 8 <= c1; c += 8)
+        vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xi + c)));
+      float lanes[8];
+      _mm256_storeu_ps(lanes, vmax);
+      float amax = 0.0f;
+      for (float v : lanes) amax = amax < v ? v : amax;
+      for (; c < c1; ++c) amax = amax < std::fabs(xi[c]) ? std::fabs(xi[c]) : amax;
+      const float s = amax / 127.0f;
+      xs[i * ng + g] = s;
+      if (s == 0.0f) {
+        std::memset(qi + c0, 128, static_cast<std::size_t>(group));
+        continue;
+      }
+      const __m256 vs = _mm256_set1_ps(s);
+      for (c = c0; c + 8 <= c1; c += 8) {
+        // Division and round-half-even conversion, as the portable path's nearbyint(x / s).
+        __m256i q = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(xi + c), vs));
+        q = _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(q, lo), hi), off);
+        const __m256i p = _mm256_packs_epi32(q, q);
+        const __m256i b = _mm256_packus_epi16(p, p);  // columns in bytes 0-3 and 16-19
+        const std::int32_t b0 = _mm256_cvtsi256_si32(b), b1 = _mm256_extract_epi32(b, 4);
+        std::memcpy(qi + c, &b0, 4);
+        std::memcpy(qi + c + 4, &b1, 4);
+      }
+      for (; c < c1; ++c) {
+        float q = std::nearbyint(xi[c] / s);
+        q = q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q);
+        qi[c] = static_cast<std::uint8_t>(static_cast<int>(q) + 128);
+      }
     }
-    const __m256 vs = _mm256_set1_ps(s);
-    const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
-    const __m256i off = _mm256_set1_epi32(128);
-    for (c = 0; c + 8 <= k; c += 8) {
-      // Division and round-half-even conversion, as the portable path's nearbyint(x / s).
-      __m256i q = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(xi + c), vs));
-      q = _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(q, lo), hi), off);
-      const __m256i p = _mm256_packs_epi32(q, q);
-      const __m256i b = _mm256_packus_epi16(p, p);  // columns in bytes 0-3 and 16-19
-      const std::int32_t b0 = _mm256_cvtsi256_si32(b), b1 = _mm256_extract_epi32(b, 4);
-      std::memcpy(qi + c, &b0, 4);
-      std::memcpy(qi + c + 4, &b1, 4);
-    }
-    for (; c < k; ++c) {
-      float q = std::nearbyint(xi[c] / s);
-      q = q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q);
-      qi[c] = static_cast<std::uint8_t>(static_cast<int>(q) + 128);
-    }
-    for (c = k; c < kp; ++c) qi[c] = 128;
+    for (std::int64_t c = k; c < kp; ++c) qi[c] = 128;
   }
 }
 
@@ -222,11 +226,11 @@ void gemm_w8a8_avx2(const std::uint8_t* xq, std::int64_t ldq, const float* xs, s
     const float* sc = sct + p * ng * kPanel;
     std::int64_t i0 = 0;
     for (; i0 + kMR8 <= m; i0 += kMR8)
-      w8a8_micro<kMR8>(x16 + i0 * kp, kp, wp, kq, qpg, sc, xs + i0, out + i0 * ldo + p * kPanel,
-                       ldo, m0, m1);
+      w8a8_micro<kMR8>(x16 + i0 * kp, kp, wp, kq, qpg, sc, xs + i0 * ng,
+                       out + i0 * ldo + p * kPanel, ldo, m0, m1);
     if (i0 < m)
-      w8a8_micro<1>(x16 + i0 * kp, kp, wp, kq, qpg, sc, xs + i0, out + i0 * ldo + p * kPanel, ldo,
-                    m0, m1);
+      w8a8_micro<1>(x16 + i0 * kp, kp, wp, kq, qpg, sc, xs + i0 * ng, out + i0 * ldo + p * kPanel,
+                    ldo, m0, m1);
   }
 }
 

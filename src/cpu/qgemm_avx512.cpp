@@ -69,11 +69,11 @@ struct W8A8Args {
   std::int64_t ldc;
   float* out;  // row i0, first panel's column
   std::int64_t ldo;
-  const float* xs;  // row i0
-  bool from_carry;  // the first segment continues a group
-  bool to_carry;    // the last segment stops inside a group
-  bool first;       // the first segment is group 0: out holds nothing yet
-  bool last;        // the last segment ends k: scale by xs
+  const float* xs;       // activation scales of row i0, first group of the block
+  std::int64_t xstride;  // elements between rows in xs
+  bool from_carry;       // the first segment continues a group
+  bool to_carry;         // the last segment stops inside a group
+  bool first;            // the first segment is group 0: out holds nothing yet
   __mmask16 mask[kNP];
 };
 
@@ -128,10 +128,11 @@ void w8a8_micro(const W8A8Args& a) {
       for (int i = 0; i < MR; ++i) {
         float* o = a.out + i * a.ldo + 16 * t;
         const __m512 f = _mm512_cvtepi32_ps(acc[i][t]);
-        __m512 r = (a.first && s == 0)
-                       ? _mm512_mul_ps(f, scv)
-                       : _mm512_fmadd_ps(f, scv, _mm512_maskz_loadu_ps(a.mask[t], o));
-        if (end && a.last) r = _mm512_mul_ps(r, _mm512_set1_ps(a.xs[i]));
+        // The weight scales times this row's activation scale of the group.
+        const __m512 st = _mm512_mul_ps(scv, _mm512_set1_ps(a.xs[i * a.xstride + s]));
+        const __m512 r = (a.first && s == 0)
+                             ? _mm512_mul_ps(f, st)
+                             : _mm512_fmadd_ps(f, st, _mm512_maskz_loadu_ps(a.mask[t], o));
         _mm512_mask_storeu_ps(o, a.mask[t], r);
       }
     }
@@ -324,34 +325,37 @@ inline float* align64(void* p) {
 }  // namespace
 
 void quantize_avx512(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k,
-                     std::uint8_t* xq, std::int64_t ldq, float* xs) {
-  const std::int64_t kp = padded_depth(k);
+                     std::int64_t group, std::uint8_t* xq, std::int64_t ldq, float* xs) {
+  const std::int64_t kp = padded_depth(k), ng = k / group;
   const __m512 sign = _mm512_set1_ps(-0.0f);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  const __m512i off = _mm512_set1_epi32(128);
   for (std::int64_t i = 0; i < m; ++i) {
     const float* xi = x + i * ldx;
     std::uint8_t* qi = xq + i * ldq;
-    __m512 vmax = _mm512_setzero_ps();
-    for (std::int64_t c = 0; c < k; c += 16) {
-      const __mmask16 mk = col_mask(k - c);
-      vmax = _mm512_max_ps(vmax, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(mk, xi + c)));
-    }
-    const float s = _mm512_reduce_max_ps(vmax) / 127.0f;
-    xs[i] = s;
-    if (s == 0.0f) {
-      std::memset(qi, 128, static_cast<std::size_t>(kp));
-      continue;
-    }
-    const __m512 vs = _mm512_set1_ps(s);
-    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-    const __m512i off = _mm512_set1_epi32(128);
-    for (std::int64_t c = 0; c < k; c += 16) {
-      const __mmask16 mk = col_mask(k - c);
-      // Division, not a reciprocal multiply, so every path rounds x / s the same way; the
-      // conversion rounds half to even (the default MXCSR mode).
-      const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mk, xi + c), vs);
-      __m512i q = _mm512_cvtps_epi32(v);
-      q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), off);
-      _mm_mask_storeu_epi8(qi + c, mk, _mm512_cvtepi32_epi8(q));
+    for (std::int64_t g = 0; g < ng; ++g) {
+      const std::int64_t c0 = g * group, c1 = c0 + group;
+      __m512 vmax = _mm512_setzero_ps();
+      for (std::int64_t c = c0; c < c1; c += 16) {
+        const __mmask16 mk = col_mask(c1 - c);
+        vmax = _mm512_max_ps(vmax, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(mk, xi + c)));
+      }
+      const float s = _mm512_reduce_max_ps(vmax) / 127.0f;
+      xs[i * ng + g] = s;
+      if (s == 0.0f) {
+        std::memset(qi + c0, 128, static_cast<std::size_t>(group));
+        continue;
+      }
+      const __m512 vs = _mm512_set1_ps(s);
+      for (std::int64_t c = c0; c < c1; c += 16) {
+        const __mmask16 mk = col_mask(c1 - c);
+        // Division, not a reciprocal multiply, so every path rounds x / s the same way; the
+        // conversion rounds half to even (the default MXCSR mode).
+        const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mk, xi + c), vs);
+        __m512i q = _mm512_cvtps_epi32(v);
+        q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), off);
+        _mm_mask_storeu_epi8(qi + c, mk, _mm512_cvtepi32_epi8(q));
+      }
     }
     for (std::int64_t c = k; c < kp; ++c) qi[c] = 128;
   }
@@ -391,6 +395,7 @@ void gemm_w8a8_avx512(const std::uint8_t* xq, std::int64_t ldq, const float* xs,
     a.sstride = ng * kPanel;
     a.ldc = ldc;
     a.ldo = ldo;
+    a.xstride = ng;
 #pragma GCC unroll 8
     for (int t = 0; t < kNP; ++t) a.mask[t] = col_mask(cols - (pp + t) * kPanel);
     for (std::int64_t q0 = 0; q0 < kq;) {
@@ -410,7 +415,6 @@ void gemm_w8a8_avx512(const std::uint8_t* xq, std::int64_t ldq, const float* xs,
       }
       const std::int64_t g0 = q0 / qpg;
       a.first = g0 == 0;
-      a.last = q1 == kq;
       a.w = wbase + pp * pstride + q0 * 64;
       a.sc = sct + (pp * ng + g0) * kPanel;
       a.ns = nst + (pp * ng + g0) * kPanel;
@@ -419,7 +423,7 @@ void gemm_w8a8_avx512(const std::uint8_t* xq, std::int64_t ldq, const float* xs,
         a.x = xq + i0 * ldq + q0 * 4;
         a.carry = carry + i0 * ldc + pp * kPanel;
         a.out = out + i0 * ldo + pp * kPanel;
-        a.xs = xs + i0;
+        a.xs = xs + i0 * ng + g0;
         w8a8_kernel(mr, np)(a);
       }
       q0 = q1;

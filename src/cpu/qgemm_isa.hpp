@@ -26,7 +26,7 @@ constexpr std::int64_t quads_per_group(std::int64_t k, std::int64_t group) {
 }
 
 void quantize_avx2(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k,
-                   std::uint8_t* xq, std::int64_t ldq, float* xs);
+                   std::int64_t group, std::uint8_t* xq, std::int64_t ldq, float* xs);
 void gemm_w8a8_avx2(const std::uint8_t* xq, std::int64_t ldq, const float* xs, std::int64_t m,
                     const QWeights& w, std::int64_t col0, std::int64_t cols, float* out,
                     std::int64_t ldo);
@@ -34,7 +34,7 @@ void gemm_wonly_avx2(const float* x, std::int64_t ldx, std::int64_t m, const QWe
                      std::int64_t col0, std::int64_t cols, float* out, std::int64_t ldo);
 
 void quantize_avx512(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k,
-                     std::uint8_t* xq, std::int64_t ldq, float* xs);
+                     std::int64_t group, std::uint8_t* xq, std::int64_t ldq, float* xs);
 void gemm_w8a8_avx512(const std::uint8_t* xq, std::int64_t ldq, const float* xs, std::int64_t m,
                       const QWeights& w, std::int64_t col0, std::int64_t cols, float* out,
                       std::int64_t ldo);

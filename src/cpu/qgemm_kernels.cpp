@@ -89,22 +89,25 @@ inline std::int64_t packed_index(std::int64_t row, std::int64_t c, std::int64_t 
 }
 
 void quantize_portable(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k,
-                       std::uint8_t* xq, std::int64_t ldq, float* xs) {
-  const std::int64_t kp = padded_depth(k);
+                       std::int64_t group, std::uint8_t* xq, std::int64_t ldq, float* xs) {
+  const std::int64_t kp = padded_depth(k), ng = k / group;
   for (std::int64_t i = 0; i < m; ++i) {
     const float* xi = x + i * ldx;
     std::uint8_t* qi = xq + i * ldq;
-    float amax = 0.0f;
-    for (std::int64_t c = 0; c < k; ++c) amax = std::max(amax, std::fabs(xi[c]));
-    const float s = amax / 127.0f;
-    xs[i] = s;
-    if (s == 0.0f) {
-      std::memset(qi, 128, static_cast<std::size_t>(kp));
-      continue;
-    }
-    for (std::int64_t c = 0; c < k; ++c) {
-      const float q = std::clamp(std::nearbyint(xi[c] / s), -127.0f, 127.0f);
-      qi[c] = static_cast<std::uint8_t>(static_cast<int>(q) + 128);
+    for (std::int64_t g = 0; g < ng; ++g) {
+      const std::int64_t c0 = g * group, c1 = c0 + group;
+      float amax = 0.0f;
+      for (std::int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(xi[c]));
+      const float s = amax / 127.0f;
+      xs[i * ng + g] = s;
+      if (s == 0.0f) {
+        std::memset(qi + c0, 128, static_cast<std::size_t>(group));
+        continue;
+      }
+      for (std::int64_t c = c0; c < c1; ++c) {
+        const float q = std::clamp(std::nearbyint(xi[c] / s), -127.0f, 127.0f);
+        qi[c] = static_cast<std::uint8_t>(static_cast<int>(q) + 128);
+      }
     }
     for (std::int64_t c = k; c < kp; ++c) qi[c] = 128;
   }
@@ -119,17 +122,18 @@ void gemm_w8a8_portable(const std::uint8_t* xq, std::int64_t ldq, const float* x
     const float* sc = w.scales + j * ng;
     for (std::int64_t i = 0; i < m; ++i) {
       const std::uint8_t* xi = xq + i * ldq;
+      const float* si = xs + i * ng;
       float acc = 0.0f;
       for (std::int64_t g = 0; g < ng; ++g) {
         std::int64_t isum = 0;
         for (std::int64_t c = g * w.group; c < (g + 1) * w.group; ++c)
           isum += (std::int64_t{xi[c]} - 128) * w.data[packed_index(j, c, kq)];
-        // The vector paths' rounding exactly (a product, then fused multiply-adds), so every
-        // path gives bit-identical W8A8 results.
-        const float f = static_cast<float>(isum);
-        acc = g == 0 ? f * sc[g] : std::fma(f, sc[g], acc);
+        // The vector paths' rounding exactly (the two scales' product, then fused
+        // multiply-adds), so every path gives bit-identical W8A8 results.
+        const float f = static_cast<float>(isum), t = sc[g] * si[g];
+        acc = g == 0 ? f * t : std::fma(f, t, acc);
       }
-      out[i * ldo + jj] = acc * xs[i];
+      out[i * ldo + jj] = acc;
     }
   }
 }
@@ -250,19 +254,19 @@ void group_sums(const std::int8_t* w, std::int64_t n, std::int64_t k, std::int64
 }
 
 void quantize_activations(Isa isa, const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k,
-                          std::uint8_t* xq, std::int64_t ldq, float* xs) {
+                          std::int64_t group, std::uint8_t* xq, std::int64_t ldq, float* xs) {
   if (m <= 0) return;
   switch (isa) {
 #if AUTOGLM_Q8_X86
     case Isa::avx512_vnni:
-      impl::quantize_avx512(x, ldx, m, k, xq, ldq, xs);
+      impl::quantize_avx512(x, ldx, m, k, group, xq, ldq, xs);
       return;
     case Isa::avx2:
-      impl::quantize_avx2(x, ldx, m, k, xq, ldq, xs);
+      impl::quantize_avx2(x, ldx, m, k, group, xq, ldq, xs);
       return;
 #endif
     default:
-      quantize_portable(x, ldx, m, k, xq, ldq, xs);
+      quantize_portable(x, ldx, m, k, group, xq, ldq, xs);
       return;
   }
 }

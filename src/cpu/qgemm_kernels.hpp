@@ -57,18 +57,21 @@ struct QWeights {
 void group_sums(const std::int8_t* w, std::int64_t n, std::int64_t k, std::int64_t group,
                 std::int32_t* sums);
 
-/// W8A8 dynamic per-token activations: for each row i of x [m, k] (row stride ldx),
-/// s = max|x[i, :]| / 127, q = clamp(round_half_even(x / s), -127, 127) (all 0 when s == 0),
-/// stored as q + 128 in xq[i * ldq ...] (ldq >= padded_depth(k); columns k ... padded_depth(k)
-/// set to 128), and xs[i] = s.
+/// W8A8 dynamic activations, one scale per (row, group of `group` columns; group divides k,
+/// group == k: one per row): for each row i of x [m, k] (row stride ldx) and group g,
+/// s = max|x[i, g's columns]| / 127, q = clamp(round_half_even(x / s), -127, 127) (all 0 when
+/// s == 0), stored as q + 128 in xq[i * ldq ...] (ldq >= padded_depth(k); columns k ...
+/// padded_depth(k) set to 128), and xs[i * (k / group) + g] = s. Per-group scales keep one
+/// large activation from coarsening the rest of its row (as Q8_0's per-block activations do).
 void quantize_activations(Isa isa, const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k,
-                          std::uint8_t* xq, std::int64_t ldq, float* xs);
+                          std::int64_t group, std::uint8_t* xq, std::int64_t ldq, float* xs);
 
-/// W8A8 tile, single-threaded: for i < m and columns j in [col0, col0 + cols) (col0 a multiple
-/// of kPanel, col0 + cols <= n):
-///   out[i * ldo + (j - col0)] = xs[i] * sum_g scales[j, g] * sum_{c in g} (xq[i, c] - 128) * w[j,
-///   c]
-/// with exact int32 sums per group (u8 x s8 products; the -128 through w's group sums).
+/// W8A8 tile, single-threaded, on activations quantized with w's group (xs [m, k / group]): for
+/// i < m and columns j in [col0, col0 + cols) (col0 a multiple of kPanel, col0 + cols <= n):
+///   out[i * ldo + (j - col0)] = sum_g f_g * (scales[j, g] * xs[i, g]),
+///   f_g = float(sum_{c in g} (xq[i, c] - 128) * w[j, c])
+/// with exact int32 sums per group (u8 x s8 products; the -128 through w's group sums), the
+/// groups added in order with fused multiply-adds (bit-identical on every path).
 void gemm_w8a8(Isa isa, const std::uint8_t* xq, std::int64_t ldq, const float* xs, std::int64_t m,
                const QWeights& w, std::int64_t col0, std::int64_t cols, float* out,
                std::int64_t ldo);
