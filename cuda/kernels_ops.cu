@@ -501,26 +501,29 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// One block per (row, group). Division and round-half-even as the CPU's nearbyint(x / s), so
-// the int8 activations are identical to the CPU's. The last group's block also zeroes the row's
-// padding (columns k ... ldq).
+// One block per row and group (blockIdx.y steps through the groups when there are more than
+// a grid's y extent). Division and round-half-even as the CPU's nearbyint(x / s), so the int8
+// activations are identical to the CPU's. The last group also zeroes the row's padding
+// (columns k ... ldq).
 __global__ void quantize_activations_kernel(const float* __restrict__ x, dev::i64 k, dev::i64 group,
-                                            std::int8_t* __restrict__ xq, dev::i64 ldq,
-                                            float* __restrict__ xs) {
+                                            dev::i64 groups, std::int8_t* __restrict__ xq,
+                                            dev::i64 ldq, float* __restrict__ xs) {
   __shared__ float red[32];
-  const dev::i64 i = blockIdx.x, g = blockIdx.y, groups = gridDim.y;
-  const dev::i64 c0 = g * group, c1 = c0 + group, end = g == groups - 1 ? ldq : c1;
+  const dev::i64 i = blockIdx.x;
   const float* xi = x + i * k;
-  float amax = 0.0f;
-  for (dev::i64 c = c0 + threadIdx.x; c < c1; c += blockDim.x) amax = fmaxf(amax, fabsf(xi[c]));
-  amax = dev::block_max(amax, red);
-  const float s = __fdiv_rn(amax, 127.0f);
-  if (threadIdx.x == 0) xs[i * groups + g] = s;
   std::int8_t* qi = xq + i * ldq;
-  for (dev::i64 c = c0 + threadIdx.x; c < end; c += blockDim.x) {
-    int q = 0;
-    if (c < k && s != 0.0f) q = min(max(__float2int_rn(__fdiv_rn(xi[c], s)), -127), 127);
-    qi[c] = static_cast<std::int8_t>(q);
+  for (dev::i64 g = blockIdx.y; g < groups; g += gridDim.y) {  // uniform across the block
+    const dev::i64 c0 = g * group, c1 = c0 + group, end = g == groups - 1 ? ldq : c1;
+    float amax = 0.0f;
+    for (dev::i64 c = c0 + threadIdx.x; c < c1; c += blockDim.x) amax = fmaxf(amax, fabsf(xi[c]));
+    amax = dev::block_max(amax, red);
+    const float s = __fdiv_rn(amax, 127.0f);
+    if (threadIdx.x == 0) xs[i * groups + g] = s;
+    for (dev::i64 c = c0 + threadIdx.x; c < end; c += blockDim.x) {
+      int q = 0;
+      if (c < k && s != 0.0f) q = min(max(__float2int_rn(__fdiv_rn(xi[c], s)), -127), 127);
+      qi[c] = static_cast<std::int8_t>(q);
+    }
   }
 }
 
@@ -631,8 +634,10 @@ void quantize_activations(const float* x, i64 m, i64 k, i64 group, std::int8_t* 
   if (m <= 0 || group <= 0) return;
   const i64 groups = k / group;
   const std::uint32_t block = cuda_detail::row_block(groups == 1 ? ldq : group);
-  quantize_activations_kernel<<<dim3(static_cast<unsigned>(m), static_cast<unsigned>(groups)),
-                                block, 0, s>>>(x, k, group, xq, ldq, xs);
+  constexpr i64 kMaxGridY = 65535;
+  const auto gy = static_cast<unsigned>(groups < kMaxGridY ? groups : kMaxGridY);
+  quantize_activations_kernel<<<dim3(static_cast<unsigned>(m), gy), block, 0, s>>>(
+      x, k, group, groups, xq, ldq, xs);
 }
 void qgemm_weight_only(const float* x, i64 m, const QMatrix& w, float* out,
                        const cuda_detail::QGemmPlan& plan, cudaStream_t s) {

@@ -268,6 +268,41 @@ TEST_CASE("InputRecorder: Gram matrices of gemm and grouped_gemm inputs, outputs
   REQUIRE(rec.matrices() == 0);
 }
 
+TEST_CASE("InputRecorder: rows buffered across calls sum to the naive Gram matrix", "[gptq]") {
+  // 100, 100, 100 rows (the buffer passes kFlushRows on the third); 300 on an empty buffer
+  // (added directly); 50, then 300 on top of them (flushed together); 7 left buffered until
+  // gram() reads them.
+  CpuBackend& b = cpu2();
+  InputRecorder rec(b);
+  const std::int64_t k = 24, n = 5;
+  const std::vector<std::int64_t> calls{100, 100, 100, 300, 50, 300, 7};
+  std::int64_t total = 0;
+  for (std::int64_t r : calls) total += r;
+  const std::vector<float> xh = random_floats(total * k, 35);
+  const Tensor w = tensor_f32(b, Shape{n, k}, random_floats(n * k, 36));
+  std::int64_t r0 = 0;
+  for (std::int64_t r : calls) {
+    const std::vector<float> part(xh.begin() + r0 * k, xh.begin() + (r0 + r) * k);
+    Tensor c(b, DType::f32, Shape{r, n});
+    rec.gemm(tensor_f32(b, Shape{r, k}, part), w, c);
+    r0 += r;
+  }
+  const InputRecorder::Gram* g = rec.gram(TensorView(w).data, 0, k);
+  REQUIRE(g != nullptr);
+  REQUIRE(g->rows == total);
+  const std::vector<float> want = gram_of(xh, total, k);
+  for (std::int64_t i = 0; i < k; ++i)
+    for (std::int64_t j = 0; j < k; ++j) {
+      CAPTURE(i, j);
+      const float got = g->gram[static_cast<std::size_t>(i * k + j)];
+      REQUIRE(got == g->gram[static_cast<std::size_t>(j * k + i)]);  // symmetric
+      REQUIRE(std::fabs(got - want[static_cast<std::size_t>(i * k + j)]) <=
+              1e-4f * (1.0f + std::fabs(want[static_cast<std::size_t>(i * k + j)])));
+    }
+  // Reading again adds nothing twice.
+  REQUIRE(rec.gram(TensorView(w).data, 0, k)->gram == g->gram);
+}
+
 TEST_CASE("GPTQ through quantize(): lower output error than round-to-nearest on held-out inputs",
           "[gptq]") {
   CpuBackend& b = cpu2();

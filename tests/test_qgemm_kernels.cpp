@@ -224,8 +224,11 @@ TEST_CASE("q8 quantize_activations matches a naive loop", "[q8]") {
           for (std::int64_t c = 0; c < k; ++c) x[i * ldx + c] = i == 2 ? 0.0f : val(rng);
         // Exact halves: with max |x| = 127, x / s lands on .5 and must round to even.
         for (std::int64_t c = 0; c < k; ++c) x[3 * ldx + c] = c == 0 ? -127.0f : 0.5f + c % 5;
-        // One large value in row 4's first group: the other groups keep their own scales.
+        // One large value in row 4's first group: the other groups keep their own scales. Row
+        // 1's last group all zero beside non-zero groups (scale 0, codes 128).
         x[4 * ldx] = 1000.0f;
+        if (ng > 1)
+          for (std::int64_t c = k - group; c < k; ++c) x[1 * ldx + c] = 0.0f;
         std::vector<std::uint8_t> xq(static_cast<std::size_t>(m * ldq), 7);
         std::vector<float> xs(static_cast<std::size_t>(m * ng), -1.0f);
         q8::quantize_activations(isa, x.data(), ldx, m, k, group, xq.data(), ldq, xs.data());
@@ -250,7 +253,11 @@ TEST_CASE("q8 quantize_activations matches a naive loop", "[q8]") {
         }
         if (group == k && k > 1) REQUIRE(int{xq[3 * ldq + 1]} == 128 + 2);  // 1.5 -> 2
         if (group == k && k > 2) REQUIRE(int{xq[3 * ldq + 2]} == 128 + 2);  // 2.5 -> 2
-        if (ng > 1) REQUIRE(xs[4 * ng + 1] < 3.0f / 127.0f);                // not 1000 / 127
+        if (ng > 1) {
+          REQUIRE(xs[4 * ng + 1] < 3.0f / 127.0f);  // not 1000 / 127
+          REQUIRE(xs[1 * ng + ng - 1] == 0.0f);
+          REQUIRE(xs[1 * ng] > 0.0f);
+        }
       }
 }
 

@@ -128,7 +128,7 @@ void run_qtiles(Backend& backend, Parallel&& parallel, const float* x, std::int6
     constexpr std::int64_t kRowsPerTask = 16;
     parallel((rows + kRowsPerTask - 1) / kRowsPerTask, [&](std::int64_t b) {
       const std::int64_t r0 = b * kRowsPerTask, m = std::min(kRowsPerTask, rows - r0);
-      q8::quantize_activations(isa, x + r0 * k, k, m, k, k / ng, q + r0 * ldq, ldq,
+      q8::quantize_activations(isa, x + r0 * k, k, m, k, g.group, q + r0 * ldq, ldq,
                                xs.data<float>() + r0 * ng);
     });
     parallel(static_cast<std::int64_t>(tiles.size()), [&](std::int64_t i) {

@@ -28,8 +28,8 @@ thread_local GptqScope* tl_scope = nullptr;
 
 std::int64_t InputRecorder::matrices() const noexcept {
   std::int64_t n = 0;
-  for (const auto& [ptr, grams] : stats_)
-    for (const auto& g : grams) n += g && g->rows > 0;
+  for (const auto& [ptr, slots] : stats_)
+    for (const auto& s : slots) n += s && s->sum.rows > 0;
   return n;
 }
 
@@ -37,11 +37,19 @@ const InputRecorder::Gram* InputRecorder::gram(const void* weight, std::int64_t 
                                                std::int64_t k) const {
   const auto it = stats_.find(weight);
   if (it == stats_.end() || index < 0 || index >= std::ssize(it->second)) return nullptr;
-  const Gram* g = it->second[static_cast<std::size_t>(index)].get();
+  Slot* s = it->second[static_cast<std::size_t>(index)].get();
   // A matrix whose only inputs were non-finite has no rows but must still be reported.
-  if (!g || (g->rows == 0 && g->finite) || static_cast<std::int64_t>(g->gram.size()) != k * k)
+  if (!s || (s->sum.rows == 0 && s->sum.finite) ||
+      static_cast<std::int64_t>(s->sum.gram.size()) != k * k)
     return nullptr;
-  return g;
+  {
+    const std::lock_guard<std::mutex> lock(flush_mutex_);
+    flush(*s, k);
+    s->pending.shrink_to_fit();  // a matrix being quantized records no more rows
+    Eigen::Map<RowMatrixF> gm(s->sum.gram.data(), k, k);
+    gm.triangularView<Eigen::StrictlyUpper>() = gm.transpose();
+  }
+  return &s->sum;
 }
 
 std::vector<float> InputRecorder::snapshot(TensorView x) const {
@@ -50,32 +58,52 @@ std::vector<float> InputRecorder::snapshot(TensorView x) const {
   return host;
 }
 
+void InputRecorder::add_rows(Slot& s, const float* x, std::int64_t rows, std::int64_t k) {
+  const Eigen::Map<const RowMatrixF> xm(x, rows, k);
+  Eigen::Map<RowMatrixF> gm(s.sum.gram.data(), k, k);
+  // Half the flops of x^T x: the lower triangle only, mirrored when gram() reads it.
+  gm.selfadjointView<Eigen::Lower>().rankUpdate(xm.transpose());
+  // |G_ij| <= sqrt(G_ii G_jj): finite diagonal sums mean no entry overflowed.
+  for (std::int64_t c = 0; c < k; ++c)
+    if (!std::isfinite(gm(c, c))) s.sum.finite = false;
+}
+
+void InputRecorder::flush(Slot& s, std::int64_t k) {
+  if (s.pending_rows == 0) return;
+  if (s.sum.finite) add_rows(s, s.pending.data(), s.pending_rows, k);
+  s.pending.clear();
+  s.pending_rows = 0;
+}
+
 void InputRecorder::record(const void* weight, std::int64_t index, std::int64_t matrices,
                            const float* x, std::int64_t rows, std::int64_t k) {
   if (rows <= 0) return;
-  auto& grams = stats_[weight];
-  if (std::ssize(grams) != matrices) {
-    grams.clear();
-    grams.resize(static_cast<std::size_t>(matrices));
+  auto& slots = stats_[weight];
+  if (std::ssize(slots) != matrices) {
+    slots.clear();
+    slots.resize(static_cast<std::size_t>(matrices));
   }
-  auto& g = grams[static_cast<std::size_t>(index)];
-  if (!g || static_cast<std::int64_t>(g->gram.size()) != k * k) {
-    g = std::make_unique<Gram>();
-    g->gram.assign(static_cast<std::size_t>(k * k), 0.0f);
+  auto& s = slots[static_cast<std::size_t>(index)];
+  if (!s || static_cast<std::int64_t>(s->sum.gram.size()) != k * k) {
+    s = std::make_unique<Slot>();
+    s->sum.gram.assign(static_cast<std::size_t>(k * k), 0.0f);
   }
-  if (!g->finite) return;
+  if (!s->sum.finite) return;
   for (std::int64_t i = 0; i < rows * k; ++i)
     if (!std::isfinite(x[i])) {
-      g->finite = false;  // reported by quantize(), which knows the weight's name
+      s->sum.finite = false;  // reported by quantize(), which knows the weight's name
+      s->pending.clear();
+      s->pending_rows = 0;
       return;
     }
-  const Eigen::Map<const RowMatrixF> xm(x, rows, k);
-  Eigen::Map<RowMatrixF> gm(g->gram.data(), k, k);
-  gm.noalias() += xm.transpose() * xm;
-  g->rows += rows;
-  // |G_ij| <= sqrt(G_ii G_jj): finite diagonal sums mean no entry overflowed.
-  for (std::int64_t c = 0; c < k; ++c)
-    if (!std::isfinite(gm(c, c))) g->finite = false;
+  s->sum.rows += rows;
+  if (s->pending_rows == 0 && rows >= kFlushRows) {  // a block large enough on its own
+    add_rows(*s, x, rows, k);
+    return;
+  }
+  s->pending.insert(s->pending.end(), x, x + rows * k);
+  s->pending_rows += rows;
+  if (s->pending_rows >= kFlushRows) flush(*s, k);
 }
 
 void InputRecorder::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {

@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string_view>
 #include <unordered_map>
 #include <vector>
@@ -53,8 +54,11 @@ struct GptqOptions {
 /// A Backend that forwards every call to another one and, for each weight that gemm and
 /// grouped_gemm multiply (keyed by the weight's storage address, so the weights must outlive
 /// the recorder's use), accumulates the Gram matrix x^T x of its input rows: one [K, K] matrix
-/// per weight matrix, per expert of a bank (the rows `offsets` gives it). Memory: 4 K^2 bytes
-/// per recorded matrix. Tensors a forward pass makes through the recorder must not outlive it.
+/// per weight matrix, per expert of a bank (the rows `offsets` gives it). Rows are buffered per
+/// matrix and added kFlushRows at a time as one symmetric rank update (a few rows per expert per
+/// sequence would each re-read the whole K x K sum). Memory: 4 K^2 bytes per recorded matrix
+/// plus up to 4 K kFlushRows bytes of buffered rows. Tensors a forward pass makes through the
+/// recorder must not outlive it.
 class InputRecorder final : public Backend {
  public:
   /// Records on top of `inner`, which must outlive the recorder.
@@ -64,6 +68,8 @@ class InputRecorder final : public Backend {
   Backend& inner() const noexcept { return *inner_; }
   /// Weight matrices with at least one recorded row.
   std::int64_t matrices() const noexcept;
+  /// Rows a matrix buffers before they are added to its Gram matrix.
+  static constexpr std::int64_t kFlushRows = 256;
   /// Forgets everything recorded.
   void clear() noexcept { stats_.clear(); }
 
@@ -74,7 +80,8 @@ class InputRecorder final : public Backend {
     bool finite = true;       ///< every recorded input was finite
   };
   /// The inputs of matrix `index` (0 for a single matrix, e for expert e of a bank) of the
-  /// weight stored at `weight`; nullptr when it saw no rows or its K is not k.
+  /// weight stored at `weight`, with its buffered rows added first; nullptr when it saw no rows
+  /// or its K is not k. Safe to call from several threads while nothing records.
   const Gram* gram(const void* weight, std::int64_t index, std::int64_t k) const;
 
   std::string_view name() const noexcept override { return inner_->name(); }
@@ -172,9 +179,21 @@ class InputRecorder final : public Backend {
   void record(const void* weight, std::int64_t index, std::int64_t matrices, const float* x,
               std::int64_t rows, std::int64_t k);
 
+  // One weight matrix: its sum and the rows not yet in it.
+  struct Slot {
+    Gram sum;
+    std::vector<float> pending;  // [pending_rows, k]
+    std::int64_t pending_rows = 0;
+  };
+  // Adds x [rows, k] to the lower triangle of s.sum (gram() mirrors it).
+  static void add_rows(Slot& s, const float* x, std::int64_t rows, std::int64_t k);
+  static void flush(Slot& s, std::int64_t k);
+
   Backend* inner_;
-  // Per weight storage: one Gram per matrix of the weight (experts of a bank), made on demand.
-  std::unordered_map<const void*, std::vector<std::unique_ptr<Gram>>> stats_;
+  // Per weight storage: one Slot per matrix of the weight (experts of a bank), made on demand.
+  // gram() flushes buffered rows: mutable, under flush_mutex_.
+  mutable std::unordered_map<const void*, std::vector<std::unique_ptr<Slot>>> stats_;
+  mutable std::mutex flush_mutex_;
 };
 
 /// While alive, quantize() on this thread rounds every weight matrix that `recorder` saw with
