@@ -270,7 +270,7 @@ TEST_CASE("InputRecorder: Gram matrices of gemm and grouped_gemm inputs, outputs
 
 TEST_CASE("InputRecorder: rows buffered across calls sum to the naive Gram matrix", "[gptq]") {
   // 100, 100, 100 rows (the buffer passes kFlushRows on the third); 300 on an empty buffer
-  // (added directly); 50, then 300 on top of them (flushed together); 7 left buffered until
+  // (flushed at once); 50, then 300 on top of them (flushed together); 7 left buffered until
   // gram() reads them.
   CpuBackend& b = cpu2();
   InputRecorder rec(b);
@@ -301,6 +301,34 @@ TEST_CASE("InputRecorder: rows buffered across calls sum to the naive Gram matri
     }
   // Reading again adds nothing twice.
   REQUIRE(rec.gram(TensorView(w).data, 0, k)->gram == g->gram);
+
+  // A bank: experts 0 and 2 get 130 rows per call, so both buffers fill on the second call and
+  // are added together (one thread each); expert 1 gets none.
+  const std::int64_t E = 3, per = 130, calls_bank = 2;
+  const Tensor ws = tensor_f32(b, Shape{E, n, k}, random_floats(E * n * k, 37));
+  const std::vector<std::int32_t> off{0, per, per, 2 * per};
+  const std::vector<float> xb = random_floats(calls_bank * 2 * per * k, 38);
+  for (std::int64_t c = 0; c < calls_bank; ++c) {
+    const std::vector<float> part(xb.begin() + c * 2 * per * k, xb.begin() + (c + 1) * 2 * per * k);
+    Tensor out(b, DType::f32, Shape{2 * per, n});
+    rec.grouped_gemm(tensor_f32(b, Shape{2 * per, k}, part), ws, tensor_i32(b, Shape{E + 1}, off),
+                     out);
+  }
+  for (std::int64_t e : {0, 2}) {
+    CAPTURE(e);
+    std::vector<float> rows_e;  // expert e's rows of every call
+    for (std::int64_t c = 0; c < calls_bank; ++c) {
+      const auto from = xb.begin() + (c * 2 * per + (e == 0 ? 0 : per)) * k;
+      rows_e.insert(rows_e.end(), from, from + per * k);
+    }
+    const std::vector<float> want_e = gram_of(rows_e, calls_bank * per, k);
+    const InputRecorder::Gram* ge = rec.gram(TensorView(ws).data, e, k);
+    REQUIRE(ge != nullptr);
+    REQUIRE(ge->rows == calls_bank * per);
+    for (std::size_t i = 0; i < want_e.size(); ++i)
+      REQUIRE(std::fabs(ge->gram[i] - want_e[i]) <= 1e-4f * (1.0f + std::fabs(want_e[i])));
+  }
+  REQUIRE(rec.gram(TensorView(ws).data, 1, k) == nullptr);
 }
 
 TEST_CASE("GPTQ through quantize(): lower output error than round-to-nearest on held-out inputs",

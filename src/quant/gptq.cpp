@@ -75,9 +75,10 @@ void InputRecorder::flush(Slot& s, std::int64_t k) {
   s.pending_rows = 0;
 }
 
-void InputRecorder::record(const void* weight, std::int64_t index, std::int64_t matrices,
-                           const float* x, std::int64_t rows, std::int64_t k) {
-  if (rows <= 0) return;
+InputRecorder::Slot* InputRecorder::record(const void* weight, std::int64_t index,
+                                           std::int64_t matrices, const float* x, std::int64_t rows,
+                                           std::int64_t k) {
+  if (rows <= 0) return nullptr;
   auto& slots = stats_[weight];
   if (std::ssize(slots) != matrices) {
     slots.clear();
@@ -88,22 +89,31 @@ void InputRecorder::record(const void* weight, std::int64_t index, std::int64_t 
     s = std::make_unique<Slot>();
     s->sum.gram.assign(static_cast<std::size_t>(k * k), 0.0f);
   }
-  if (!s->sum.finite) return;
+  if (!s->sum.finite) return nullptr;
   for (std::int64_t i = 0; i < rows * k; ++i)
     if (!std::isfinite(x[i])) {
       s->sum.finite = false;  // reported by quantize(), which knows the weight's name
       s->pending.clear();
       s->pending_rows = 0;
-      return;
+      return nullptr;
     }
   s->sum.rows += rows;
-  if (s->pending_rows == 0 && rows >= kFlushRows) {  // a block large enough on its own
-    add_rows(*s, x, rows, k);
-    return;
-  }
   s->pending.insert(s->pending.end(), x, x + rows * k);
   s->pending_rows += rows;
-  if (s->pending_rows >= kFlushRows) flush(*s, k);
+  return s->pending_rows >= kFlushRows ? s.get() : nullptr;
+}
+
+void InputRecorder::flush_all(const std::vector<Slot*>& slots, std::int64_t k) const {
+  const auto n = std::ssize(slots);
+  const std::int64_t threads = std::clamp<std::int64_t>(inner_->num_threads(), 1, n);
+  if (threads <= 1) {
+    for (Slot* s : slots) flush(*s, k);
+    return;
+  }
+  // Each slot on its own: the sums do not depend on the thread count.
+  detail::parallel_for(threads, [&](std::int64_t t) {
+    for (std::int64_t i = t; i < n; i += threads) flush(*slots[static_cast<std::size_t>(i)], k);
+  });
 }
 
 void InputRecorder::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
@@ -112,7 +122,8 @@ void InputRecorder::gemm(TensorView a, TensorView b, TensorView c, GemmParams p)
   const bool take = a.rank() == 2 && b.rank() == 2 && a.dtype == DType::f32 && a.dim(1) == b.dim(1);
   const std::vector<float> x = take ? snapshot(a) : std::vector<float>();
   inner_->gemm(a, b, c, p);
-  if (take) record(b.data, 0, 1, x.data(), a.dim(0), a.dim(1));
+  if (!take) return;
+  if (Slot* s = record(b.data, 0, 1, x.data(), a.dim(0), a.dim(1))) flush(*s, a.dim(1));
 }
 
 void InputRecorder::grouped_gemm(TensorView x, TensorView w, TensorView offsets, TensorView out) {
@@ -125,8 +136,12 @@ void InputRecorder::grouped_gemm(TensorView x, TensorView w, TensorView offsets,
   const std::int64_t E = w.dim(0), k = x.dim(1);
   std::vector<std::int32_t> off(static_cast<std::size_t>(E + 1));
   inner_->copy_to_host(off.data(), offsets);
+  // The experts whose buffers filled are added together, one thread each.
+  std::vector<Slot*> full;
   for (std::int64_t e = 0; e < E; ++e)
-    record(w.data, e, E, xh.data() + off[e] * k, off[e + 1] - off[e], k);
+    if (Slot* s = record(w.data, e, E, xh.data() + off[e] * k, off[e + 1] - off[e], k))
+      full.push_back(s);
+  if (!full.empty()) flush_all(full, k);
 }
 
 // -------------------------------------------------------------------------------- GptqScope

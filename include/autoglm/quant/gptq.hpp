@@ -175,16 +175,18 @@ class InputRecorder final : public Backend {
  private:
   // x: host copy of a view on the inner backend.
   std::vector<float> snapshot(TensorView x) const;
-  // x: [rows, k] f32 on the host.
-  void record(const void* weight, std::int64_t index, std::int64_t matrices, const float* x,
-              std::int64_t rows, std::int64_t k);
-
   // One weight matrix: its sum and the rows not yet in it.
   struct Slot {
     Gram sum;
     std::vector<float> pending;  // [pending_rows, k]
     std::int64_t pending_rows = 0;
   };
+  // Buffers x [rows, k] (f32 on the host) for matrix `index` of `weight`; the slot when its
+  // buffer holds kFlushRows rows or more (the caller flushes it), else nullptr.
+  Slot* record(const void* weight, std::int64_t index, std::int64_t matrices, const float* x,
+               std::int64_t rows, std::int64_t k);
+  // Flushes every slot, spread over the inner backend's thread count.
+  void flush_all(const std::vector<Slot*>& slots, std::int64_t k) const;
   // Adds x [rows, k] to the lower triangle of s.sum (gram() mirrors it).
   static void add_rows(Slot& s, const float* x, std::int64_t rows, std::int64_t k);
   static void flush(Slot& s, std::int64_t k);
