@@ -586,6 +586,9 @@ TEST_CASE("int8 MoE stack: routing agrees with f32, small relative error", "[qua
     // the order of float additions, not for a regression of the quantizer or the kernels.
     REQUIRE(agree >= 0.975);
     REQUIRE(err < 0.03);
+    // Grouped W8A8 quantizes each token per weight group: 1.30-1.46 % here, against 2.0-2.4 %
+    // with one activation scale per token (which this bound fails).
+    if (spec.group == 32 && spec.mode == ActivationMode::w8a8) REQUIRE(err < 0.018);
   }
 }
 
