@@ -46,8 +46,11 @@ const InputRecorder::Gram* InputRecorder::gram(const void* weight, std::int64_t 
     const std::lock_guard<std::mutex> lock(flush_mutex_);
     flush(*s, k);
     s->pending.shrink_to_fit();  // a matrix being quantized records no more rows
-    Eigen::Map<RowMatrixF> gm(s->sum.gram.data(), k, k);
-    gm.triangularView<Eigen::StrictlyUpper>() = gm.transpose();
+    if (s->upper_stale) {  // only the first read after new rows writes: later readers just read
+      Eigen::Map<RowMatrixF> gm(s->sum.gram.data(), k, k);
+      gm.triangularView<Eigen::StrictlyUpper>() = gm.transpose();
+      s->upper_stale = false;
+    }
   }
   return &s->sum;
 }
@@ -63,6 +66,7 @@ void InputRecorder::add_rows(Slot& s, const float* x, std::int64_t rows, std::in
   Eigen::Map<RowMatrixF> gm(s.sum.gram.data(), k, k);
   // Half the flops of x^T x: the lower triangle only, mirrored when gram() reads it.
   gm.selfadjointView<Eigen::Lower>().rankUpdate(xm.transpose());
+  s.upper_stale = true;
   // |G_ij| <= sqrt(G_ii G_jj): finite diagonal sums mean no entry overflowed.
   for (std::int64_t c = 0; c < k; ++c)
     if (!std::isfinite(gm(c, c))) s.sum.finite = false;
@@ -93,9 +97,7 @@ InputRecorder::Slot* InputRecorder::record(const void* weight, std::int64_t inde
   for (std::int64_t i = 0; i < rows * k; ++i)
     if (!std::isfinite(x[i])) {
       s->sum.finite = false;  // reported by quantize(), which knows the weight's name
-      s->pending.clear();
-      s->pending_rows = 0;
-      return nullptr;
+      return nullptr;         // (the buffered rows are dropped by the next flush)
     }
   s->sum.rows += rows;
   s->pending.insert(s->pending.end(), x, x + rows * k);
@@ -106,11 +108,7 @@ InputRecorder::Slot* InputRecorder::record(const void* weight, std::int64_t inde
 void InputRecorder::flush_all(const std::vector<Slot*>& slots, std::int64_t k) const {
   const auto n = std::ssize(slots);
   const std::int64_t threads = std::clamp<std::int64_t>(inner_->num_threads(), 1, n);
-  if (threads <= 1) {
-    for (Slot* s : slots) flush(*s, k);
-    return;
-  }
-  // Each slot on its own: the sums do not depend on the thread count.
+  // Each slot on its own: the sums do not depend on the thread count (1: this thread only).
   detail::parallel_for(threads, [&](std::int64_t t) {
     for (std::int64_t i = t; i < n; i += threads) flush(*slots[static_cast<std::size_t>(i)], k);
   });

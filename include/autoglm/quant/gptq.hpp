@@ -180,6 +180,7 @@ class InputRecorder final : public Backend {
     Gram sum;
     std::vector<float> pending;  // [pending_rows, k]
     std::int64_t pending_rows = 0;
+    bool upper_stale = false;  // rows were added to the lower triangle since gram() mirrored it
   };
   // Buffers x [rows, k] (f32 on the host) for matrix `index` of `weight`; the slot when its
   // buffer holds kFlushRows rows or more (the caller flushes it), else nullptr.
