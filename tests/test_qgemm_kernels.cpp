@@ -349,10 +349,12 @@ TEST_CASE("q8 gemm_wonly matches a double reference on every path", "[q8]") {
     std::int64_t m, n, k;
   };
   std::vector<Shape> shapes;
-  for (std::int64_t m : {1, 2, 4, 5, 13, 64})
+  // Rows: one streaming row block (<= 4), balanced blocks (5 = 3 + 2, 9 = 3 x 3, 13, 64),
+  // and the dequantizing path above 64 rows.
+  for (std::int64_t m : {1, 2, 4, 5, 9, 13, 64, 70})
     for (std::int64_t n : {1, 16, 17, 50})
       for (std::int64_t k : {4, 7, 64, 130}) shapes.push_back({m, n, k});
-  for (std::int64_t m : {3, 13}) shapes.push_back({m, 40, 1024});
+  for (std::int64_t m : {3, 13, 70}) shapes.push_back({m, 40, 1024});
   for (const Shape& s : shapes)
     for (std::int64_t group : groups_for(s.k)) {
       QMat w(s.n, s.k, group, rng);
