@@ -620,41 +620,6 @@ TEST_CASE("int8 MoE stack at Qwen3-30B-A3B shapes", "[.][quant][real_shape]") {
   }
 }
 
-// The same stack with its layers quantized under GPTQ, each calibrated on the f32 stack's own
-// inputs to it over 512 other tokens (drawn like the test's: the same large input columns),
-// beside round-to-nearest. ~25 GB-minutes more than [real_shape]:
-//   build/tests/autoglm_tests "[real_shape_gptq]" -s | grep -A3 warning
-TEST_CASE("int8 MoE stack at Qwen3-30B-A3B shapes, calibrated", "[.][quant][real_shape_gptq]") {
-  CpuBackend& b = cpu2();
-  std::int64_t T = 256;
-  if (const char* e = std::getenv("AUTOGLM_REAL_SHAPE_TOKENS"); e && std::atoll(e) > 0)
-    T = std::atoll(e);
-  const MoEStack st = make_stack(b, 2048, 768, 128, 8, T, 4);
-  const std::int64_t d = st.d, C = 512;
-  const QuantSpec spec{32, ActivationMode::weight_only};
-  const Tensor norm = tensor_f32(b, Shape{d}, std::vector<float>(d, 1.0f));
-  Tensor x = tensor_f32(b, Shape{C, d}, trained_like(C, d, 180, 1.0f));
-  std::vector<MoEBlock> calibrated;
-  for (const MoEBlock& l : st.layers) {
-    Tensor h(b, DType::f32, Shape{C, d}), y(b, DType::f32, Shape{C, d});
-    b.rms_norm(x, norm, 1e-6f, h);
-    {
-      InputRecorder rec(b);
-      l.forward(rec, h, y);
-      GptqScope scope(rec);
-      calibrated.push_back(l.quantized(b, spec));
-    }
-    b.add(x, y, x);
-  }
-  const StackResult rtn = stack_agreement(b, st, spec);
-  WARN(describe("int8_g32 weight_only, round-to-nearest: Qwen3-shape stack", st, rtn));
-  const StackResult cal = stack_agreement(b, st, [&](const MoEBlock& l) {
-    return calibrated[static_cast<std::size_t>(&l - st.layers.data())];
-  });
-  WARN(describe("int8_g32 weight_only, calibrated (GPTQ): Qwen3-shape stack", st, cal));
-  CHECK(cal.max_err() < rtn.max_err());
-}
-
 // ------------------------------------------------------------------------ models and files
 
 namespace {

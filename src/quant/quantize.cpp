@@ -185,7 +185,7 @@ std::int64_t quantize_rows(const float* w, std::int64_t n, std::int64_t k, std::
 }
 
 bool column_scales(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
-                   ActivationMode mode, float* col_scale, const double* act_ms) {
+                   ActivationMode mode, float* col_scale) {
   std::fill(col_scale, col_scale + k, 1.0f);
   // W8A8 quantises the activations too, and x * col_scale widens exactly the columns that
   // carry large scales: at Qwen3 shapes that cost more than it saved (docs/quantization.md).
@@ -213,15 +213,12 @@ bool column_scales(const float* w, std::int64_t n, std::int64_t k, std::int64_t 
     return colmax[c] > 0.0 ? std::clamp(std::pow(colmax[c] / ref, alpha), 1.0 / 256, 256.0) : 1.0;
   };
 
-  // Expected squared output error of rounding w / s, up to a common factor: per row and group,
-  // step^2 times the sum over the group of s^2 times the column's activation mean square (1
-  // without calibration). Rounding w[n, c] / s[c] errs by up to step / 2, and the kernel
-  // multiplies that error by s[c] x[c].
+  // Expected squared output error of rounding w / s for activations of unit variance, up to a
+  // common factor: per row and group, step^2 times the sum of s^2 over the group.
   std::vector<double> s(static_cast<std::size_t>(k)), s2(static_cast<std::size_t>(groups));
   auto expected_error = [&]() {
     std::fill(s2.begin(), s2.end(), 0.0);
-    for (std::int64_t c = 0; c < k; ++c)
-      s2[c / group] += s[c] * s[c] * (act_ms != nullptr ? act_ms[c] : 1.0);
+    for (std::int64_t c = 0; c < k; ++c) s2[c / group] += s[c] * s[c];
     double err = 0.0;
     for (std::int64_t r = 0; r < n; ++r)
       for (std::int64_t g = 0; g < groups; ++g) {
@@ -234,7 +231,6 @@ bool column_scales(const float* w, std::int64_t n, std::int64_t k, std::int64_t 
   };
   std::fill(s.begin(), s.end(), 1.0);
   const double plain = expected_error();
-  if (!(plain > 0.0)) return false;  // inputs all zero (or not finite): nothing to gain
   double best = plain, best_alpha = 0.0;
   for (double alpha : {0.25, 0.5, 0.75, 1.0}) {
     for (std::int64_t c = 0; c < k; ++c) s[c] = scale_of(c, alpha);
@@ -244,9 +240,9 @@ bool column_scales(const float* w, std::int64_t n, std::int64_t k, std::int64_t 
       best_alpha = alpha;
     }
   }
-  // Only where a few large columns clearly dominate: a small matrix's column maxima vary by
-  // chance alone (on the transformers fixtures a 10 % threshold equalised noise and lost
-  // routing agreement), and without calibration the activations are a guess.
+  // Only where a few large columns clearly dominate: the estimate assumes activations of equal
+  // variance in every column, and a small matrix's column maxima vary by chance alone (on the
+  // transformers fixtures a 10 % threshold equalised noise and lost routing agreement).
   if (best > kEqualiseGain * plain) return false;
   for (std::int64_t c = 0; c < k; ++c) col_scale[c] = static_cast<float>(scale_of(c, best_alpha));
   return true;
@@ -307,6 +303,11 @@ QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::st
         backend.copy_to_host(half.data(), src);
         for (std::size_t i = 0; i < half.size(); ++i) sl.host[i] = half_to_float(half[i], w.dtype);
       }
+      if (spec.equalize &&
+          detail::column_scales(sl.host.data(), n, k, group, spec.mode, cs.data() + e * k)) {
+        equalised = true;
+        detail::divide_columns(sl.host.data(), n, k, cs.data() + e * k);
+      }
       sl.gram = detail::GptqAccess::gram(w.data, e, k);
       if (sl.gram && !sl.gram->finite) {
         if (w.rank() == 3)
@@ -314,21 +315,6 @@ QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::st
                        "the calibration inputs of {} (matrix {}) hold a NaN or Inf", name, e);
         detail::fail(ErrorCode::numeric, fn, "the calibration inputs of {} hold a NaN or Inf",
                      name);
-      }
-      // With calibration inputs the search weighs each column by their mean square (the Gram
-      // diagonal): large weight columns that meet large activations are better left alone.
-      std::vector<double> act_ms;
-      if (spec.equalize && sl.gram) {  // GptqAccess::gram: >= min_rows rows, all finite
-        act_ms.resize(static_cast<std::size_t>(k));
-        for (std::int64_t c = 0; c < k; ++c)
-          act_ms[c] =
-              static_cast<double>(sl.gram->gram[c * k + c]) / static_cast<double>(sl.gram->rows);
-      }
-      if (spec.equalize &&
-          detail::column_scales(sl.host.data(), n, k, group, spec.mode, cs.data() + e * k,
-                                act_ms.empty() ? nullptr : act_ms.data())) {
-        equalised = true;
-        detail::divide_columns(sl.host.data(), n, k, cs.data() + e * k);
       }
     }
     // Rounding: each matrix on its own, so results do not depend on the thread count.

@@ -72,16 +72,14 @@ namespace detail {
 std::int64_t quantize_rows(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
                            std::int8_t* q, float* scales);
 
-// w: [n, k] f32 row-major on the host; col_scale: [k]; act_ms: [k] or null.
+// w: [n, k] f32 row-major on the host; col_scale: [k].
 /// Column equalisation search (weight-only; W8A8 returns false): tries col_scale[c] =
 /// (max_r |w[r, c]| / typical column max)^a for a in {0.25, 0.5, 0.75, 1} and keeps the one with
-/// the smallest expected output error of int8 rounding, if that is below 75 % of no
-/// equalisation's. The error of column c is weighted by act_ms[c], the mean square of its
-/// inputs (from calibration), or by 1 (activations of unit variance) when act_ms is null.
-/// Returns false (col_scale all 1) otherwise, for inputs all zero, and for a non-finite or huge
-/// weight.
+/// the smallest expected output error of int8 rounding under unit-variance activations, if that
+/// is below 75 % of no equalisation's. Returns false (col_scale all 1) otherwise, and for a
+/// non-finite or huge weight.
 bool column_scales(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
-                   ActivationMode mode, float* col_scale, const double* act_ms = nullptr);
+                   ActivationMode mode, float* col_scale);
 
 // w: [n, k] f32 row-major on the host, in place; col_scale: [k].
 /// w[r, c] /= col_scale[c]: the matrix an equalised tensor quantizes.
