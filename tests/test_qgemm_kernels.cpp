@@ -146,7 +146,10 @@ void w8a8_reference(const Activations& a, const QMat& w, std::int64_t col0, std:
 struct W8A8Path {
   q8::Isa isa;
   bool amx;
-  std::string name() const { return std::string(q8::isa_name(isa)) + (amx ? "+amx" : ""); }
+  bool avxvnni = false;
+  std::string name() const {
+    return std::string(q8::isa_name(isa)) + (amx ? "+amx" : "") + (avxvnni ? "+avxvnni" : "");
+  }
 };
 
 std::vector<W8A8Path> w8a8_paths() {
@@ -159,6 +162,12 @@ std::vector<W8A8Path> w8a8_paths() {
       else
         WARN("skipping AMX: this CPU or OS does not offer AMX-INT8");
     }
+    if (isa == q8::Isa::avx2) {
+      if (q8::impl::avxvnni_available())
+        out.push_back({isa, false, true});
+      else
+        WARN("skipping AVX-VNNI: this CPU does not offer it");
+    }
   }
   return out;
 }
@@ -166,8 +175,10 @@ std::vector<W8A8Path> w8a8_paths() {
 void run_w8a8(const W8A8Path& path, const Activations& a, std::int64_t m, const QMat& w,
               std::int64_t col0, std::int64_t cols, float* out, std::int64_t ldo) {
   q8::impl::set_amx_enabled(path.amx);
+  q8::impl::set_avxvnni_enabled(path.avxvnni);
   q8::gemm_w8a8(path.isa, a.xq.data(), a.ldq, a.xs.data(), m, w.view(), col0, cols, out, ldo);
   q8::impl::set_amx_enabled(true);
+  q8::impl::set_avxvnni_enabled(true);
 }
 
 }  // namespace

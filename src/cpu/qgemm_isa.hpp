@@ -32,6 +32,16 @@ void gemm_w8a8_avx2(const std::uint8_t* xq, std::int64_t ldq, const float* xs, s
                     std::int64_t ldo);
 void gemm_wonly_avx2(const float* x, std::int64_t ldx, std::int64_t m, const QWeights& w,
                      std::int64_t col0, std::int64_t cols, float* out, std::int64_t ldo);
+/// The avx2 W8A8 tile with 256-bit vpdpbusd (AVX-VNNI); the same results bit for bit.
+void gemm_w8a8_avxvnni(const std::uint8_t* xq, std::int64_t ldq, const float* xs, std::int64_t m,
+                       const QWeights& w, std::int64_t col0, std::int64_t cols, float* out,
+                       std::int64_t ldo);
+/// Whether the avx2 W8A8 path uses AVX-VNNI: the CPU has it and AUTOGLM_Q8_AVXVNNI is not "0".
+bool avxvnni_enabled() noexcept;
+/// Turns AVX-VNNI use off, or back on where avxvnni_available (tests compare both).
+void set_avxvnni_enabled(bool on) noexcept;
+/// Whether this CPU and OS run AVX-VNNI (and AVX2 with FMA).
+bool avxvnni_available() noexcept;
 
 void quantize_avx512(const float* x, std::int64_t ldx, std::int64_t m, std::int64_t k,
                      std::int64_t group, std::uint8_t* xq, std::int64_t ldq, float* xs);

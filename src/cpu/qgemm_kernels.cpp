@@ -3,7 +3,8 @@
 // compiled for the baseline ISA (see CMakeLists.txt) because it runs on every CPU; the vector
 // paths live in qgemm_avx2.cpp and qgemm_avx512.cpp, and the avx512_vnni W8A8 path hands tiles
 // of 16 rows or more to qgemm_amx.cpp where the CPU has AMX-INT8 (AUTOGLM_Q8_AMX=0 turns that
-// off).
+// off); the avx2 W8A8 path runs qgemm_avxvnni.cpp where the CPU has AVX-VNNI
+// (AUTOGLM_Q8_AVXVNNI=0 keeps vpmaddwd).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -75,6 +76,24 @@ bool detect_amx() noexcept {
 #else
   return false;
 #endif
+}
+
+bool detect_avxvnni() noexcept {
+#if AUTOGLM_Q8_X86 && (defined(__GNUC__) || defined(__clang__))
+  if (hardware_isa() < Isa::avx2) return false;  // also: the OS saves the ymm state
+  // CPUID.(7, 1).EAX bit 4: AVX-VNNI (read directly, as for AMX).
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) == 0) return false;
+  return (eax >> 4 & 1u) != 0;
+#else
+  return false;
+#endif
+}
+
+std::atomic<int>& avxvnni_state() {
+  // -1: not decided yet; 0: off; 1: on.
+  static std::atomic<int> state{-1};
+  return state;
 }
 
 std::atomic<int>& amx_state() {
@@ -201,6 +220,25 @@ void set_amx_enabled(bool on) noexcept {
   amx_state().store(on && amx_available() ? 1 : 0, std::memory_order_relaxed);
 }
 
+bool avxvnni_available() noexcept {
+  static const bool ok = detect_avxvnni();
+  return ok;
+}
+
+bool avxvnni_enabled() noexcept {
+  int s = avxvnni_state().load(std::memory_order_relaxed);
+  if (s < 0) {
+    const char* env = std::getenv("AUTOGLM_Q8_AVXVNNI");
+    s = avxvnni_available() && !(env != nullptr && std::strcmp(env, "0") == 0) ? 1 : 0;
+    avxvnni_state().store(s, std::memory_order_relaxed);
+  }
+  return s == 1;
+}
+
+void set_avxvnni_enabled(bool on) noexcept {
+  avxvnni_state().store(on && avxvnni_available() ? 1 : 0, std::memory_order_relaxed);
+}
+
 }  // namespace impl
 
 Isa best_isa() noexcept {
@@ -285,7 +323,10 @@ void gemm_w8a8(Isa isa, const std::uint8_t* xq, std::int64_t ldq, const float* x
         impl::gemm_w8a8_avx512(xq, ldq, xs, m, w, col0, cols, out, ldo);
       return;
     case Isa::avx2:
-      impl::gemm_w8a8_avx2(xq, ldq, xs, m, w, col0, cols, out, ldo);
+      if (impl::avxvnni_enabled())
+        impl::gemm_w8a8_avxvnni(xq, ldq, xs, m, w, col0, cols, out, ldo);
+      else
+        impl::gemm_w8a8_avx2(xq, ldq, xs, m, w, col0, cols, out, ldo);
       return;
 #endif
     default:

@@ -3,7 +3,8 @@
 // with one f32 scale per (output row, group of `group` input columns); per-channel is
 // group == k. Three paths, chosen at run time from the CPU's features (AVX-512 VNNI, with AMX
 // tiles for W8A8 of >= 16 rows where the CPU and the OS allow them, AUTOGLM_Q8_AMX=0 to disable;
-// AVX2; portable); every path reads the same packed weight layout, so weights are packed once.
+// AVX2, with 256-bit vpdpbusd for W8A8 where the CPU has AVX-VNNI, AUTOGLM_Q8_AVXVNNI=0 to
+// disable; portable); every path reads the same packed weight layout, so weights are packed once.
 #pragma once
 
 #include <cstdint>
