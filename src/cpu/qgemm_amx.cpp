@@ -175,14 +175,7 @@ void gemm_w8a8_amx(const std::uint8_t* xq, std::int64_t ldq, const float* xs, st
   auto* nst = reinterpret_cast<std::int32_t*>(base + 8192 + ns_elems * 4);
   auto* carry = reinterpret_cast<std::int32_t*>(base + 8192 + 2 * ns_elems * 4);
   auto* apad = reinterpret_cast<std::uint8_t*>(base + 8192 + 2 * ns_elems * 4 + carry_elems * 4);
-  for (std::int64_t p = 0; p < panels; ++p)
-    for (std::int64_t r = 0; r < kPanel; ++r) {
-      const std::int64_t row = col0 + p * kPanel + r;
-      for (std::int64_t g = 0; g < ng; ++g) {
-        sct[(p * ng + g) * kPanel + r] = w.scales[row * ng + g];
-        nst[(p * ng + g) * kPanel + r] = -128 * w.sums[row * ng + g];
-      }
-    }
+  transpose_scales(w, col0, panels, sct, nst);
   // A tile loads read 16 rows: the last partial tile reads a copy padded with zero activations.
   if (tail != 0) {
     const std::int64_t t0 = m - tail;

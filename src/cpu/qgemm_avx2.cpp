@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "cpu/qgemm_avx2_util.hpp"
 #include "cpu/qgemm_isa.hpp"
 
 namespace autoglm::detail::q8::impl {
@@ -20,38 +21,10 @@ constexpr std::int64_t kDeqQuads = 64;       // wonly: k block of one panel dequ
 constexpr int kStreamRows = 4;               // wonly: up to this many rows stream the weights
 constexpr std::int64_t kPrefetchQuads = 16;  // software prefetch distance (1 KB)
 
-inline std::int64_t imin(std::int64_t a, std::int64_t b) {
-  return a < b ? a : b;
-}
-
-// Lanes [0, valid) set, for _mm256_maskload_ps / maskstore_ps.
-inline __m256i lane_mask(std::int64_t valid) {
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const int v = static_cast<int>(valid < 0 ? 0 : (valid > 8 ? 8 : valid));
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(v), iota);
-}
-
 inline std::int64_t load_i64(const void* p) {
   std::int64_t v;
   std::memcpy(&v, p, sizeof v);
   return v;
-}
-
-void transpose_scales(const QWeights& w, std::int64_t col0, std::int64_t panels, float* sct) {
-  const std::int64_t ng = w.k / w.group;
-  for (std::int64_t p = 0; p < panels; ++p)
-    for (std::int64_t r = 0; r < kPanel; ++r) {
-      const std::int64_t row = col0 + p * kPanel + r;
-      for (std::int64_t g = 0; g < ng; ++g) sct[(p * ng + g) * kPanel + r] = w.scales[row * ng + g];
-    }
-}
-
-// Stores f times the weight scales scv times the activation scale xsv (8 columns) to o, only
-// lanes of m, adding o's old value unless first.
-inline void finish8(float* o, __m256i m, __m256 f, __m256 scv, bool first, float xsv) {
-  const __m256 st = _mm256_mul_ps(scv, _mm256_set1_ps(xsv));
-  const __m256 r = first ? _mm256_mul_ps(f, st) : _mm256_fmadd_ps(f, st, _mm256_maskload_ps(o, m));
-  _mm256_maskstore_ps(o, m, r);
 }
 
 // One panel x MR rows over all of k. x16: i16 activations [rows][kp]. acc[i][c] holds chunk c
@@ -272,7 +245,7 @@ void gemm_w8a8_avx2(const std::uint8_t* xq, std::int64_t ldq, const float* xs, s
       static_cast<char*>(scratch(static_cast<std::size_t>(sc_elems * 4 + m * kp * 2 + 64)));
   auto* sct = reinterpret_cast<float*>(base);
   auto* x16 = reinterpret_cast<std::int16_t*>(base + sc_elems * 4);
-  transpose_scales(w, col0, panels, sct);
+  transpose_scales(w, col0, panels, sct, nullptr);
   for (std::int64_t i = 0; i < m; ++i)
     for (std::int64_t c = 0; c < kp; ++c)
       x16[i * kp + c] = static_cast<std::int16_t>(xq[i * ldq + c] - 128);
@@ -304,7 +277,7 @@ void gemm_wonly_avx2(const float* x, std::int64_t ldx, std::int64_t m, const QWe
       scratch(static_cast<std::size_t>((buf_elems + sc_elems + xpad_elems) * 4 + 64)));
   float* sct = buf + buf_elems;
   float* xpad = sct + sc_elems;
-  transpose_scales(w, col0, panels, sct);
+  transpose_scales(w, col0, panels, sct, nullptr);
   if (xpad_elems != 0) {  // k not a multiple of 4: give the last quad zero activations
     for (std::int64_t i = 0; i < m; ++i) {
       std::memcpy(xpad + i * kp, x + i * ldx, static_cast<std::size_t>(k) * 4);

@@ -37,21 +37,6 @@ inline std::int32_t load_i32(const void* p) {
   return v;
 }
 
-// Transposes the tile's scales (and, for W8A8, -128 * group sums) to [panel][group][16] so a
-// micro-tile loads one vector per panel and group.
-void transpose_scales(const QWeights& w, std::int64_t col0, std::int64_t panels, float* sct,
-                      std::int32_t* nst) {
-  const std::int64_t ng = w.k / w.group;
-  for (std::int64_t p = 0; p < panels; ++p)
-    for (std::int64_t r = 0; r < kPanel; ++r) {
-      const std::int64_t row = col0 + p * kPanel + r;
-      for (std::int64_t g = 0; g < ng; ++g) {
-        sct[(p * ng + g) * kPanel + r] = w.scales[row * ng + g];
-        if (nst != nullptr) nst[(p * ng + g) * kPanel + r] = -128 * w.sums[row * ng + g];
-      }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // W8A8: vpdpbusd of 4 activation bytes (u8, broadcast) against one k-quad of a panel (16 rows
 // x 4 s8 = one zmm). The accumulator starts at -128 * (group sum of w), which removes the +128

@@ -9,6 +9,7 @@
 
 #include <cstring>
 
+#include "cpu/qgemm_avx2_util.hpp"
 #include "cpu/qgemm_isa.hpp"
 
 namespace autoglm::detail::q8::impl {
@@ -16,30 +17,10 @@ namespace {
 
 constexpr int kMR = 6;  // rows per micro-tile: 12 accumulators of the 16 ymm registers
 
-inline std::int64_t imin(std::int64_t a, std::int64_t b) {
-  return a < b ? a : b;
-}
-
-// Lanes [0, valid) set, for _mm256_maskload_ps / maskstore_ps.
-inline __m256i lane_mask(std::int64_t valid) {
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const int v = static_cast<int>(valid < 0 ? 0 : (valid > 8 ? 8 : valid));
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(v), iota);
-}
-
 inline std::int32_t load_i32(const void* p) {
   std::int32_t v;
   std::memcpy(&v, p, sizeof v);
   return v;
-}
-
-// Stores f times the weight scales scv times the activation scale xsv to o (lanes of m), adding
-// o's old value unless first: the epilogue of every W8A8 path, in the same order.
-inline void finish8(float* o, __m256i m, __m256i acc, __m256 scv, bool first, float xsv) {
-  const __m256 f = _mm256_cvtepi32_ps(acc);
-  const __m256 st = _mm256_mul_ps(scv, _mm256_set1_ps(xsv));
-  const __m256 r = first ? _mm256_mul_ps(f, st) : _mm256_fmadd_ps(f, st, _mm256_maskload_ps(o, m));
-  _mm256_maskstore_ps(o, m, r);
 }
 
 // One panel (16 output columns as two halves of 8) x MR rows over all of k. Each group's sums
@@ -72,8 +53,8 @@ void micro(const std::uint8_t* xq, std::int64_t ldq, const float* xs, std::int64
     for (int i = 0; i < MR; ++i) {
       float* o = out + i * ldo;
       const float xsv = xs[i * ng + g];
-      finish8(o, m0, acc[i][0], s0, g == 0, xsv);
-      finish8(o + 8, m1, acc[i][1], s1, g == 0, xsv);
+      finish8(o, m0, _mm256_cvtepi32_ps(acc[i][0]), s0, g == 0, xsv);
+      finish8(o + 8, m1, _mm256_cvtepi32_ps(acc[i][1]), s1, g == 0, xsv);
     }
   }
 }
@@ -102,15 +83,7 @@ void gemm_w8a8_avxvnni(const std::uint8_t* xq, std::int64_t ldq, const float* xs
   auto* base = static_cast<char*>(scratch(static_cast<std::size_t>(2 * elems * 4 + 64)));
   auto* sct = reinterpret_cast<float*>(base);
   auto* nst = reinterpret_cast<std::int32_t*>(base + elems * 4);
-  // Scales and -128 * group sums as [panel][group][16], one vector load per half.
-  for (std::int64_t p = 0; p < panels; ++p)
-    for (std::int64_t r = 0; r < kPanel; ++r) {
-      const std::int64_t row = col0 + p * kPanel + r;
-      for (std::int64_t g = 0; g < ng; ++g) {
-        sct[(p * ng + g) * kPanel + r] = w.scales[row * ng + g];
-        nst[(p * ng + g) * kPanel + r] = -128 * w.sums[row * ng + g];
-      }
-    }
+  transpose_scales(w, col0, panels, sct, nst);
   // Balanced row blocks of at most kMR: later blocks read the panel from cache.
   const std::int64_t blocks = (m + kMR - 1) / kMR, rows = (m + blocks - 1) / blocks;
   const std::int64_t pstride = kq * 64;

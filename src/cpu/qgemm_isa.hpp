@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 // Internal interface between the INT8 GEMM dispatcher (qgemm_kernels.cpp, compiled for the
-// baseline ISA) and the per-ISA kernel translation units (qgemm_avx2.cpp, qgemm_avx512.cpp,
-// each compiled with its own -m flags). The ISA units use no standard-library templates that
-// could be emitted out of line: such a copy, built with AVX-512, might be the one the linker
-// keeps for every unit, and the portable path would then fault on an older CPU. So they take
-// their scratch memory from scratch(), defined in the baseline unit.
+// baseline ISA) and the per-ISA kernel translation units (qgemm_avx2.cpp, qgemm_avxvnni.cpp,
+// qgemm_avx512.cpp, qgemm_amx.cpp, each compiled with its own -m flags). The ISA units use no
+// standard-library templates that could be emitted out of line: such a copy, built with
+// AVX-512, might be the one the linker keeps for every unit, and the portable path would then
+// fault on an older CPU. So they take their scratch memory from scratch(), and their scale
+// layout from transpose_scales(), both defined in the baseline unit; their small vector helpers
+// stay in each unit's anonymous namespace for the same reason.
 #pragma once
 
 #include <cstddef>
@@ -17,6 +19,12 @@ namespace autoglm::detail::q8::impl {
 /// At least `bytes` of 64-byte aligned memory owned by the calling thread; valid until the next
 /// call on the same thread (so one kernel call takes one block and carves it).
 void* scratch(std::size_t bytes);
+
+/// The scales of output columns [col0, col0 + 16 panels) of w as [panel][group][16], so a
+/// micro-tile loads one vector per panel and group; with nst, -128 * the group sums likewise
+/// (the W8A8 accumulators' start). Plain C++: every ISA unit shares it.
+void transpose_scales(const QWeights& w, std::int64_t col0, std::int64_t panels, float* sct,
+                      std::int32_t* nst);
 
 /// Quadruples of k per group in the packed layout, or 0 when a quad would straddle two groups
 /// (group not a multiple of 4 and more than one group): those shapes take the portable path.

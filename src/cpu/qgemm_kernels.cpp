@@ -96,6 +96,18 @@ std::atomic<int>& avxvnni_state() {
   return state;
 }
 
+// An optional kernel's switch: on where `available` unless the environment variable `env` is
+// "0", decided at the first call; tests set it through `state` afterwards.
+bool switch_on(std::atomic<int>& state, bool available, const char* env) {
+  int s = state.load(std::memory_order_relaxed);
+  if (s < 0) {
+    const char* v = std::getenv(env);
+    s = available && !(v != nullptr && std::strcmp(v, "0") == 0) ? 1 : 0;
+    state.store(s, std::memory_order_relaxed);
+  }
+  return s == 1;
+}
+
 std::atomic<int>& amx_state() {
   // -1: not decided yet; 0: off; 1: on.
   static std::atomic<int> state{-1};
@@ -201,19 +213,26 @@ void* scratch(std::size_t bytes) {
   return block.p;
 }
 
+void transpose_scales(const QWeights& w, std::int64_t col0, std::int64_t panels, float* sct,
+                      std::int32_t* nst) {
+  const std::int64_t ng = w.k / w.group;
+  for (std::int64_t p = 0; p < panels; ++p)
+    for (std::int64_t r = 0; r < kPanel; ++r) {
+      const std::int64_t row = col0 + p * kPanel + r;
+      for (std::int64_t g = 0; g < ng; ++g) {
+        sct[(p * ng + g) * kPanel + r] = w.scales[row * ng + g];
+        if (nst != nullptr) nst[(p * ng + g) * kPanel + r] = -128 * w.sums[row * ng + g];
+      }
+    }
+}
+
 bool amx_available() noexcept {
   static const bool ok = detect_amx();
   return ok;
 }
 
 bool amx_enabled() noexcept {
-  int s = amx_state().load(std::memory_order_relaxed);
-  if (s < 0) {
-    const char* env = std::getenv("AUTOGLM_Q8_AMX");
-    s = amx_available() && !(env != nullptr && std::strcmp(env, "0") == 0) ? 1 : 0;
-    amx_state().store(s, std::memory_order_relaxed);
-  }
-  return s == 1;
+  return switch_on(amx_state(), amx_available(), "AUTOGLM_Q8_AMX");
 }
 
 void set_amx_enabled(bool on) noexcept {
@@ -226,13 +245,7 @@ bool avxvnni_available() noexcept {
 }
 
 bool avxvnni_enabled() noexcept {
-  int s = avxvnni_state().load(std::memory_order_relaxed);
-  if (s < 0) {
-    const char* env = std::getenv("AUTOGLM_Q8_AVXVNNI");
-    s = avxvnni_available() && !(env != nullptr && std::strcmp(env, "0") == 0) ? 1 : 0;
-    avxvnni_state().store(s, std::memory_order_relaxed);
-  }
-  return s == 1;
+  return switch_on(avxvnni_state(), avxvnni_available(), "AUTOGLM_Q8_AVXVNNI");
 }
 
 void set_avxvnni_enabled(bool on) noexcept {
