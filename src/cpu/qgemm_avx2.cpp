@@ -272,7 +272,12 @@ void gemm_wonly_avx2(const float* x, std::int64_t ldx, std::int64_t m, const QWe
   const std::int64_t panels = (cols + kPanel - 1) / kPanel;
   const std::int64_t sc_elems = panels * ng * kPanel;
   const std::int64_t xpad_elems = k == kp ? 0 : m * kp;
-  const std::int64_t buf_elems = kDeqQuads * 4 * kPanel;
+  // Up to kStreamRows rows stream each panel once, widening in registers (1 row: 1.7x the
+  // dequantizing path's rate on Zen 5 in AVX2 mode, 4 rows 1.25x); more rows dequantize a k
+  // block once and reuse it across 6-row blocks (streaming 4-row blocks measured equal at 5-8
+  // rows and slower from 16: each widen takes 3 of AVX2's vector ops per 8 weights).
+  const bool stream = m <= kStreamRows;
+  const std::int64_t buf_elems = stream ? 0 : kDeqQuads * 4 * kPanel;
   auto* buf = static_cast<float*>(
       scratch(static_cast<std::size_t>((buf_elems + sc_elems + xpad_elems) * 4 + 64)));
   float* sct = buf + buf_elems;
@@ -287,11 +292,6 @@ void gemm_wonly_avx2(const float* x, std::int64_t ldx, std::int64_t m, const QWe
     ldx = kp;
   }
   const std::int64_t pstride = kq * 64;
-  // Up to kStreamRows rows stream each panel once, widening in registers (1 row: 1.7x the
-  // dequantizing path's rate on Zen 5 in AVX2 mode, 4 rows 1.25x); more rows dequantize a k
-  // block once and reuse it across 6-row blocks (streaming 4-row blocks measured equal at 5-8
-  // rows and slower from 16: each widen takes 3 of AVX2's vector ops per 8 weights).
-  const bool stream = m <= kStreamRows;
   for (std::int64_t p = 0; p < panels; ++p) {
     const __m256i m0 = lane_mask(cols - p * kPanel), m1 = lane_mask(cols - p * kPanel - 8);
     const std::int8_t* wp = w.data + (col0 / kPanel + p) * pstride;

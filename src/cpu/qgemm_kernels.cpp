@@ -90,28 +90,34 @@ bool detect_avxvnni() noexcept {
 #endif
 }
 
-std::atomic<int>& avxvnni_state() {
-  // -1: not decided yet; 0: off; 1: on.
-  static std::atomic<int> state{-1};
-  return state;
-}
+// An optional kernel's run-time switch: on where the CPU has the kernel's instructions unless
+// the environment variable `env` is "0", decided at the first query; tests turn it off and on.
+struct KernelSwitch {
+  const char* env;
+  std::atomic<int> state{-1};  // -1: not decided yet; 0: off; 1: on
 
-// An optional kernel's switch: on where `available` unless the environment variable `env` is
-// "0", decided at the first call; tests set it through `state` afterwards.
-bool switch_on(std::atomic<int>& state, bool available, const char* env) {
-  int s = state.load(std::memory_order_relaxed);
-  if (s < 0) {
-    const char* v = std::getenv(env);
-    s = available && !(v != nullptr && std::strcmp(v, "0") == 0) ? 1 : 0;
-    state.store(s, std::memory_order_relaxed);
+  bool enabled(bool available) {
+    int s = state.load(std::memory_order_relaxed);
+    if (s < 0) {
+      const char* v = std::getenv(env);
+      s = available && !(v != nullptr && std::strcmp(v, "0") == 0) ? 1 : 0;
+      state.store(s, std::memory_order_relaxed);
+    }
+    return s == 1;
   }
-  return s == 1;
+  void set(bool on, bool available) {
+    state.store(on && available ? 1 : 0, std::memory_order_relaxed);
+  }
+};
+
+KernelSwitch& amx_switch() {
+  static KernelSwitch s{"AUTOGLM_Q8_AMX"};
+  return s;
 }
 
-std::atomic<int>& amx_state() {
-  // -1: not decided yet; 0: off; 1: on.
-  static std::atomic<int> state{-1};
-  return state;
+KernelSwitch& avxvnni_switch() {
+  static KernelSwitch s{"AUTOGLM_Q8_AVXVNNI"};
+  return s;
 }
 
 // Byte offset of w[row][c] in the packed layout of a matrix with kq quads per row.
@@ -232,11 +238,11 @@ bool amx_available() noexcept {
 }
 
 bool amx_enabled() noexcept {
-  return switch_on(amx_state(), amx_available(), "AUTOGLM_Q8_AMX");
+  return amx_switch().enabled(amx_available());
 }
 
 void set_amx_enabled(bool on) noexcept {
-  amx_state().store(on && amx_available() ? 1 : 0, std::memory_order_relaxed);
+  amx_switch().set(on, amx_available());
 }
 
 bool avxvnni_available() noexcept {
@@ -245,11 +251,11 @@ bool avxvnni_available() noexcept {
 }
 
 bool avxvnni_enabled() noexcept {
-  return switch_on(avxvnni_state(), avxvnni_available(), "AUTOGLM_Q8_AVXVNNI");
+  return avxvnni_switch().enabled(avxvnni_available());
 }
 
 void set_avxvnni_enabled(bool on) noexcept {
-  avxvnni_state().store(on && avxvnni_available() ? 1 : 0, std::memory_order_relaxed);
+  avxvnni_switch().set(on, avxvnni_available());
 }
 
 }  // namespace impl
