@@ -140,16 +140,22 @@ TEST_CASE("gptq_rows with a diagonal Gram matrix is round-to-nearest, bit for bi
   std::vector<float> gram(static_cast<std::size_t>(k * k), 0.0f);
   for (std::int64_t c = 0; c < k; ++c) gram[c * k + c] = ud(rng);
   gram[5 * k + 5] = 0.0f;  // a column no input touched
-  for (std::int64_t group : {std::int64_t{0}, std::int64_t{32}, std::int64_t{128}}) {
-    const std::int64_t g = group == 0 ? k : group;
-    std::vector<std::int8_t> q1(w.size()), q2(w.size());
-    std::vector<float> s1(static_cast<std::size_t>(n * (k / g))), s2(s1.size());
-    REQUIRE(detail::quantize_rows(w.data(), n, k, g, q1.data(), s1.data()) == -1);
-    REQUIRE(detail::gptq_rows(w.data(), n, k, g, gram.data(), 0.01, q2.data(), s2.data()) == -1);
-    INFO("group " << group);
-    REQUIRE(q1 == q2);
-    REQUIRE(s1 == s2);
-  }
+  std::vector<float> col_weight(static_cast<std::size_t>(k));
+  for (float& v : col_weight) v = ud(rng);
+  for (std::int64_t group : {std::int64_t{0}, std::int64_t{32}, std::int64_t{128}})
+    for (const detail::ScaleRule rule : {detail::ScaleRule{}, detail::ScaleRule{false},
+                                         detail::ScaleRule{true, col_weight.data()}}) {
+      const std::int64_t g = group == 0 ? k : group;
+      std::vector<std::int8_t> q1(w.size()), q2(w.size());
+      std::vector<float> s1(static_cast<std::size_t>(n * (k / g))), s2(s1.size());
+      REQUIRE(detail::quantize_rows(w.data(), n, k, g, q1.data(), s1.data(), rule) == -1);
+      REQUIRE(detail::gptq_rows(w.data(), n, k, g, gram.data(), 0.01, q2.data(), s2.data(), rule) ==
+              -1);
+      INFO("group " << group << ", search " << rule.search << ", weighted "
+                    << (rule.col_weight != nullptr));
+      REQUIRE(q1 == q2);
+      REQUIRE(s1 == s2);
+    }
 }
 
 TEST_CASE("gptq_rows equals a column-by-column GPTQ reference", "[gptq]") {
@@ -161,7 +167,9 @@ TEST_CASE("gptq_rows equals a column-by-column GPTQ reference", "[gptq]") {
     const std::int64_t g = group == 0 ? k : group;
     std::vector<std::int8_t> q(w.size()), rq;
     std::vector<float> s(static_cast<std::size_t>(n * (k / g))), rs;
-    REQUIRE(detail::gptq_rows(w.data(), n, k, g, gram.data(), 0.01, q.data(), s.data()) == -1);
+    // The reference sets scales to max|w| / 127: the library's rule without the search.
+    REQUIRE(detail::gptq_rows(w.data(), n, k, g, gram.data(), 0.01, q.data(), s.data(),
+                              detail::ScaleRule{false}) == -1);
     reference_gptq(w, n, k, g, gram, 0.01, rq, rs);
     // The blocked Cholesky form and the Schur-complement form differ by float rounding only: a
     // code may land on the other side of a .5 and move the values after it by one step's share.

@@ -110,10 +110,15 @@ TEST_CASE("quantize: codes and scales of a symmetric int8 quantizer", "[quant]")
   const std::int64_t n = 9, k = 128;
   std::vector<float> w = random_floats(static_cast<std::size_t>(n * k), 11);
   for (std::int64_t c = 0; c < k; ++c) w[static_cast<std::size_t>(3 * k + c)] = 0.0f;  // zero row
-  w[5 * k + 7] = 40.0f;                                                                // outlier
+  // A row of values too small to scale (127 / 1e-35 overflows a float): stored as zeros.
+  for (std::int64_t c = 0; c < k; ++c)
+    w[static_cast<std::size_t>(6 * k + c)] = c % 2 ? 1e-35f : 0.0f;
+  w[5 * k + 7] = 40.0f;  // outlier
   const Tensor wt = tensor_f32(b, Shape{n, k}, w);
   for (std::int64_t group : {0, 32, 64, 128}) {
-    const QuantSpec spec{group, ActivationMode::w8a8, /*equalize=*/false};
+    // The max|w| / 127 rule; the scale search has its own test below.
+    QuantSpec spec{group, ActivationMode::w8a8, /*equalize=*/false};
+    spec.search_scales = false;
     const QuantizedTensor q = quantize(b, wt, spec, "w", /*pack=*/false);
     REQUIRE(!q.has_col_scales());
     const std::int64_t G = group == 0 ? k : group, groups = k / G;
@@ -129,6 +134,11 @@ TEST_CASE("quantize: codes and scales of a symmetric int8 quantizer", "[quant]")
         for (std::int64_t c = g * G; c < (g + 1) * G; ++c)
           amax = std::max(amax, std::fabs(w[r * k + c]));
         const float sc = scales[static_cast<std::size_t>(r * groups + g)];
+        if (r == 6) {
+          REQUIRE(sc == 0.0f);
+          for (std::int64_t c = g * G; c < (g + 1) * G; ++c) REQUIRE(codes[r * k + c] == 0);
+          continue;
+        }
         REQUIRE(sc == Approx(amax / 127.0f).epsilon(1e-6));
         for (std::int64_t c = g * G; c < (g + 1) * G; ++c) {
           const int code = codes[static_cast<std::size_t>(r * k + c)];
@@ -149,6 +159,31 @@ TEST_CASE("quantize: codes and scales of a symmetric int8 quantizer", "[quant]")
     REQUIRE(scales2 == scales);
   }
 }
+
+namespace {
+
+/// x [m, k] times w [n, k] transposed, in double: the exact product an int8 one is held to.
+std::vector<float> exact_product(const std::vector<float>& x, std::int64_t m,
+                                 const std::vector<float>& w, std::int64_t n, std::int64_t k) {
+  std::vector<float> out(static_cast<std::size_t>(m * n));
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t j = 0; j < n; ++j) {
+      double acc = 0.0;
+      for (std::int64_t c = 0; c < k; ++c) acc += static_cast<double>(x[i * k + c]) * w[j * k + c];
+      out[static_cast<std::size_t>(i * n + j)] = static_cast<float>(acc);
+    }
+  return out;
+}
+
+/// Relative error of the int8 product x q against `exact`.
+double qgemm_error(CpuBackend& b, const Tensor& x, const QuantizedTensor& q,
+                   const std::vector<float>& exact) {
+  Tensor c(b, DType::f32, Shape{x.dim(0), q.dim(0)});
+  b.qgemm(x, q, c);
+  return rel_l2(host_f32(b, c), exact);
+}
+
+}  // namespace
 
 TEST_CASE("quantize: column equalisation where a few columns are large", "[quant]") {
   CpuBackend& b = cpu2();
@@ -176,20 +211,8 @@ TEST_CASE("quantize: column equalisation where a few columns are large", "[quant
       const QuantizedTensor qe = quantize(b, w, on, "w", /*pack=*/false);
       const QuantizedTensor qp = quantize(b, w, off, "w", /*pack=*/false);
       // Product error against the f32 product, in double.
-      std::vector<float> exact(static_cast<std::size_t>(m * n));
-      for (std::int64_t i = 0; i < m; ++i)
-        for (std::int64_t j = 0; j < n; ++j) {
-          double acc = 0.0;
-          for (std::int64_t c = 0; c < k; ++c)
-            acc += static_cast<double>(xh[i * k + c]) * outl[j * k + c];
-          exact[static_cast<std::size_t>(i * n + j)] = static_cast<float>(acc);
-        }
-      auto product_error = [&](const QuantizedTensor& q) {
-        Tensor c(b, DType::f32, Shape{m, n});
-        b.qgemm(x, q, c);
-        return rel_l2(host_f32(b, c), exact);
-      };
-      const double ee = product_error(qe), ep = product_error(qp);
+      const std::vector<float> exact = exact_product(xh, m, outl, n, k);
+      const double ee = qgemm_error(b, x, qe, exact), ep = qgemm_error(b, x, qp, exact);
       WARN("group " << group << " " << on.mode_name() << ": relative error " << ep << " plain, "
                     << ee << " equalised");
       if (mode == ActivationMode::w8a8) {
@@ -222,6 +245,115 @@ TEST_CASE("quantize: column equalisation where a few columns are large", "[quant
           REQUIRE(std::fabs(codes[i] * s - outl[i] / cs[c]) <= 0.5f * s * 1.0001f + 1e-12f);
           REQUIRE(std::fabs(dq[i] - outl[i]) <= 0.5f * s * cs[c] * 1.001f + 1e-12f);
         }
+    }
+}
+
+namespace {
+
+/// Sum over a group of weight * (w - code * scale)^2 with code = clamp(round(w / scale)), in
+/// double: the error the scale search minimises, computed independently of the library.
+double group_error(const float* w, const float* weight, std::int64_t len, double scale) {
+  double e = 0.0;
+  for (std::int64_t c = 0; c < len; ++c) {
+    const double code = std::clamp(std::nearbyint(w[c] / scale), -127.0, 127.0);
+    const double d = w[c] - code * scale;
+    e += (weight ? weight[c] : 1.0) * d * d;
+  }
+  return e;
+}
+
+}  // namespace
+
+TEST_CASE("quantize: the scale search takes the candidate with the least rounding error",
+          "[quant]") {
+  CpuBackend& b = cpu2();
+  const std::int64_t n = 64, k = 2048;
+  std::vector<float> w(static_cast<std::size_t>(n * k));
+  {
+    std::mt19937_64 rng(31);
+    std::normal_distribution<float> nd(0.0f, 0.05f);
+    for (float& v : w) v = nd(rng);
+  }
+  const std::vector<float> outl = trained_like(n, k, 32, 0.05f);  // equalised per channel
+  for (const bool equalize : {false, true})
+    for (std::int64_t group : {0, 32, 128}) {
+      const std::vector<float>& src = equalize ? outl : w;
+      QuantSpec on{group, ActivationMode::weight_only, equalize}, off = on;
+      off.search_scales = false;
+      const Tensor wt = tensor_f32(b, Shape{n, k}, src);
+      const QuantizedTensor qs = quantize(b, wt, on, "w", false),
+                            qp = quantize(b, wt, off, "w", false);
+      const std::int64_t G = group == 0 ? k : group, groups = k / G;
+      std::vector<std::int8_t> codes(static_cast<std::size_t>(n * k));
+      std::vector<float> sc(static_cast<std::size_t>(n * groups)),
+          cs(static_cast<std::size_t>(k), 1.0f);
+      b.quantized_to_host(qs, codes.data(), sc.data());
+      if (equalize) {
+        REQUIRE(qs.has_col_scales());
+        cs = host_col_scales(b, qs);
+      }
+      std::vector<float> eq(src), weight(static_cast<std::size_t>(k));  // what was rounded
+      for (std::int64_t c = 0; c < k; ++c) weight[c] = cs[c] * cs[c];
+      for (std::int64_t r = 0; r < n; ++r)
+        for (std::int64_t c = 0; c < k; ++c) eq[r * k + c] /= cs[c];
+      double searched = 0.0, plain = 0.0;
+      std::int64_t off_grid = 0, not_least = 0, code_diff = 0;
+      double worst = 1.0;
+      for (std::int64_t r = 0; r < n; ++r)
+        for (std::int64_t g = 0; g < groups; ++g) {
+          const float* v = eq.data() + r * k + g * G;
+          const float* wg = equalize ? weight.data() + g * G : nullptr;
+          double amax = 0.0;
+          for (std::int64_t c = 0; c < G; ++c) amax = std::max(amax, std::fabs(double{v[c]}));
+          const double s = sc[static_cast<std::size_t>(r * groups + g)];
+          // The scale is one of the candidates max / 127 * (1 + 0.005 j), 0 <= j <= 40 ...
+          const double j = (s * 127.0 / amax - 1.0) / 0.005;
+          off_grid += std::fabs(j - std::round(j)) > 1e-3 || j < -1e-3 || j > 40.0 + 1e-3;
+          // ... the codes are the rounding at that scale ...
+          for (std::int64_t c = 0; c < G; ++c)
+            code_diff += codes[r * k + g * G + c] !=
+                         static_cast<int>(std::clamp(std::nearbyint(v[c] / s), -127.0, 127.0));
+          // ... and no candidate rounds the group with a smaller error.
+          const double e = group_error(v, wg, G, s);
+          double least = e;
+          for (int jj = 0; jj <= 40; ++jj)
+            least = std::min(least, group_error(v, wg, G, amax / 127.0 * (1.0 + 0.005 * jj)));
+          not_least += e > least * (1.0 + 1e-4);  // float sums in the library: near-ties
+          worst = std::max(worst, e / least);
+          searched += e;
+          plain += group_error(v, wg, G, amax / 127.0);
+        }
+      INFO("group " << group << (equalize ? " equalised" : ""));
+      WARN("scale search, group " << group << (equalize ? " equalised" : "")
+                                  << ": squared rounding error " << searched / plain
+                                  << " of max / 127's");
+      REQUIRE(off_grid == 0);
+      // A float product w * (127 / m) and the division w / s may round an exact .5 apart.
+      REQUIRE(code_diff <= n * k / 10000);
+      INFO(not_least << " groups not least, worst " << worst);
+      REQUIRE(not_least == 0);
+      // Measured 0.80 at g32 and ~0.98 per channel on normal weights.
+      REQUIRE(searched <= plain);
+      if (group == 32) REQUIRE(searched < 0.85 * plain);
+      // The reads back: dequantize is codes * scale * col_scale.
+      const std::vector<float> dq = host_f32(b, dequantize(b, qs));
+      for (std::int64_t i = 0; i < n * k; i += 97)
+        REQUIRE(dq[static_cast<std::size_t>(i)] ==
+                Approx(codes[static_cast<std::size_t>(i)] *
+                       sc[static_cast<std::size_t>((i / k) * groups + (i % k) / G)] * cs[i % k])
+                    .epsilon(1e-6)
+                    .margin(1e-12));
+      // And a product's error follows the weights': lower with the search at g32.
+      if (group == 32) {
+        const std::int64_t m = 8;
+        const std::vector<float> xh = random_floats(static_cast<std::size_t>(m * k), 33);
+        const std::vector<float> exact = exact_product(xh, m, src, n, k);
+        const Tensor x = tensor_f32(b, Shape{m, k}, xh);
+        const double es = qgemm_error(b, x, qs, exact), ep = qgemm_error(b, x, qp, exact);
+        WARN("g32" << (equalize ? " equalised" : "") << " product error " << es << " searched, "
+                   << ep << " max / 127");
+        REQUIRE(es < ep);
+      }
     }
 }
 
@@ -611,11 +743,14 @@ TEST_CASE("int8 MoE stack at Qwen3-30B-A3B shapes", "[.][quant][real_shape]") {
                   r));
     CHECK(r.max_err() < 0.05);
     // 128 random routers with top-8 leave so many near-ties that bf16 weights flip ~1 % of the
-    // next layer's sets; g32 weight-only stays within 0.75 % of bf16 in one step and over the
-    // stack (measured: 0.0-0.3 % and 0.3-0.5 % at 256 and 1024 tokens).
+    // next layer's sets. With the scale search g32 weight-only keeps >= 99 % over the stack
+    // (measured 99.51 / 99.15 % at 256 / 1024 tokens, bf16 99.22 / 99.24 %; 98.9 / 98.7 % with
+    // max / 127 scales) and, in one step, at least bf16's minimum (99.22 / 99.32 %, bf16 98.83
+    // / 99.22 %).
     if (spec.group == 32 && spec.mode == ActivationMode::weight_only) {
-      CHECK(r.min_step() >= bf16.min_step() - 0.0075);
-      CHECK(r.agree >= bf16.agree - 0.0075);
+      CHECK(r.agree >= 0.99);
+      CHECK(r.min_step() >= bf16.min_step() - 0.003);
+      CHECK(r.agree >= bf16.agree - 0.003);
     }
   }
 }

@@ -24,6 +24,7 @@ struct Args {
   std::string scheme = "int8";
   std::string activations = "weight_only";
   std::string parts = "experts,attention,dense";
+  std::string search_scales = "on";
   int threads = 0;
   double damping = 0.01;
 };
@@ -42,9 +43,11 @@ Args parse(int argc, char** argv) {
           "int8|int8_g32|int8_g64|int8_g128]\n"
           "                  [--activations weight_only|w8a8] [--parts LIST] [--threads T] "
           "[--damping X]\n"
+          "                  [--search-scales on|off]\n"
           "FILE: one sequence of token ids per line. --calibrate adds a GPTQ variant calibrated\n"
           "on that file's sequences. --parts: comma list of experts, attention, dense, head,\n"
-          "embeddings, router.");
+          "embeddings, router. --search-scales off: each group's scale is max|w| / 127 (on: the\n"
+          "candidate within +-10 % with the least rounding error).");
       std::exit(0);
     }
     if (i + 1 >= argc) bad(f + " needs a value (or is unknown); see --help");
@@ -63,12 +66,16 @@ Args parse(int argc, char** argv) {
       a.parts = v;
     else if (f == "--threads")
       a.threads = std::stoi(v);
+    else if (f == "--search-scales")
+      a.search_scales = v;
     else if (f == "--damping")
       a.damping = std::stod(v);
     else
       bad("unknown flag " + f + "; see --help");
   }
   if (a.model.empty() || a.eval.empty()) bad("--model DIR and --eval FILE are required");
+  if (a.search_scales != "on" && a.search_scales != "off")
+    bad("--search-scales " + a.search_scales + " must be on or off");
   return a;
 }
 
@@ -176,6 +183,7 @@ int main(int argc, char** argv) {
     autoglm::QuantConfig qc;
     qc.spec = autoglm::QuantSpec::parse(a.scheme, a.activations);
     qc.set_parts(a.parts);
+    qc.spec.search_scales = a.search_scales == "on";
     fmt::print(
         "{}: {} layers, {} evaluation sequences ({} tokens); {} {}\n", a.model, f32.num_layers(),
         eval.size(),

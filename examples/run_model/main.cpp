@@ -37,6 +37,7 @@ struct Args {
   std::string calibrate;                          // GPTQ calibration sequences (file)
   std::string parts = "experts,attention,dense";  // what --quantize converts
   std::string equalize = "on";                    // column equalisation of int8 weights
+  std::string search_scales = "on";               // least-error scale search of int8 weights
   std::string weights = "stored";                 // float matrices: as stored, or f32
   bool bf16_compute = false;                      // bf16 weights on AMX-BF16 / AVX512_BF16
 };
@@ -49,7 +50,8 @@ void usage() {
       "                 [--quantize int8|int8_g32|int8_g64|int8_g128] [--activations "
       "weight_only|w8a8]\n"
       "                 [--save-quantized OUT_DIR] [--quantize-parts LIST] [--equalize on|off]\n"
-      "                 [--weights stored|f32] [--bf16-compute] [--calibrate FILE]\n"
+      "                 [--search-scales on|off] [--weights stored|f32] [--bf16-compute]\n"
+      "                 [--calibrate FILE]\n"
       "DIR holds config.json and model.safetensors (or a sharded index). Greedy by default.\n"
       "--group-mask: value of discarded expert groups (DeepSeek-V3 / GLM group-limited routing):\n"
       "  neg_inf (default: transformers 5.x, DeepSeek reference, llama.cpp, vLLM), zero\n"
@@ -63,6 +65,8 @@ void usage() {
       "  (default experts,attention,dense).\n"
       "--equalize off: no column scales for weight-only int8 (on: where a few large input\n"
       "  columns dominate, see docs/quantization.md).\n"
+      "--search-scales off: each int8 group's scale is max|w| / 127 (on: the candidate within\n"
+      "  +-10 % with the least rounding error).\n"
       "--weights: float weight matrices as stored (default: a BF16 / F16 checkpoint stays 16-bit,\n"
       "  half the memory of f32, same logits) or f32 (widened at load).\n"
       "--bf16-compute: bf16 weights multiply bf16-rounded activations on AMX-BF16 tiles or with\n"
@@ -154,6 +158,8 @@ Args parse(int argc, char** argv) {
       a.parts = v;
     else if (f == "--equalize")
       a.equalize = v;
+    else if (f == "--search-scales")
+      a.search_scales = v;
     else if (f == "--weights")
       a.weights = v;
     else if (f == "--calibrate")
@@ -169,6 +175,8 @@ Args parse(int argc, char** argv) {
     bad(fmt::format("--group-mask {} must be neg_inf, zero or config", a.group_mask));
   if (a.equalize != "on" && a.equalize != "off")
     bad(fmt::format("--equalize {} must be on or off", a.equalize));
+  if (a.search_scales != "on" && a.search_scales != "off")
+    bad(fmt::format("--search-scales {} must be on or off", a.search_scales));
   if (a.weights != "stored" && a.weights != "f32")
     bad(fmt::format("--weights {} must be stored or f32", a.weights));
   if (!a.save_quantized.empty() && a.quantize.empty()) a.quantize = "int8";
@@ -225,6 +233,7 @@ int main(int argc, char** argv) {
     if (!a.quantize.empty()) {
       qc.spec = autoglm::QuantSpec::parse(a.quantize, a.activations);
       qc.spec.equalize = a.equalize == "on";
+      qc.spec.search_scales = a.search_scales == "on";
       qc.set_parts(a.parts);
     }
     std::string dir = a.model;

@@ -221,7 +221,8 @@ void parallel_for(std::int64_t count, const std::function<void(std::int64_t)>& f
 }
 
 std::int64_t gptq_rows(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
-                       const float* gram, double damping, std::int8_t* q, float* scales) {
+                       const float* gram, double damping, std::int8_t* q, float* scales,
+                       const ScaleRule& rule) {
   if (n <= 0 || k <= 0) return -1;
   if (group <= 0 || k % group != 0) return -2;
   for (std::int64_t i = 0; i < n * k; ++i)
@@ -268,30 +269,33 @@ std::int64_t gptq_rows(const float* w, std::int64_t n, std::int64_t k, std::int6
   // columns that all carry the updates of the columns before them.
   const std::int64_t block =
       group >= k ? std::min<std::int64_t>(k, 128) : group * std::max<std::int64_t>(1, 128 / group);
-  std::vector<float> inv(static_cast<std::size_t>(n));
+  std::vector<GroupScale> scale(static_cast<std::size_t>(n));
+  std::vector<float> values(static_cast<std::size_t>(group));
   RowMatrixD err(n, block);
   for (std::int64_t b0 = 0; b0 < k; b0 += block) {
     const std::int64_t b1 = std::min(k, b0 + block), width = b1 - b0;
     for (std::int64_t c = b0; c < b1; ++c) {
       if (c % group == 0) {
-        // The same float arithmetic as quantize_rows, so a diagonal H gives its codes exactly.
+        // In float, as quantize_rows sees them, so a diagonal H gives its codes exactly.
         for (std::int64_t r = 0; r < n; ++r) {
-          float amax = 0.0f;
-          for (std::int64_t j = c; j < c + group; ++j)
-            amax = std::max(amax, std::fabs(static_cast<float>(wd(r, j))));
-          scales[r * groups + c / group] = amax / 127.0f;
-          inv[static_cast<std::size_t>(r)] = amax > 0.0f ? 127.0f / amax : 0.0f;
+          for (std::int64_t j = 0; j < group; ++j)
+            values[static_cast<std::size_t>(j)] = static_cast<float>(wd(r, c + j));
+          if (!std::all_of(values.begin(), values.end(), [](float v) { return std::isfinite(v); }))
+            return -2;  // the updates overflowed: the caller rounds to nearest
+          const GroupScale s = group_scale(
+              values.data(), group, rule.col_weight ? rule.col_weight + c : nullptr, rule.search);
+          scale[static_cast<std::size_t>(r)] = s;
+          scales[r * groups + c / group] = s.scale;
         }
       }
       const double d = u(c, c);
       for (std::int64_t r = 0; r < n; ++r) {
         const float v = static_cast<float>(wd(r, c));
         if (!std::isfinite(v)) return -2;  // the updates overflowed: the caller rounds to nearest
-        const float code =
-            std::clamp(std::nearbyint(v * inv[static_cast<std::size_t>(r)]), -127.0f, 127.0f);
-        q[r * k + c] = static_cast<std::int8_t>(code);
-        const double e =
-            (wd(r, c) - static_cast<double>(code) * scales[r * groups + c / group]) / d;
+        const GroupScale& s = scale[static_cast<std::size_t>(r)];
+        const std::int8_t code = round_code(v, s);
+        q[r * k + c] = code;
+        const double e = (wd(r, c) - static_cast<double>(code) * s.scale) / d;
         err(r, c - b0) = e;
         for (std::int64_t j = c + 1; j < b1; ++j) wd(r, j) -= e * u(c, j);
       }

@@ -4,7 +4,9 @@
 #include "autoglm/quant/gptq.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <thread>
 #include <vector>
 
 namespace autoglm {
@@ -158,29 +160,134 @@ namespace detail {
 // Column scales are kept when they bring the expected error below this share of the plain one.
 constexpr double kEqualiseGain = 0.75;
 
+namespace {
+
+// Below this a group's largest |w| is stored as zeros: 127 / amax must stay finite.
+constexpr float kMinAmax = 1e-30f;
+// Candidate factors of the scale search: 1 + kScaleStep * j, 0 <= j <= kScaleSteps. Never
+// below 1, which would clamp the group's largest weights: a 0.9-1.1 range bought less on a
+// trained model (docs/quantization.md, "Scale search").
+constexpr int kScaleSteps = 40;
+constexpr float kScaleStep = 0.005f;
+
+// Candidate j has scale amax * (1 + kScaleStep * j) / 127, as products with these factors
+// (scale and inverse), so that the search divides once per group.
+struct CandidateFactors {
+  std::array<float, kScaleSteps + 1> scale{}, inv{};
+  constexpr CandidateFactors() {
+    for (int j = 0; j <= kScaleSteps; ++j) {
+      const double f = 1.0 + static_cast<double>(kScaleStep) * j;
+      scale[static_cast<std::size_t>(j)] = static_cast<float>(f / 127.0);
+      inv[static_cast<std::size_t>(j)] = static_cast<float>(127.0 / f);
+    }
+  }
+};
+constexpr CandidateFactors kCandidates;
+
+GroupScale candidate(float amax, float inv_amax, int j) {
+  const auto i = static_cast<std::size_t>(j);
+  return {amax * kCandidates.scale[i], inv_amax * kCandidates.inv[i]};
+}
+
+// Sum of weight * (v - code * scale)^2 over a group, as round_code rounds: x + 1.5 * 2^23 -
+// 1.5 * 2^23 is nearbyint(x) for |x| < 2^22 (|x| <= 127 here) in the default rounding
+// mode, and vectorises where the library call does not. Sixteen partial sums, so that the
+// compiler may keep them in vector lanes without reassociating float additions.
+template <bool Weighted>
+inline float rounding_error(const float* v, std::int64_t len, const float* weight, GroupScale s) {
+  constexpr float kRound = 12582912.0f;
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  auto add = [&](std::int64_t i, int lane) {
+    const float x = v[i];
+    const float c = std::min(std::max((x * s.inv + kRound) - kRound, -127.0f), 127.0f);
+    const float d = x - c * s.scale;
+    acc[lane] += Weighted ? weight[i] * d * d : d * d;
+  };
+  std::int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) add(i + j, j);
+  for (; i < len; ++i) add(i, 0);
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
+}
+
+// Built for AVX-512 and AVX2 too (chosen at load time): the search rounds every weight 41
+// times, which would otherwise be most of quantize()'s time on the baseline build's 4 lanes.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define AUTOGLM_QUANT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define AUTOGLM_QUANT_CLONES
+#endif
+
+// The j of the candidate with the least error; 0 on ties.
+template <bool Weighted>
+AUTOGLM_QUANT_CLONES int best_candidate(const float* v, std::int64_t len, const float* weight,
+                                        float amax, float inv_amax) {
+  int best = 0;
+  float best_error = rounding_error<Weighted>(v, len, weight, candidate(amax, inv_amax, 0));
+  for (int j = 1; j <= kScaleSteps; ++j) {
+    const float e = rounding_error<Weighted>(v, len, weight, candidate(amax, inv_amax, j));
+    if (e < best_error) {
+      best_error = e;
+      best = j;
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+GroupScale group_scale(const float* v, std::int64_t len, const float* weight, bool search) {
+  float amax = 0.0f;
+  for (std::int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(v[i]));
+  if (!(amax >= kMinAmax)) return {};
+  if (!search) return {amax / 127.0f, 127.0f / amax};
+  const float inv_amax = 1.0f / amax;
+  const int j = weight ? best_candidate<true>(v, len, weight, amax, inv_amax)
+                       : best_candidate<false>(v, len, nullptr, amax, inv_amax);
+  return candidate(amax, inv_amax, j);
+}
+
 std::int64_t quantize_rows(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
-                           std::int8_t* q, float* scales) {
+                           std::int8_t* q, float* scales, const ScaleRule& rule) {
   if (n <= 0 || k <= 0 || group <= 0) return -1;
+  for (std::int64_t i = 0; i < n * k; ++i)
+    if (!std::isfinite(w[i])) return i;
   const std::int64_t groups = k / group;
   for (std::int64_t r = 0; r < n; ++r) {
     for (std::int64_t g = 0; g < groups; ++g) {
       const float* src = w + r * k + g * group;
       std::int8_t* dst = q + r * k + g * group;
-      float amax = 0.0f;
-      for (std::int64_t c = 0; c < group; ++c) {
-        if (!std::isfinite(src[c])) return r * k + g * group + c;
-        amax = std::max(amax, std::fabs(src[c]));
-      }
-      const float scale = amax / 127.0f;
-      scales[r * groups + g] = scale;
-      // An all-zero group keeps scale 0 and zero codes: no division by zero.
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      for (std::int64_t c = 0; c < group; ++c) {
-        const float v = std::nearbyint(src[c] * inv);
-        dst[c] = static_cast<std::int8_t>(std::clamp(v, -127.0f, 127.0f));
-      }
+      const GroupScale s = group_scale(
+          src, group, rule.col_weight ? rule.col_weight + g * group : nullptr, rule.search);
+      scales[r * groups + g] = s.scale;
+      for (std::int64_t c = 0; c < group; ++c) dst[c] = round_code(src[c], s);
     }
   }
+  return -1;
+}
+
+std::int64_t quantize_rows_parallel(const float* w, std::int64_t n, std::int64_t k,
+                                    std::int64_t group, std::int8_t* q, float* scales,
+                                    const ScaleRule& rule, int threads) {
+  if (n <= 0 || k <= 0 || group <= 0) return -1;
+  if (threads <= 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  // At least ~64 K weights a thread, or the thread costs more than it saves.
+  const std::int64_t chunks =
+      std::clamp<std::int64_t>(n * k / 65536, 1, std::min<std::int64_t>(threads, n));
+  if (chunks == 1) return quantize_rows(w, n, k, group, q, scales, rule);
+  const std::int64_t groups = k / group;
+  std::vector<std::int64_t> bad(static_cast<std::size_t>(chunks), -1);
+  parallel_for(chunks, [&](std::int64_t t) {
+    const std::int64_t r0 = n * t / chunks, r1 = n * (t + 1) / chunks;
+    const std::int64_t b =
+        quantize_rows(w + r0 * k, r1 - r0, k, group, q + r0 * k, scales + r0 * groups, rule);
+    bad[static_cast<std::size_t>(t)] = b < 0 ? -1 : r0 * k + b;
+  });
+  for (std::int64_t b : bad)
+    if (b >= 0) return b;
   return -1;
 }
 
@@ -322,22 +429,33 @@ QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::st
       Slot& sl = slots[static_cast<std::size_t>(i)];
       const std::int64_t e = e0 + i;
       sl.bad = -2;
+      // An equalised matrix multiplies the inputs x * col_scale: the error of column c weighs
+      // col_scale[c]^2 in the scale search, and the inputs' Gram matrix is D G D.
+      const float* cse = spec.equalize ? cs.data() + e * k : nullptr;
+      const bool scaled_cols = cse && std::any_of(cse, cse + k, [](float v) { return v != 1.0f; });
+      std::vector<float> weight;
+      if (scaled_cols) {
+        weight.resize(static_cast<std::size_t>(k));
+        for (std::int64_t c = 0; c < k; ++c) weight[c] = cse[c] * cse[c];
+      }
+      const detail::ScaleRule rule{spec.search_scales, scaled_cols ? weight.data() : nullptr};
       if (sl.gram) {
-        // An equalised matrix multiplies the inputs x * col_scale: their Gram matrix is D G D.
-        const float* cse = spec.equalize ? cs.data() + e * k : nullptr;
         std::vector<float> scaled;
-        if (cse && std::any_of(cse, cse + k, [](float v) { return v != 1.0f; })) {
+        if (scaled_cols) {
           scaled = sl.gram->gram;
           for (std::int64_t r = 0; r < k; ++r)
             for (std::int64_t c = 0; c < k; ++c) scaled[r * k + c] *= cse[r] * cse[c];
         }
         sl.bad = detail::gptq_rows(sl.host.data(), n, k, group,
                                    scaled.empty() ? sl.gram->gram.data() : scaled.data(), damping,
-                                   sl.q.data(), sl.s.data());
+                                   sl.q.data(), sl.s.data(), rule);
       }
       // No statistics, or a Gram matrix GPTQ cannot use: round to nearest.
+      // (One matrix at a time outside GPTQ: its rows go to the backend's threads.)
       if (sl.bad == -2)
-        sl.bad = detail::quantize_rows(sl.host.data(), n, k, group, sl.q.data(), sl.s.data());
+        sl.bad =
+            detail::quantize_rows_parallel(sl.host.data(), n, k, group, sl.q.data(), sl.s.data(),
+                                           rule, batch == 1 ? backend.num_threads() : 1);
     });
     for (std::int64_t e = e0; e < e1; ++e) {
       const Slot& sl = slots[static_cast<std::size_t>(e - e0)];

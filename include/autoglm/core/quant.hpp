@@ -3,8 +3,11 @@
 // scales, and Weight, the operand of a linear layer (an f32 Tensor or a QuantizedTensor).
 //
 // Symmetric int8: for each output row n and group g of `group` input columns,
-//   scale[n, g] = max |w[n, c]| / 127 over c in the group, q[n, c] = round(w[n, c] / scale),
-// and w is read back as q * scale. An all-zero group gets scale 0 (and q 0), never a division.
+//   scale[n, g] = f * max |w[n, c]| / 127 over c in the group, q[n, c] = round(w[n, c] / scale)
+// (within [-127, 127]), and w is read back as q * scale. f is 1, or with
+// QuantSpec::search_scales the one of 1 + 0.005 j (0 <= j <= 40) whose codes give the group
+// the least squared rounding error. A group whose largest |w| is below 1e-30 (all zero, or
+// negligible) gets scale 0 and codes 0, never a division.
 //
 // Column equalisation (QuantSpec::equalize): the quantizer may first divide each input column c
 // of a matrix by a scale col_scale[c] > 0 chosen from the weights' own statistics, so that a
@@ -61,6 +64,13 @@ struct QuantSpec {
   /// columns keeps none. What was chosen is recorded per tensor (QuantizedTensor::col_scales,
   /// `<name>_colscale` in a file), so readers of int8 tensors do not depend on this flag.
   bool equalize = true;
+  /// Quantizer option: choose each group's scale among 41 candidates from 1 to 1.2 times
+  /// max|w| / 127 by the least squared rounding error (weighted by col_scale^2 where the matrix
+  /// is equalised), where false takes max|w| / 127 (as GPTQ does per channel, see
+  /// docs/quantization.md). It lowers the squared rounding error of
+  /// normal weights by ~20 % at g32 and ~2-6 % per channel (docs/quantization.md). Readers do
+  /// not depend on it: a file holds the scales chosen.
+  bool search_scales = true;
 
   /// The spec of scheme S.
   template <QuantScheme S>

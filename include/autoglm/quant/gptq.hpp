@@ -269,13 +269,15 @@ void parallel_for(std::int64_t count, const std::function<void(std::int64_t)>& f
 // w: [n, k] f32 row-major on the host; gram: [k, k] symmetric row-major; q: [n, k];
 // scales: [n, k / group].
 /// GPTQ rounding of w's rows with the column Gram matrix `gram` (the scales of each group are
-/// set from its columns as the updates left them when the group is reached; per channel
-/// (group == k) from the original row). Equals quantize_rows when gram is diagonal. Returns
+/// set by `rule` from its columns as the updates left them when the group is reached; per
+/// channel (group == k) from the original row). Equals quantize_rows with the same rule when
+/// gram is diagonal. Returns
 /// the index of the first non-finite weight, or -1; returns -2 (q and scales then unspecified:
 /// round to nearest instead) for a group that does not divide k, a non-finite Gram matrix, one
 /// no damping makes positive definite, or updates that overflow.
 std::int64_t gptq_rows(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
-                       const float* gram, double damping, std::int8_t* q, float* scales);
+                       const float* gram, double damping, std::int8_t* q, float* scales,
+                       const ScaleRule& rule = {});
 
 }  // namespace detail
 

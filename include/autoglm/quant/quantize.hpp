@@ -2,6 +2,8 @@
 // Turning f32 weights into int8 ones (see autoglm/core/quant.hpp for the scheme) and back.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string_view>
 
@@ -67,10 +69,42 @@ Tensor dequantize(Backend& backend, const QuantizedTensor& w);
 
 namespace detail {
 
+/// How quantize_rows and gptq_rows set a group's scale.
+struct ScaleRule {
+  /// Least-squared-error search (QuantSpec::search_scales); false: max|w| / 127.
+  bool search = true;
+  /// [k]: the weight of each column's squared rounding error in the search, or null (all 1).
+  /// An equalised matrix takes col_scale^2: its inputs are multiplied by col_scale.
+  const float* col_weight = nullptr;
+};
+
+/// A group's scale and the factor that maps a weight to its code before rounding.
+struct GroupScale {
+  float scale = 0.0f;  ///< q * scale reads the weight back
+  float inv = 0.0f;    ///< code = clamp(nearbyint(w * inv), -127, 127)
+};
+
+// v: [len] finite values; weight: [len] or null.
+/// The scale of one group under the rule of autoglm/core/quant.hpp: {0, 0} when max|v| is
+/// below 1e-30; else max|v| / 127 times the candidate factor (1 + 0.005 j, 0 <= j <= 40) with
+/// the least (weighted) squared rounding error, the smallest on ties, 1 without search.
+GroupScale group_scale(const float* v, std::int64_t len, const float* weight, bool search);
+
+/// The int8 code of w at a group's scale.
+inline std::int8_t round_code(float w, const GroupScale& s) {
+  return static_cast<std::int8_t>(std::clamp(std::nearbyint(w * s.inv), -127.0f, 127.0f));
+}
+
 // w: [n, k] f32 row-major on the host; q: [n, k]; scales: [n, k / group].
 /// Quantizes rows on the host; returns the index of the first non-finite weight, or -1.
 std::int64_t quantize_rows(const float* w, std::int64_t n, std::int64_t k, std::int64_t group,
-                           std::int8_t* q, float* scales);
+                           std::int8_t* q, float* scales, const ScaleRule& rule = {});
+
+/// quantize_rows with the rows split over `threads` threads (0: the hardware's); the same
+/// codes and scales, and the same first non-finite index, as one call.
+std::int64_t quantize_rows_parallel(const float* w, std::int64_t n, std::int64_t k,
+                                    std::int64_t group, std::int8_t* q, float* scales,
+                                    const ScaleRule& rule, int threads);
 
 // w: [n, k] f32 row-major on the host; col_scale: [k].
 /// Column equalisation search (weight-only; W8A8 returns false): tries col_scale[c] =
