@@ -130,7 +130,7 @@ void check_model_rows(std::string_view fn, const detail::WeightRows& src, const 
   AUTOGLM_CHECK(w.is_quantized(), invalid_argument, fn,
                 "tensor '{}' is f32 in the model, but the config quantizes it", name);
   const QuantizedTensor& qt = w.quantized();
-  AUTOGLM_CHECK(qt.spec() == spec, invalid_argument, fn,
+  AUTOGLM_CHECK(qt.spec().same_format(spec), invalid_argument, fn,
                 "tensor '{}' is {} {} in the model, the config says {} {}", name,
                 qt.spec().scheme_name(), qt.spec().mode_name(), spec.scheme_name(),
                 spec.mode_name());

@@ -83,6 +83,9 @@ struct QuantSpec {
   std::string_view mode_name() const noexcept;
   /// Inverse of scheme_name / mode_name; an unknown name is an Error listing the valid ones.
   static QuantSpec parse(std::string_view scheme, std::string_view mode);
+  /// Whether o describes the same int8 format: scheme and activation mode, whatever quantizer
+  /// options (equalize, search_scales) made it.
+  bool same_format(const QuantSpec& o) const noexcept { return group == o.group && mode == o.mode; }
   /// Columns per scale of a row of k columns (k itself per channel).
   std::int64_t group_of(std::int64_t k) const noexcept { return group == 0 ? k : group; }
   friend bool operator==(const QuantSpec&, const QuantSpec&) = default;
