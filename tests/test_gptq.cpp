@@ -140,11 +140,11 @@ TEST_CASE("gptq_rows with a diagonal Gram matrix is round-to-nearest, bit for bi
   std::vector<float> gram(static_cast<std::size_t>(k * k), 0.0f);
   for (std::int64_t c = 0; c < k; ++c) gram[c * k + c] = ud(rng);
   gram[5 * k + 5] = 0.0f;  // a column no input touched
-  std::vector<float> col_weight(static_cast<std::size_t>(k));
-  for (float& v : col_weight) v = ud(rng);
+  std::vector<float> col_scale(static_cast<std::size_t>(k));
+  for (float& v : col_scale) v = ud(rng);
   for (std::int64_t group : {std::int64_t{0}, std::int64_t{32}, std::int64_t{128}})
     for (const detail::ScaleRule rule : {detail::ScaleRule{}, detail::ScaleRule{false},
-                                         detail::ScaleRule{true, col_weight.data()}}) {
+                                         detail::ScaleRule{true, col_scale.data()}}) {
       const std::int64_t g = group == 0 ? k : group;
       std::vector<std::int8_t> q1(w.size()), q2(w.size());
       std::vector<float> s1(static_cast<std::size_t>(n * (k / g))), s2(s1.size());
@@ -152,7 +152,7 @@ TEST_CASE("gptq_rows with a diagonal Gram matrix is round-to-nearest, bit for bi
       REQUIRE(detail::gptq_rows(w.data(), n, k, g, gram.data(), 0.01, q2.data(), s2.data(), rule) ==
               -1);
       INFO("group " << group << ", search " << rule.search << ", weighted "
-                    << (rule.col_weight != nullptr));
+                    << (rule.col_scale != nullptr));
       REQUIRE(q1 == q2);
       REQUIRE(s1 == s2);
     }

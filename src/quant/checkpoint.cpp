@@ -393,12 +393,7 @@ QuantizeReport write_checkpoint(std::string_view fn, const fs::path& src, const 
           src_rows = f32.data();
           equalised = true;
         }
-        std::vector<float> weight;  // col_scale^2: an equalised column's error weighs that much
-        if (scaled) {
-          weight.resize(static_cast<std::size_t>(k));
-          for (std::int64_t c = 0; c < k; ++c) weight[c] = ce[c] * ce[c];
-        }
-        const detail::ScaleRule rule{config.spec.search_scales, scaled ? weight.data() : nullptr};
+        const detail::ScaleRule rule{config.spec.search_scales, scaled ? ce : nullptr};
         const std::int64_t bad = detail::quantize_rows_parallel(
             src_rows, n, k, group, q.data() + off, sc.data() + e * n * groups, rule, 0);
         if (bad >= 0)

@@ -283,7 +283,7 @@ std::int64_t gptq_rows(const float* w, std::int64_t n, std::int64_t k, std::int6
           if (!std::all_of(values.begin(), values.end(), [](float v) { return std::isfinite(v); }))
             return -2;  // the updates overflowed: the caller rounds to nearest
           const GroupScale s = group_scale(
-              values.data(), group, rule.col_weight ? rule.col_weight + c : nullptr, rule.search);
+              values.data(), group, rule.col_scale ? rule.col_scale + c : nullptr, rule.search);
           scale[static_cast<std::size_t>(r)] = s;
           scales[r * groups + c / group] = s.scale;
         }

@@ -189,12 +189,12 @@ GroupScale candidate(float amax, float inv_amax, int j) {
   return {amax * kCandidates.scale[i], inv_amax * kCandidates.inv[i]};
 }
 
-// Sum of weight * (v - code * scale)^2 over a group, as round_code rounds: x + 1.5 * 2^23 -
+// Sum of col_scale^2 * (v - code * scale)^2 over a group, as round_code rounds: x + 1.5 * 2^23 -
 // 1.5 * 2^23 is nearbyint(x) for |x| < 2^22 (|x| <= 127 here) in the default rounding
 // mode, and vectorises where the library call does not. Sixteen partial sums, so that the
 // compiler may keep them in vector lanes without reassociating float additions.
 template <bool Weighted>
-inline float rounding_error(const float* v, std::int64_t len, const float* weight, GroupScale s) {
+inline float rounding_error(const float* v, std::int64_t len, const float* cs, GroupScale s) {
   constexpr float kRound = 12582912.0f;
   constexpr int kLanes = 16;
   float acc[kLanes] = {};
@@ -202,7 +202,7 @@ inline float rounding_error(const float* v, std::int64_t len, const float* weigh
     const float x = v[i];
     const float c = std::min(std::max((x * s.inv + kRound) - kRound, -127.0f), 127.0f);
     const float d = x - c * s.scale;
-    acc[lane] += Weighted ? weight[i] * d * d : d * d;
+    acc[lane] += Weighted ? cs[i] * cs[i] * d * d : d * d;
   };
   std::int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes)
@@ -223,12 +223,12 @@ inline float rounding_error(const float* v, std::int64_t len, const float* weigh
 
 // The j of the candidate with the least error; 0 on ties.
 template <bool Weighted>
-AUTOGLM_QUANT_CLONES int best_candidate(const float* v, std::int64_t len, const float* weight,
+AUTOGLM_QUANT_CLONES int best_candidate(const float* v, std::int64_t len, const float* cs,
                                         float amax, float inv_amax) {
   int best = 0;
-  float best_error = rounding_error<Weighted>(v, len, weight, candidate(amax, inv_amax, 0));
+  float best_error = rounding_error<Weighted>(v, len, cs, candidate(amax, inv_amax, 0));
   for (int j = 1; j <= kScaleSteps; ++j) {
-    const float e = rounding_error<Weighted>(v, len, weight, candidate(amax, inv_amax, j));
+    const float e = rounding_error<Weighted>(v, len, cs, candidate(amax, inv_amax, j));
     if (e < best_error) {
       best_error = e;
       best = j;
@@ -239,14 +239,14 @@ AUTOGLM_QUANT_CLONES int best_candidate(const float* v, std::int64_t len, const 
 
 }  // namespace
 
-GroupScale group_scale(const float* v, std::int64_t len, const float* weight, bool search) {
+GroupScale group_scale(const float* v, std::int64_t len, const float* col_scale, bool search) {
   float amax = 0.0f;
   for (std::int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(v[i]));
   if (!(amax >= kMinAmax)) return {};
   if (!search) return {amax / 127.0f, 127.0f / amax};
   const float inv_amax = 1.0f / amax;
-  const int j = weight ? best_candidate<true>(v, len, weight, amax, inv_amax)
-                       : best_candidate<false>(v, len, nullptr, amax, inv_amax);
+  const int j = col_scale ? best_candidate<true>(v, len, col_scale, amax, inv_amax)
+                          : best_candidate<false>(v, len, nullptr, amax, inv_amax);
   return candidate(amax, inv_amax, j);
 }
 
@@ -261,7 +261,7 @@ std::int64_t quantize_rows(const float* w, std::int64_t n, std::int64_t k, std::
       const float* src = w + r * k + g * group;
       std::int8_t* dst = q + r * k + g * group;
       const GroupScale s = group_scale(
-          src, group, rule.col_weight ? rule.col_weight + g * group : nullptr, rule.search);
+          src, group, rule.col_scale ? rule.col_scale + g * group : nullptr, rule.search);
       scales[r * groups + g] = s.scale;
       for (std::int64_t c = 0; c < group; ++c) dst[c] = round_code(src[c], s);
     }
@@ -433,12 +433,7 @@ QuantizedTensor quantize(Backend& backend, TensorView w, QuantSpec spec, std::st
       // col_scale[c]^2 in the scale search, and the inputs' Gram matrix is D G D.
       const float* cse = spec.equalize ? cs.data() + e * k : nullptr;
       const bool scaled_cols = cse && std::any_of(cse, cse + k, [](float v) { return v != 1.0f; });
-      std::vector<float> weight;
-      if (scaled_cols) {
-        weight.resize(static_cast<std::size_t>(k));
-        for (std::int64_t c = 0; c < k; ++c) weight[c] = cse[c] * cse[c];
-      }
-      const detail::ScaleRule rule{spec.search_scales, scaled_cols ? weight.data() : nullptr};
+      const detail::ScaleRule rule{spec.search_scales, scaled_cols ? cse : nullptr};
       if (sl.gram) {
         std::vector<float> scaled;
         if (scaled_cols) {

@@ -73,9 +73,9 @@ namespace detail {
 struct ScaleRule {
   /// Least-squared-error search (QuantSpec::search_scales); false: max|w| / 127.
   bool search = true;
-  /// [k]: the weight of each column's squared rounding error in the search, or null (all 1).
-  /// An equalised matrix takes col_scale^2: its inputs are multiplied by col_scale.
-  const float* col_weight = nullptr;
+  /// [k]: an equalised matrix's column scales, or null (all 1). Column c's squared rounding
+  /// error weighs col_scale[c]^2 in the search: its inputs are multiplied by col_scale[c].
+  const float* col_scale = nullptr;
 };
 
 /// A group's scale and the factor that maps a weight to its code before rounding.
@@ -84,11 +84,12 @@ struct GroupScale {
   float inv = 0.0f;    ///< code = clamp(nearbyint(w * inv), -127, 127)
 };
 
-// v: [len] finite values; weight: [len] or null.
+// v: [len] finite values; col_scale: [len] or null.
 /// The scale of one group under the rule of autoglm/core/quant.hpp: {0, 0} when max|v| is
 /// below 1e-30; else max|v| / 127 times the candidate factor (1 + 0.005 j, 0 <= j <= 40) with
-/// the least (weighted) squared rounding error, the smallest on ties, 1 without search.
-GroupScale group_scale(const float* v, std::int64_t len, const float* weight, bool search);
+/// the least squared rounding error (v[i]'s weighted by col_scale[i]^2), the smallest on ties,
+/// 1 without search.
+GroupScale group_scale(const float* v, std::int64_t len, const float* col_scale, bool search);
 
 /// The int8 code of w at a group's scale.
 inline std::int8_t round_code(float w, const GroupScale& s) {
