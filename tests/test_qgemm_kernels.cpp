@@ -279,8 +279,9 @@ TEST_CASE("q8 gemm_w8a8 equals exact integer sums on every path", "[q8]") {
     std::int64_t m, n, k;
   };
   std::vector<Shape> shapes;
-  // 7-12 rows: the AVX-512 path's one-pass tall tiles (2 panels).
-  for (std::int64_t m : {1, 2, 5, 8, 12, 13, 64})
+  // Up to 12 rows: the AVX-512 path's one pass over the weights, one panel at a time; 1-3 rows
+  // with separate accumulators for even and odd quads (k = 7 and 130: odd quad counts).
+  for (std::int64_t m : {1, 2, 3, 5, 8, 12, 13, 64})
     for (std::int64_t n : {1, 16, 17, 50})
       for (std::int64_t k : {4, 7, 64, 130}) shapes.push_back({m, n, k});
   // k blocking with row reuse: groups split across blocks (carry) and groups within a block;

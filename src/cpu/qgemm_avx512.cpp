@@ -12,14 +12,15 @@
 namespace autoglm::detail::q8::impl {
 namespace {
 
-constexpr int kMR = 6;                       // rows of x per W8A8 micro-tile
-constexpr int kNP = 4;                       // panels (16 columns each) per micro-tile
-constexpr std::int64_t kKcQuads = 64;        // W8A8 k block when row blocks reuse the weights
-constexpr std::int64_t kPrefetchQuads = 16;  // software prefetch distance (1 KB per panel)
-constexpr int kTallMR = 12;                  // W8A8: up to this many rows in one 2-panel pass
-constexpr int kStreamRows = 4;               // wonly: rows per streaming row block
-constexpr int kStreamMaxRows = 64;           // wonly: up to this many rows stream the weights
-constexpr std::int64_t kDeqQuads = 32;       // wonly: k block dequantized to f32 (32 KB)
+constexpr int kMR = 6;                             // rows of x per W8A8 micro-tile
+constexpr int kNP = 4;                             // panels (16 columns each) per micro-tile
+constexpr std::int64_t kKcQuads = 64;              // W8A8 k block when row blocks reuse the weights
+constexpr std::int64_t kPrefetchQuads = 16;        // software prefetch distance (1 KB per panel)
+constexpr std::int64_t kStreamPrefetchQuads = 32;  // the same, streaming one panel (2 KB)
+constexpr int kTallMR = 12;             // W8A8: up to this many rows stream the weights once
+constexpr int kStreamRows = 4;          // wonly: rows per streaming row block
+constexpr int kStreamMaxRows = 64;      // wonly: up to this many rows stream the weights
+constexpr std::int64_t kDeqQuads = 32;  // wonly: k block dequantized to f32 (32 KB)
 
 inline std::int64_t imin(std::int64_t a, std::int64_t b) {
   return a < b ? a : b;
@@ -55,11 +56,12 @@ struct W8A8Args {
   std::int64_t ldc;
   float* out;  // row i0, first panel's column
   std::int64_t ldo;
-  const float* xs;       // activation scales of row i0, first group of the block
-  std::int64_t xstride;  // elements between rows in xs
-  bool from_carry;       // the first segment continues a group
-  bool to_carry;         // the last segment stops inside a group
-  bool first;            // the first segment is group 0: out holds nothing yet
+  const float* xs;        // activation scales of row i0, first group of the block
+  std::int64_t xstride;   // elements between rows in xs
+  bool from_carry;        // the first segment continues a group
+  bool to_carry;          // the last segment stops inside a group
+  bool first;             // the first segment is group 0: out holds nothing yet
+  std::int64_t pf_quads;  // software prefetch distance
   __mmask16 mask[kNP];
 };
 
@@ -82,13 +84,36 @@ void w8a8_micro(const W8A8Args& a) {
     }
     const std::uint8_t* xp = a.x + s * a.seg * 4;
     const std::int8_t* wp = a.w + s * a.seg * 64;
-    for (std::int64_t q = 0; q < a.seg; ++q) {
+    std::int64_t q = 0;
+    if constexpr (NP == 1 && MR <= 3) {
+      // One panel and few rows: a single chain of dependent vpdpbusd per row would wait on its
+      // latency; even and odd quads go to separate accumulators (int32 sums: exact, so the
+      // result is the same).
+      __m512i odd[MR];
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i) odd[i] = _mm512_setzero_si512();
+      for (; q + 2 <= a.seg; q += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(wp + (q + a.pf_quads) * 64), _MM_HINT_T0);
+        const __m512i w0 = _mm512_loadu_si512(wp + q * 64);
+        const __m512i w1 = _mm512_loadu_si512(wp + (q + 1) * 64);
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; ++i) {
+          acc[i][0] = _mm512_dpbusd_epi32(acc[i][0],
+                                          _mm512_set1_epi32(load_i32(xp + i * a.ldq + q * 4)), w0);
+          odd[i] = _mm512_dpbusd_epi32(odd[i],
+                                       _mm512_set1_epi32(load_i32(xp + i * a.ldq + q * 4 + 4)), w1);
+        }
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i) acc[i][0] = _mm512_add_epi32(acc[i][0], odd[i]);
+    }
+    for (; q < a.seg; ++q) {
       __m512i wv[NP];
 #pragma GCC unroll 16
       for (int t = 0; t < NP; ++t) {
         // Short panels (k of a few thousand) leave the hardware prefetcher little time to ramp
-        // up on each of the NP streams; a line kPrefetchQuads ahead keeps memory busy.
-        _mm_prefetch(reinterpret_cast<const char*>(wp + t * a.pstride + (q + kPrefetchQuads) * 64),
+        // up on each of the NP streams; a line pf_quads ahead keeps memory busy.
+        _mm_prefetch(reinterpret_cast<const char*>(wp + t * a.pstride + (q + a.pf_quads) * 64),
                      _MM_HINT_T0);
         wv[t] = _mm512_loadu_si512(wp + t * a.pstride + q * 64);
       }
@@ -129,8 +154,9 @@ using W8A8Fn = void (*)(const W8A8Args&);
 
 template <int MR>
 constexpr W8A8Fn w8a8_pick(int np) {
-  if constexpr (MR > kMR) {  // tall tiles: at most 2 panels (MR * NP accumulators <= 24)
-    return np == 1 ? w8a8_micro<MR, 1> : w8a8_micro<MR, 2>;
+  if constexpr (MR > kMR) {  // more than kMR rows only stream, one panel at a time
+    (void)np;
+    return w8a8_micro<MR, 1>;
   } else {
     return np == 1   ? w8a8_micro<MR, 1>
            : np == 2 ? w8a8_micro<MR, 2>
@@ -354,11 +380,14 @@ void gemm_w8a8_avx512(const std::uint8_t* xq, std::int64_t ldq, const float* xs,
   const std::int64_t qpg = quads_per_group(w.k, w.group);
   const std::int64_t panels = (cols + kPanel - 1) / kPanel;
   const std::int64_t pstride = kq * 64;
-  // One row block streams the weights once: no k blocking (up to kTallMR rows in 2-panel
-  // micro-tiles). More rows reuse a k block from L1 across row blocks.
-  const bool tall = m > kMR && m <= kTallMR;
-  const std::int64_t mr_max = tall ? m : kMR, np_max = tall ? 2 : kNP;
-  const std::int64_t kc = m <= kTallMR ? kq : kKcQuads;
+  // Up to kTallMR rows stream the weights once, as one row block, one panel at a time: the
+  // tile's weights are then one sequential stream, which memory served faster than 2 or 4
+  // panels side by side (docs/quantization.md, "Kernels"), though reading the activations once
+  // per panel instead of once per 2-4 panels costs compute when the weights are in cache. More
+  // rows reuse a k block from L1 across row blocks of 4-panel micro-tiles.
+  const bool stream = m <= kTallMR;
+  const std::int64_t mr_max = stream ? m : kMR, np_max = stream ? 1 : kNP;
+  const std::int64_t kc = stream ? kq : kKcQuads;
   const bool split = qpg > kc;
   const std::int64_t blk = split ? kc : kc / qpg * qpg;
 
@@ -376,6 +405,7 @@ void gemm_w8a8_avx512(const std::uint8_t* xq, std::int64_t ldq, const float* xs,
   for (std::int64_t pp = 0; pp < panels; pp += np_max) {
     const int np = static_cast<int>(imin(np_max, panels - pp));
     W8A8Args a{};
+    a.pf_quads = stream ? kStreamPrefetchQuads : kPrefetchQuads;
     a.ldq = ldq;
     a.pstride = pstride;
     a.sstride = ng * kPanel;
