@@ -290,14 +290,29 @@ std::int64_t row_tile(std::int64_t m, bool panels) {
   return panels ? 21 * detail::pack_block_rows(m) : std::min<std::int64_t>(m, 256);
 }
 
+// What a tile's row count is a multiple of: whole packed blocks with panels.
+std::int64_t row_unit(std::int64_t m, bool panels) {
+  return panels ? detail::pack_block_rows(m) : 8;
+}
+
 // Tiles of one group of m rows and n columns, mb rows per tile: widths depend on the shape only
 // (never on the thread count), so every output element's summation order is fixed.
+// mb_unit: the rows a tile's row count must be a multiple of (the packed row blocks).
 void add_tiles(std::vector<Tile>& tiles, std::int64_t e, std::int64_t row0, std::int64_t m,
-               std::int64_t n, std::int64_t k, std::int64_t mb) {
+               std::int64_t n, std::int64_t k, std::int64_t mb, std::int64_t mb_unit) {
   if (m == 0 || n == 0) return;
   // Few rows are bandwidth-bound: narrower tiles give more tasks to spread the weight stream.
   std::int64_t nb = m <= 8 ? 96 : 192;
   if (k <= 512) nb *= 2;
+  // Few columns (a router's experts) and many rows: split the rows too, so that the product
+  // has kMinTiles tasks for the threads (a 128-token router was one tile, one thread).
+  constexpr std::int64_t kMinTiles = 8;
+  const std::int64_t col_tiles = (n + nb - 1) / nb, row_tiles = (m + mb - 1) / mb;
+  if (col_tiles * row_tiles < kMinTiles && m > mb_unit) {
+    const std::int64_t units = (m + mb_unit - 1) / mb_unit;
+    const std::int64_t want = (kMinTiles + col_tiles - 1) / col_tiles;
+    mb = std::min(mb, (units + want - 1) / want * mb_unit);
+  }
   for (std::int64_t i0 = 0; i0 < m; i0 += mb)
     for (std::int64_t j0 = 0; j0 < n; j0 += nb)
       tiles.push_back({e, row0 + i0, std::min(mb, m - i0), j0, std::min(nb, n - j0)});
@@ -327,7 +342,8 @@ void bf16_products(Backend& backend, bool amx, Parallel&& parallel, const float*
   for (std::int64_t g = 0; g < G; ++g) {
     start[g] = total;
     total += detail::amx_packed_a_size(rows[g], k);
-    add_tiles(tiles, g, row0[g], rows[g], n, k, 16 * detail::kAmxTileRows);
+    add_tiles(tiles, g, row0[g], rows[g], n, k, 16 * detail::kAmxTileRows,
+              16 * detail::kAmxTileRows);
   }
   Tensor packed(backend, DType::bf16, Shape{std::max<std::int64_t>(total, 1)});
   std::uint16_t* ap = packed.data<std::uint16_t>();
@@ -382,7 +398,7 @@ void CpuBackend::gemm(TensorView a, TensorView b, TensorView c, GemmParams p) {
     return;
   }
   std::vector<Tile> tiles;
-  add_tiles(tiles, 0, 0, m, n, k, row_tile(m, panels));
+  add_tiles(tiles, 0, 0, m, n, k, row_tile(m, panels), row_unit(m, panels));
   const float* A = a.as<float>();
   const void* B = b.data;
   float* C = c.as<float>();
@@ -440,7 +456,8 @@ void CpuBackend::grouped_gemm(TensorView x, TensorView w, TensorView offsets, Te
   // experts do not leave threads waiting at a per-expert barrier.
   std::vector<Tile> tiles;
   for (std::int64_t e = 0; e < E; ++e)
-    add_tiles(tiles, e, row0[e], rows[e], n, k, row_tile(rows[e], panels));
+    add_tiles(tiles, e, row0[e], rows[e], n, k, row_tile(rows[e], panels),
+              row_unit(rows[e], panels));
   Tensor packed;
   std::vector<std::int64_t> start;
   if (panels)
