@@ -17,7 +17,7 @@ constexpr int kNP = 4;                             // panels (16 columns each) p
 constexpr std::int64_t kKcQuads = 64;              // W8A8 k block when row blocks reuse the weights
 constexpr std::int64_t kPrefetchQuads = 16;        // software prefetch distance (1 KB per panel)
 constexpr std::int64_t kStreamPrefetchQuads = 32;  // the same, streaming one panel (2 KB)
-constexpr int kTallMR = 12;             // W8A8: up to this many rows stream the weights once
+constexpr int kStreamMR = 12;           // W8A8: up to this many rows stream the weights once
 constexpr int kStreamRows = 4;          // wonly: rows per streaming row block
 constexpr int kStreamMaxRows = 64;      // wonly: up to this many rows stream the weights
 constexpr std::int64_t kDeqQuads = 32;  // wonly: k block dequantized to f32 (32 KB)
@@ -167,7 +167,7 @@ constexpr W8A8Fn w8a8_pick(int np) {
 
 template <int MR = 1>
 W8A8Fn w8a8_kernel(int mr, int np) {
-  if constexpr (MR < kTallMR) {
+  if constexpr (MR < kStreamMR) {
     if (mr > MR) return w8a8_kernel<MR + 1>(mr, np);
   }
   return w8a8_pick<MR>(np);
@@ -380,12 +380,12 @@ void gemm_w8a8_avx512(const std::uint8_t* xq, std::int64_t ldq, const float* xs,
   const std::int64_t qpg = quads_per_group(w.k, w.group);
   const std::int64_t panels = (cols + kPanel - 1) / kPanel;
   const std::int64_t pstride = kq * 64;
-  // Up to kTallMR rows stream the weights once, as one row block, one panel at a time: the
+  // Up to kStreamMR rows stream the weights once, as one row block, one panel at a time: the
   // tile's weights are then one sequential stream, which memory served faster than 2 or 4
   // panels side by side (docs/quantization.md, "Kernels"), though reading the activations once
   // per panel instead of once per 2-4 panels costs compute when the weights are in cache. More
   // rows reuse a k block from L1 across row blocks of 4-panel micro-tiles.
-  const bool stream = m <= kTallMR;
+  const bool stream = m <= kStreamMR;
   const std::int64_t mr_max = stream ? m : kMR, np_max = stream ? 1 : kNP;
   const std::int64_t kc = stream ? kq : kKcQuads;
   const bool split = qpg > kc;
